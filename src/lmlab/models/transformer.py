@@ -1,0 +1,177 @@
+"""A Llama-style decoder in plain PyTorch: RMSNorm, rotary embeddings, grouped-query attention through
+``scaled_dot_product_attention``, SwiGLU MLP, optional tied embeddings and qkv bias.
+
+Packed rows: pass ``doc_ids`` (B, T) and tokens attend only to earlier tokens of the same document
+(block-diagonal causal mask); positions restart at 0 in each document unless ``positions`` are given.
+A packed forward equals the forward of each document on its own.
+
+Usage::
+
+    from lmlab.config import ModelConfig
+    from lmlab.models import build_model
+    model = build_model(ModelConfig(vocab_size=264, dim=128, n_layers=4, n_heads=4))
+    logits = model(tokens)                        # (B, T, vocab) float32
+    logits = model(tokens, doc_ids=doc_ids)       # packed documents
+    meta = build_model(cfg, device="meta")        # no memory; later: materialize(meta, "cpu", seed=0)
+
+Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
+``lmlab.hf`` maps them to and from Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.models.init import init_stds
+from lmlab.models.layers import (
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    apply_rotary,
+    default_hidden_dim,
+    document_causal_mask,
+    positions_from_doc_ids,
+)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, 0.0, in_std, generator=generator)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        hidden = cfg.hidden_dim or default_hidden_dim(cfg.dim, cfg.multiple_of)
+        self.feed_forward = SwiGLU(cfg.dim, hidden)
+
+    def reset_parameters(self, in_std: float, out_std: float, generator=None) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.reset_parameters(in_std, out_std, generator)
+        self.feed_forward.reset_parameters(in_std, out_std, generator)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``cfg.vocab_size`` must be set (``build_model`` fills it from a tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is null: resolve it from the tokenizer first (see build_model)")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every weight with the configured scheme; the one place weights get values."""
+        if self.cfg.tie_embeddings:  # to_empty() (meta -> device) allocates the two separately: re-tie
+            self.output.weight = self.tok_embeddings.weight
+        if self.tok_embeddings.weight.is_meta:
+            return
+        top = init_stds(self.cfg)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, top.embed, generator=generator)
+        for layer in self.layers:
+            s = init_stds(self.cfg, layer.layer_id)
+            layer.reset_parameters(s.inp, s.out, generator)
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, 0.0, top.head, generator=generator)
+        self.rotary.reset_parameters()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T).
+
+        ``doc_ids`` (B, T): document of each token in a packed row (block-diagonal causal mask).
+        ``positions`` (B, T): rotary positions; default 0..T-1, or per-document when ``doc_ids`` is given.
+        """
+        h = self.tok_embeddings(tokens)
+        mask = None
+        if doc_ids is not None:
+            mask = document_causal_mask(doc_ids)
+            if positions is None:
+                positions = positions_from_doc_ids(doc_ids)
+        cos, sin = self.rotary(positions, tokens.shape[1])
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.output(self.norm(h))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of unique parameters; ``exclude_embeddings`` drops the token-embedding table.
+
+        With tied embeddings the shared table is counted once, and excluded with the embeddings.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM-style: ``6 * N + 12 * L * dim * seq_len``.
+
+        N counts every non-embedding parameter plus the output head (its matmul runs even when its
+        weights are tied to the embedding). The second term is attention's score and value matmuls,
+        counted for the full T x T square (not halved for causality), as PaLM and nanoGPT do.
+        """
+        n = self.num_params(exclude_embeddings=True)
+        if self.cfg.tie_embeddings:
+            n += self.output.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len

@@ -1,0 +1,175 @@
+"""Config: defaults < YAML < overrides, strict errors, grids, save/load round trip, CLI exit status."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lmlab.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_to_dict,
+    describe,
+    load_config,
+    load_grid,
+    parse_overrides,
+    save_config,
+)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, """
+        name: exp
+        model: {dim: 128, n_heads: 8, init: {std: 0.01}, norm_eps: 1e-6}
+        data: {seq_len: 64}
+    """)
+    cfg = load_config(p, ["model.dim=256", "data.batch_size=3"])
+    assert cfg.name == "exp"
+    assert cfg.model.dim == 256 and cfg.model.n_heads == 8  # override beats YAML, YAML beats default
+    assert cfg.model.init.std == 0.01 and cfg.model.init.scheme == Config().model.init.scheme
+    assert cfg.data.seq_len == 64 and cfg.data.batch_size == 3
+    assert cfg.model.n_layers == ModelConfig().n_layers
+    assert cfg.model.norm_eps == 1e-6  # YAML 1.2 float syntax, which plain PyYAML reads as a string
+
+
+def test_unknown_key_names_full_path_and_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.init\.sdt'; did you mean 'model\.init\.std'"):
+        load_config(None, ["model.init.sdt=0.1"])
+    p = write(tmp_path, "model:\n  n_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.n_layer'; did you mean 'model\.n_layers'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz'; valid keys here: 'name'"):
+        load_config(None, ["zzz=1"])
+    with pytest.raises(ConfigError, match=r"'model\.dim' is not a section"):
+        load_config(None, ["model.dim.x=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dim=abc", r"model\.dim: expected int, got 'abc'"),
+        ("model.dim=1.5", r"model\.dim: expected int, got 1\.5"),
+        ("model.tie_embeddings=1", r"model\.tie_embeddings: expected bool, got 1"),
+        ("model.init.scheme=xavier", r"model\.init\.scheme: expected one of 'normal', 'gpt2'"),
+        ("data.train_files=3", r"data\.train_files: expected list of str, got 3"),
+        ("model.n_kv_heads=two", r"model\.n_kv_heads: expected int or null, got 'two'"),
+        ("model=3", r"model: expected a mapping"),
+        ("model.dim", r"not of the form dotted\.key=value"),
+    ],
+)
+def test_wrong_types_name_path_expected_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads: n_heads=4 is not a multiple of n_kv_heads=3"):
+        load_config(None, ["model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"data\.val_fraction"):
+        load_config(None, ["data.val_fraction=1.5"])
+
+
+def test_override_value_parsing():
+    cfg = load_config(None, ["name=007", "model.init.std=1", "model.n_kv_heads=null", "model.rope_theta=5e5",
+                             "data.train_files=[a.txt, 'b c.txt']", "data.separator=", "model.init.seed=4"])
+    assert cfg.name == "007"  # string fields keep the text as written
+    assert cfg.model.init.std == 1.0 and isinstance(cfg.model.init.std, float)  # int widens to float
+    assert cfg.model.n_kv_heads is None
+    assert cfg.model.rope_theta == 500000.0
+    assert cfg.data.train_files == ["a.txt", "b c.txt"]
+    assert cfg.data.separator == ""
+    assert parse_overrides(["model.dim=64"]) == {"model": {"dim": 64}}
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "model:\n  dim: 64\n   n_layers: [\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_grid_cartesian_product_and_names(tmp_path):
+    p = write(tmp_path, """
+        name: sweep
+        model: {dim: 64}
+        grid:
+          model: {n_layers: [1, 2]}
+          seed: [0, 1, 2]
+          data.packing: [true, false]
+    """)
+    runs = load_grid(p)
+    assert len(runs) == 12
+    assert [r.name for r in runs[:3]] == [
+        "sweep/n_layers=1_seed=0_packing=true",
+        "sweep/n_layers=1_seed=0_packing=false",
+        "sweep/n_layers=1_seed=1_packing=true",
+    ]
+    assert {(r.model.n_layers, r.seed, r.data.packing) for r in runs} == {
+        (n, s, k) for n in (1, 2) for s in (0, 1, 2) for k in (True, False)}
+    assert all(r.model.dim == 64 for r in runs)
+    assert [r.name for r in load_grid(p)] == [r.name for r in runs]  # deterministic
+    # CLI overrides apply to every point and win over the grid
+    fixed = load_grid(p, ["seed=9"])
+    assert {r.seed for r in fixed} == {9}
+    with pytest.raises(ConfigError, match="same run name"):
+        load_grid(p, ["name=x", "seed=9"])  # an explicit name collapses distinct points onto one folder
+
+
+def test_grid_labels_disambiguate_and_errors(tmp_path):
+    p = write(tmp_path, "grid: {model.init.seed: [1, 2], seed: [3]}\n")
+    assert [r.name for r in load_grid(p)] == ["run/model.init.seed=1_seed=3", "run/model.init.seed=2_seed=3"]
+    with pytest.raises(ConfigError, match=r"grid\.seed: the list of values is empty"):
+        load_grid(write(tmp_path, "grid: {seed: []}\n", "e.yaml"))
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.dimm'"):
+        load_grid(write(tmp_path, "grid: {model.dimm: [1]}\n", "u.yaml"))
+    with pytest.raises(ConfigError, match=r"grid point dim=100: model\.dim"):
+        load_grid(write(tmp_path, "grid: {model.dim: [64, 100]}\n", "v.yaml"))
+    with pytest.raises(ConfigError, match="has a grid of 2 runs"):
+        load_config(write(tmp_path, "grid: {seed: [1, 2]}\n", "g.yaml"))
+
+
+def test_save_and_reload_round_trip_exact(tmp_path):
+    cfg = load_config(None, ["model.init.std=0.0123456789", "model.norm_eps=1e-6", "data.separator=\\n\\n",
+                             "data.train_files=[x.txt]", "name=a/b", "model.rope_theta=1234567.891"])
+    path = save_config(cfg, tmp_path / "run")
+    assert path.name == "config.yaml"
+    back = load_config(path)
+    assert back == cfg
+    assert config_to_dict(back) == config_to_dict(cfg)
+    grid_cfg = load_grid(write(tmp_path, "grid: {model.dim: [32, 64]}\n"))[1]
+    assert load_config(save_config(grid_cfg, tmp_path / "g")) == grid_cfg
+
+
+def test_every_field_has_a_help_line():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+                walk(getattr(cls(), f.name).__class__)
+    walk(Config)
+    lines = describe()
+    assert any(line.startswith("model.init.std (float, default 0.02)") for line in lines)
+
+
+def test_cli_config_errors_exit_2_with_one_line(tmp_path):
+    p = write(tmp_path, "model: {dim: 64, n_heads: 4}\n")
+    ok = subprocess.run([sys.executable, "-m", "lmlab.cli", "config", str(p), "seed=5"], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and "seed: 5" in ok.stdout and "dim: 64" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lmlab.cli", "config", str(p), "model.dimm=1"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["config error: unknown key 'model.dimm'; did you mean 'model.dim'?"]
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,200 @@
+"""The Llama-style decoder: causality, packing, init schemes, meta build, parameter and FLOP counts."""
+
+import math
+
+import pytest
+import torch
+
+from lmlab.config import InitConfig, ModelConfig
+from lmlab.hf import permute_half_to_interleaved, permute_interleaved_to_half
+from lmlab.models import build_model, materialize, resolve_vocab
+from lmlab.models.layers import document_causal_mask, positions_from_doc_ids, rope_inv_freq
+
+VARIANTS = {
+    "mha": dict(),
+    "gqa": dict(n_kv_heads=2),
+    "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
+}
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=128,
+                init=InitConfig(scheme="normal", std=0.1))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_changing_a_future_token_never_changes_an_earlier_logit(variant):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(**VARIANTS[variant]), seed=1).eval()
+    x = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        ref = model(x)
+        for j in (1, 16, 32):
+            y = x.clone()
+            y[:, j] = (y[:, j] + 1 + torch.arange(2)) % 97
+            out = model(y)
+            torch.testing.assert_close(out[:, :j], ref[:, :j], rtol=0, atol=1e-6)
+            assert not torch.allclose(out[:, j], ref[:, j])  # the changed position itself does change
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_forward_equals_each_document_alone(variant):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(**VARIANTS[variant]), seed=2).eval()
+    lengths = [5, 11, 1, 7]
+    docs = [torch.randint(0, 97, (n,)) for n in lengths]
+    pad = 4
+    row = torch.cat(docs + [torch.zeros(pad, dtype=torch.long)])[None]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths + [pad])])[None]
+    with torch.no_grad():
+        packed = model(row, doc_ids=doc_ids)[0]
+        unmasked = model(row)[0]
+        start = 0
+        for doc in docs:
+            alone = model(doc[None])[0]
+            torch.testing.assert_close(packed[start : start + len(doc)], alone, rtol=1e-5, atol=1e-5)
+            start += len(doc)
+    # without the mask the later documents see earlier ones: the test above is not vacuous
+    assert not torch.allclose(unmasked[5:16], packed[5:16], atol=1e-4)
+
+
+def test_document_mask_and_positions():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert positions_from_doc_ids(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+    m = document_causal_mask(doc_ids)[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, expected)
+
+
+def test_rotary_tables_match_the_formula():
+    model = build_model(small_cfg(rope_theta=500.0), seed=0)
+    hd = 16
+    inv = torch.tensor([1.0 / 500.0 ** (2 * i / hd) for i in range(hd // 2)], dtype=torch.float64)
+    angles = torch.arange(128, dtype=torch.float64)[:, None] * inv[None]
+    torch.testing.assert_close(model.rotary.cos[:, : hd // 2].double(), angles.cos(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(model.rotary.sin[:, hd // 2 :].double(), angles.sin(), rtol=0, atol=2e-5)
+    assert rope_inv_freq(hd, 500.0).dtype == torch.float32
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_interleaved_rotary_weights_permute_to_the_half_layout():
+    """Meta's interleaved rope with weights W equals our half-split rope with permuted weights."""
+    torch.manual_seed(0)
+    n_heads, hd, dim, t = 2, 8, 16, 6
+    w_meta = torch.randn(n_heads * hd, dim)
+    x = torch.randn(t, dim)
+    inv = rope_inv_freq(hd, 10000.0)
+    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None]  # (t, hd/2)
+    # reference: interleaved pairs as complex numbers
+    q = (x @ w_meta.T).view(t, n_heads, hd // 2, 2)
+    qc = torch.view_as_complex(q.contiguous()) * torch.polar(torch.ones_like(ang), ang)[:, None]
+    ref = torch.view_as_real(qc).reshape(t, n_heads, hd)
+    # ours: half-split rotation of permuted weights, then back to interleaved order to compare
+    from lmlab.models.layers import apply_rotary
+    w_half = permute_interleaved_to_half(w_meta, n_heads)
+    qh = (x @ w_half.T).view(t, n_heads, hd).transpose(0, 1)  # (H, t, hd)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)
+    rot = apply_rotary(qh, cos, sin).transpose(0, 1).reshape(t, n_heads * hd)
+    ours = permute_half_to_interleaved(rot.T, n_heads).T.reshape(t, n_heads, hd)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(permute_half_to_interleaved(w_half, n_heads), w_meta)
+    assert not torch.equal(w_half, w_meta)
+
+
+@pytest.mark.parametrize("scheme", ["normal", "gpt2", "small", "depth"])
+def test_init_schemes_give_the_configured_statistics(scheme):
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=4, n_heads=4, qkv_bias=True,
+                      init=InitConfig(scheme=scheme, std=0.05))
+    model = build_model(cfg, seed=0)
+    small = math.sqrt(2 / (5 * 256))
+    for i, layer in enumerate(model.layers):
+        expect_in = small if scheme == "small" else 0.05
+        expect_out = {"normal": 0.05, "gpt2": 0.05 / math.sqrt(8), "small": small,
+                      "depth": 0.05 / math.sqrt(2 * (i + 1))}[scheme]
+        for w in (layer.attention.wq.weight, layer.attention.wk.weight, layer.feed_forward.w1.weight,
+                  layer.feed_forward.w3.weight):
+            assert abs(w.std().item() / expect_in - 1) < 0.03, (scheme, i, w.std().item(), expect_in)
+            assert abs(w.mean().item()) < 3 * expect_in / math.sqrt(w.numel())
+        for w in (layer.attention.wo.weight, layer.feed_forward.w2.weight):
+            assert abs(w.std().item() / expect_out - 1) < 0.03, (scheme, i, w.std().item(), expect_out)
+        assert torch.equal(layer.attention_norm.weight, torch.ones(256))
+        assert torch.count_nonzero(layer.attention.wq.bias) == 0
+    emb = small if scheme == "small" else 0.05
+    assert abs(model.tok_embeddings.weight.std().item() / emb - 1) < 0.03
+    assert abs(model.output.weight.std().item() / emb - 1) < 0.03
+
+
+def test_meta_build_then_materialize_equals_direct_seeded_build():
+    cfg = small_cfg(n_kv_heads=2)
+    meta = build_model(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    materialize(meta, "cpu", seed=7)
+    direct = build_model(cfg, seed=7)
+    other = build_model(cfg, seed=8)
+    sd_a, sd_b = meta.state_dict(), direct.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert not torch.equal(direct.layers[0].attention.wq.weight, other.layers[0].attention.wq.weight)
+    x = torch.randint(0, 97, (1, 10))
+    torch.testing.assert_close(meta(x), direct(x), rtol=0, atol=0)  # rotary buffers rebuilt too
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build_model(small_cfg(tie_embeddings=True), seed=0)
+    assert model.output.weight is model.tok_embeddings.weight
+    meta = materialize(build_model(small_cfg(tie_embeddings=True), device="meta"), "cpu", seed=0)
+    assert meta.output.weight is meta.tok_embeddings.weight
+
+
+def test_num_params_and_flops_by_hand():
+    cfg = ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
+    model = build_model(cfg, seed=0)
+    kv = 64 // 4 * 2  # 2 kv heads of 16
+    per_layer = 64 * 64 + 2 * 64 * kv + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    body = 2 * per_layer + 64  # + final norm
+    assert model.num_params() == body + 2 * 100 * 64
+    assert model.num_params(exclude_embeddings=True) == body + 100 * 64
+    assert model.flops_per_token(256) == 6 * (body + 100 * 64) + 12 * 2 * 64 * 256
+
+    tied = build_model(ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                                   tie_embeddings=True, qkv_bias=True), seed=0)
+    bias = 64 + 2 * kv
+    assert tied.num_params() == body + 2 * bias + 100 * 64
+    assert tied.num_params(exclude_embeddings=True) == body + 2 * bias
+    # the head's matmul still costs compute when tied
+    assert tied.flops_per_token(10) == 6 * (body + 2 * bias + 100 * 64) + 12 * 2 * 64 * 10
+
+
+def test_default_hidden_dim_follows_llama_rule():
+    model = build_model(ModelConfig(vocab_size=10, dim=256, n_layers=1, n_heads=4, multiple_of=64), seed=0)
+    assert model.layers[0].feed_forward.w1.weight.shape == (704, 256)  # int(2/3 * 1024) = 682 -> 704
+    model = build_model(ModelConfig(vocab_size=10, dim=96, n_layers=1, n_heads=4, multiple_of=32), seed=0)
+    assert model.layers[0].feed_forward.w1.weight.shape == (256, 96)
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused():
+    with pytest.raises(ValueError, match="264 ids but model.vocab_size=256"):
+        resolve_vocab(ModelConfig(vocab_size=256), 264)
+    assert resolve_vocab(ModelConfig(vocab_size=None), 264).vocab_size == 264
+    assert resolve_vocab(ModelConfig(vocab_size=300), 264).vocab_size == 300
+
+
+def test_backward_reaches_every_parameter():
+    model = build_model(small_cfg(n_kv_heads=2, qkv_bias=True), seed=0)
+    x = torch.randint(0, 97, (2, 17))
+    doc_ids = torch.tensor([[0] * 9 + [1] * 8, [0] * 17])
+    loss = torch.nn.functional.cross_entropy(model(x, doc_ids=doc_ids).flatten(0, 1), x.flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
