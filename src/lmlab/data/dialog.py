@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.base import IGNORE, check_rank, epoch_rng, expand_files, train_rank_rows, val_rank_rows
+from lmlab.data.base import (
+    IGNORE,
+    check_rank,
+    epoch_rng,
+    expand_files,
+    sample_checksum,
+    train_rank_rows,
+    val_rank_rows,
+)
 from lmlab.data.errors import DataError
 
 __all__ = [
@@ -225,6 +234,7 @@ class DialogRows:
         if len(too_long):
             raise DataError(f"{corpus.where[too_long[0]]}: the dialog is longer than seq_len+1={self.seq_len + 1}")
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._checksum = zlib.crc32(corpus.offsets.tobytes()) ^ sample_checksum(corpus.tokens)
         if train and self.num_batches(0) == 0:
             n_rows = len(self.plan(0)[1]) - 1
             raise DataError(
@@ -299,6 +309,7 @@ class DialogRows:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": self.kind, "num_dialogs": len(self.corpus), "num_tokens": int(self.corpus.offsets[-1]),
+            "checksum": self._checksum,
             "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
             "rank": self.rank, "world_size": self.world_size,
         }

@@ -241,7 +241,9 @@ def open_shard(path: str | os.PathLike, tokenizer: Any = None) -> ShardTokens:
     return ShardTokens([(str(bin_path), dtype_name, n)])
 
 
-def load_shards(patterns: Sequence[str | os.PathLike], tokenizer: Any = None, what: str = "data.train_files") -> ShardTokens:
+def load_shards(
+    patterns: Sequence[str | os.PathLike], tokenizer: Any = None, what: str = "data.train_files"
+) -> ShardTokens:
     """Open the shards named by paths or globs (folders or meta.json files) as one stream, in order."""
     parts: list[tuple[str, str, int]] = []
     for p in expand_files(patterns, what, allow_dirs=True):

@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.base import IGNORE, check_rank, epoch_rng, expand_files, token_dtype, train_rank_rows, val_rank_rows
+from lmlab.data.base import (
+    IGNORE,
+    check_rank,
+    epoch_rng,
+    expand_files,
+    sample_checksum,
+    token_dtype,
+    train_rank_rows,
+    val_rank_rows,
+)
 from lmlab.data.errors import DataError
 
 __all__ = ["TrainWindows", "ValWindows", "encode_files", "load_text", "read_text", "split_tokens"]
@@ -41,9 +50,6 @@ log = logging.getLogger(__name__)
 
 _STREAM_OFFSET = 1  # epoch_rng stream ids: distinct per use so two draws never share random numbers
 _STREAM_ORDER = 2
-
-_cache: dict[str, Any] = {}
-
 
 def read_text(path: str | os.PathLike) -> str:
     """Read one UTF-8 text file; an unreadable, undecodable or empty file raises :class:`DataError`."""
@@ -86,18 +92,11 @@ def encode_files(
 def load_text(
     patterns: Sequence[str | os.PathLike], tokenizer: Any, separator: str = "\n", what: str = "data.train_files"
 ) -> np.ndarray:
-    """Expand ``patterns``, read and tokenize the files; the result is cached for the same files and tokenizer.
-
-    The cache (one entry) lets the train and val loaders of a run share one tokenization of the corpus.
-    """
+    """Expand ``patterns`` (paths or globs), read the files and tokenize them into one read-only stream."""
     paths = expand_files(patterns, what)
-    stats = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
-    key = (stats, separator, id(tokenizer))
-    if _cache.get("key") == key and _cache.get("tokenizer") is tokenizer:
-        return _cache["tokens"]
-    tokens = encode_files(paths, tokenizer, separator, progress=sum(s[2] for s in stats) > 50_000_000)
+    big = sum(p.stat().st_size for p in paths) > 50_000_000
+    tokens = encode_files(paths, tokenizer, separator, progress=big)
     tokens.setflags(write=False)
-    _cache.update(key=key, tokenizer=tokenizer, tokens=tokens)
     log.info("tokenized %d files into %d tokens", len(paths), len(tokens))
     return tokens
 
@@ -154,6 +153,7 @@ class TrainWindows:
                 f"fewer than batch_size*world_size={batch_size * world_size} for one batch per rank"
             )
         self._plan: tuple[int, int, np.ndarray] | None = None
+        self._checksum = sample_checksum(tokens)
 
     def plan(self, epoch: int) -> tuple[int, np.ndarray]:
         """(offset, this rank's window ids as (num_batches, batch_size)) for ``epoch``."""
@@ -181,7 +181,7 @@ class TrainWindows:
 
     def fingerprint(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "num_tokens": len(self.tokens), "seq_len": self.seq_len,
+            "kind": self.kind, "num_tokens": len(self.tokens), "checksum": self._checksum, "seq_len": self.seq_len,
             "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
             "rank": self.rank, "world_size": self.world_size,
         }
@@ -224,6 +224,7 @@ class ValWindows:
             )
         self.num_rows = -(-(self.length - 1) // self.seq_len)
         self.rows = val_rank_rows(self.num_rows, rank, world_size, batch_size)
+        self._checksum = sample_checksum(tokens)
 
     @property
     def num_targets(self) -> int:
@@ -248,6 +249,6 @@ class ValWindows:
 
     def fingerprint(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "num_tokens": len(self.tokens), "seq_len": self.seq_len,
+            "kind": self.kind, "num_tokens": len(self.tokens), "checksum": self._checksum, "seq_len": self.seq_len,
             "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
         }
