@@ -2,17 +2,23 @@
 
 Usage::
 
+    lmlab train apps/shakespeare/quick.yaml train.steps=100  # train (resumes runs/NAME if it has a checkpoint)
+    lmlab export runs/NAME out/                              # Hugging Face Llama folder of the newest checkpoint
     lmlab config apps/shakespeare/demo.yaml model.dim=128   # print the resolved config as YAML
     lmlab grid my_grid.yaml                                  # list the runs a grid expands to
     lmlab describe                                           # every config key with its type, default, help
     lmlab shards --tokenizer byte --out data/shk FILES...    # pretokenize a corpus (see lmlab.data.shards)
 
-Config problems (unknown key, wrong type, bad YAML) print one line and exit with status 2.
+Config problems (unknown key, wrong type, bad YAML) print one line and exit with status 2; other errors
+(bad data, a non-finite loss, an unreadable checkpoint) print one line and exit with status 1; a training
+run stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 
 import yaml
@@ -32,13 +38,51 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lmlab.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg).fit()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if summary["status"].startswith("interrupted by "):
+        return 128 + signal.Signals[summary["status"].split()[-1]].value
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lmlab.hf import save_hf_folder
+    from lmlab.train.checkpoint import load_run
+
+    _, model, _ = load_run(args.run, step=args.step)
+    out = save_hf_folder(model, args.out)
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
 def _cmd_describe(args: argparse.Namespace) -> int:
     print("\n".join(describe()))
     return 0
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from lmlab.data import DataError
+    from lmlab.train import TrainingError
+    from lmlab.train.checkpoint import CheckpointError
+
+    return DataError, TrainingError, CheckpointError, FileNotFoundError
+
+
 @exit_on_config_error
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _main(argv)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "shards":
         from lmlab.data.shards import main as shards_main
@@ -47,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (
+        ("train", _cmd_train, "train a model (resumes from the run folder's newest checkpoint)"),
         ("config", _cmd_config, "print the resolved config of a YAML file with overrides"),
         ("grid", _cmd_grid, "list the run names a grid YAML expands to"),
     ):
@@ -54,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("describe", help="list every config key with its type, default and help")
     p.set_defaults(fn=_cmd_describe)
     sub.add_parser("shards", help="pretokenize a corpus into token shards (lmlab shards --help)")

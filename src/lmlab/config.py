@@ -42,6 +42,10 @@ __all__ = [
     "DataConfig",
     "F",
     "InitConfig",
+    "LoggingConfig",
+    "OptimConfig",
+    "SampleConfig",
+    "TrainConfig",
     "ModelConfig",
     "TokenizerConfig",
     "config_from_dict",
@@ -177,6 +181,92 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = F(3e-3, "peak learning rate")
+    schedule: Literal["cosine", "wsd", "constant"] = F(
+        "cosine", "cosine: warmup then cosine to min_lr_ratio*lr; wsd: warmup, stable, linear decay over the "
+        "last decay_fraction of steps; constant: warmup then flat")
+    warmup_steps: int = F(100, "linear warmup steps from ~0 to lr")
+    min_lr_ratio: float = F(0.1, "final learning rate as a fraction of lr (cosine and wsd)")
+    decay_fraction: float = F(0.2, "wsd: fraction of the steps spent in the final decay")
+    weight_decay: float = F(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
+    beta1: float = F(0.9, "AdamW beta1")
+    beta2: float = F(0.95, "AdamW beta2")
+    eps: float = F(1e-8, "AdamW epsilon")
+    grad_clip: float = F(1.0, "clip the global gradient norm to this; 0 disables")
+    impl: Literal["auto", "fused", "foreach", "loop"] = F(
+        "auto", "AdamW kernel: auto picks fused on CUDA and foreach elsewhere")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.lr <= 0:
+            errs.append(("lr", "must be positive"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            errs.append(("min_lr_ratio", "must be in [0, 1]"))
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            errs.append(("decay_fraction", "must be in [0, 1]"))
+        if self.warmup_steps < 0:
+            errs.append(("warmup_steps", "must be >= 0"))
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = F(1000, "optimizer steps")
+    grad_accum: int = F(1, "micro-batches per optimizer step (each of data.batch_size rows)")
+    device: str = F("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = F(
+        "auto", "compute dtype: auto = bf16 autocast on CUDA, float32 on CPU; bfloat16 = autocast on any device")
+    compile: bool = F(False, "torch.compile the model")
+    threads: int = F(0, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default")
+    peak_flops: float = F(0.0, "peak FLOP/s of one device for the MFU column; 0: known GPUs only (none on CPU)")
+    max_time: float = F(0.0, "stop after this many seconds of training (then evaluate and save); 0: no limit")
+    log_every: int = F(10, "write a metrics row every this many steps")
+    eval_every: int = F(0, "validate every this many steps; 0: only at the end")
+    eval_batches: int = F(0, "validation batches per evaluation; 0: the whole validation split")
+    ckpt_every: int = F(0, "save a checkpoint every this many steps; 0: only at the end")
+    keep_last: int = F(2, "checkpoints kept in the run folder (older ones are deleted)")
+    resume: bool = F(True, "resume from the newest checkpoint in the run folder when there is one")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("steps", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, key) <= 0:
+                errs.append((key, "must be positive"))
+        for key in ("eval_every", "eval_batches", "ckpt_every", "threads"):
+            if getattr(self, key) < 0:
+                errs.append((key, "must be >= 0"))
+        return errs
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides runs/NAME/metrics.jsonl."""
+
+    progress: bool = F(True, "show a progress bar with loss, rate and ETA")
+    wandb: bool = F(False, "also log to Weights & Biases")
+    wandb_project: str = F("lmlab", "wandb project")
+    wandb_mode: Literal["offline", "online", "disabled"] = F("offline", "wandb mode (offline works without network)")
+    tensorboard: bool = F(False, "also write TensorBoard event files under runs/NAME/tb")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling defaults (end-of-training samples and `lmlab generate`)."""
+
+    prompts: list[str] = F([], "prompts sampled at the end of training")
+    max_new_tokens: int = F(200, "tokens generated per prompt at most")
+    temperature: float = F(0.8, "softmax temperature; 0 means greedy")
+    top_k: int = F(0, "keep the k most likely tokens; 0 disables")
+    top_p: float = F(1.0, "nucleus sampling: smallest set with this much probability; 1 disables")
+    seed: int | None = F(None, "sampling seed; null: the run seed")
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -186,6 +276,10 @@ class Config:
     model: ModelConfig = F(ModelConfig(), "model architecture")
     tokenizer: TokenizerConfig = F(TokenizerConfig(), "tokenizer")
     data: DataConfig = F(DataConfig(), "data pipeline")
+    optim: OptimConfig = F(OptimConfig(), "optimizer and learning-rate schedule")
+    train: TrainConfig = F(TrainConfig(), "training loop")
+    logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
+    sample: SampleConfig = F(SampleConfig(), "sampling defaults")
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,247 @@
+"""Atomic, resumable checkpoints in the ``torch.distributed.checkpoint`` (DCP) format.
+
+Layout of a run folder's checkpoints::
+
+    runs/NAME/checkpoints/step_00001000/
+        .metadata, __0_0.distcp ...    model + optimizer, DCP format (reshardable across world sizes)
+        rank_0.pt ...                  per-rank state: data-loader position, RNG states (python, numpy, torch, cuda)
+        meta.json                      step, world size, format; written last
+
+A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed into place only once every file is
+complete, so a crash mid-save leaves the previous checkpoints untouched and loadable; leftover ``.tmp``
+folders are ignored when loading and removed by the next save. The last ``keep_last`` are kept.
+DCP is used on one process too, so a later multi-process run can load and reshard the same files.
+
+Usage::
+
+    ckpt = CheckpointManager(run_dir, keep_last=2)
+    ckpt.save(step, model, optimizer, meta={"tokens": n}, rank_state={"data": loader.state_dict()})
+    path = ckpt.latest()                                   # newest complete checkpoint or None
+    meta, rank_state = ckpt.load(path, model, optimizer)   # restores model and optimizer in place
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lmlab.checkpoint/1"
+PREFIX = "step_"
+
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written; the message names the folder."""
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy, torch (and CUDA when present) for bitwise-exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_rank_state(state: dict[str, Any], path: Path) -> None:
+    torch.save(state, path)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+class CheckpointManager:
+    """Save, list, prune and load the checkpoints of one run folder."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank, self.world_size = _dist()
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its meta.json exists)."""
+        if not self.dir.is_dir():
+            return []
+        found = [
+            p for p in self.dir.iterdir()
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
+        ]
+        return sorted(found, key=step_of)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        meta: dict[str, Any] | None = None,
+        rank_state: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically; return its folder. Every rank must call it."""
+        final = self.dir / f"{PREFIX}{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(f"{PREFIX}*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        t0 = time.time()
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        dcp.save(state, checkpoint_id=str(tmp))
+        _write_rank_state({"rng": rng_state(), **(rank_state or {})}, tmp / f"rank_{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            info = {"format": FORMAT, "step": step, "world_size": self.world_size, "time": time.time(),
+                    "has_optimizer": optimizer is not None, **(meta or {})}
+            (tmp / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
+            if final.exists():  # saving the same step again: replace the old folder
+                old = final.with_name(final.name + ".old.tmp")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            self._prune()
+        _barrier()
+        log.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
+        return final
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore model (and optimizer) in place from ``path``; return (meta, this rank's state)."""
+        return load_checkpoint(path, model, optimizer, self.rank)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / "meta.json"
+    try:
+        meta = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rank: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore model (and optimizer) weights from a checkpoint folder; return (meta, rank state)."""
+    path = Path(path)
+    meta = read_meta(path)
+    rank = _dist()[0] if rank is None else rank
+    try:
+        if optimizer is not None:
+            if not meta.get("has_optimizer", True):
+                raise CheckpointError(f"{path}: holds no optimizer state")
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+        raise CheckpointError(f"{path}: cannot load model/optimizer state: {type(e).__name__}: {e}") from e
+    rank_file = path / f"rank_{rank}.pt"
+    if optimizer is None:
+        return meta, {}
+    if not rank_file.is_file():
+        raise CheckpointError(
+            f"{rank_file}: missing; the checkpoint was saved by {meta.get('world_size')} processes "
+            f"and this is rank {rank}")
+    try:
+        rank_state = torch.load(rank_file, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{rank_file}: unreadable ({type(e).__name__}: {e})") from e
+    return meta, rank_state
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu"):
+    """Rebuild a run's tokenizer and model from ``run_dir/config.yaml`` and a checkpoint (newest by default).
+
+    Returns ``(cfg, model, tokenizer)`` with the model in eval mode.
+    """
+    from lmlab.config import Config, load_config
+    from lmlab.models import build_model, materialize
+    from lmlab.tokenizers import build_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", schema=Config)
+    manager = CheckpointManager(run_dir)
+    if step is None:
+        path = manager.latest()
+        if path is None:
+            raise CheckpointError(f"{run_dir}: no complete checkpoint under {manager.dir}")
+    else:
+        path = manager.dir / f"{PREFIX}{step:08d}"
+        if not path.is_dir():
+            have = ", ".join(str(step_of(p)) for p in manager.complete()) or "none"
+            raise CheckpointError(f"{run_dir}: no checkpoint for step {step} (have: {have})")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model = materialize(build_model(cfg.model, vocab_size=tokenizer.vocab_size, device="meta"), device)
+    load_checkpoint(path, model)
+    return cfg, model.eval(), tokenizer

@@ -1,0 +1,79 @@
+"""AdamW with sensible parameter groups, and learning-rate schedules as pure functions of the step.
+
+Weight decay applies to matrices only: never to norm gains, biases or the token embedding (which may be
+tied to the output head). The schedule is a pure function of the step, so a checkpoint only needs the
+step to restore it.
+
+Usage::
+
+    opt = build_optimizer(model, cfg.optim, device)
+    for step in range(cfg.train.steps):
+        set_lr(opt, lr_at(step, cfg.optim, cfg.train.steps))
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmlab.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matrices, and everything else (norms, biases, embeddings)."""
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str = "cpu") -> torch.optim.AdamW:
+    """AdamW with the configured kernel: fused on CUDA and foreach elsewhere unless ``cfg.impl`` says otherwise."""
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused" if torch.device(device).type == "cuda" else "foreach"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
+    )
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based) out of ``total_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps - 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        return 1.0 - (1.0 - floor) * progress
+    raise ValueError(f"optim.schedule: unknown schedule {cfg.schedule!r}")
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    return cfg.lr * lr_factor(step, cfg, total_steps)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr

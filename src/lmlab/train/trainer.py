@@ -1,0 +1,333 @@
+"""The training loop: one config in, a run folder out.
+
+``Trainer(cfg).fit()`` builds tokenizer, model, optimizer and loaders from the config, resumes from the
+newest checkpoint of ``runs/NAME`` when there is one, trains ``train.steps`` optimizer steps with gradient
+accumulation, clipping and the learning-rate schedule, validates (loss and bits per byte), checkpoints
+atomically, writes ``metrics.jsonl``, and stops cleanly on SIGINT/SIGTERM (finishing the step and saving).
+
+Resume is exact: training 2N steps straight, or N steps then a rerun for N more, gives bitwise the same
+losses on CPU in float32 (model, optimizer, schedule step, data position and every RNG are restored).
+
+The step is written so that parallelism wraps the model and the data sharding without changing it: the
+loss is a sum over target tokens divided by the step's total target count, so any split of a step across
+micro-batches (or, later, ranks) gives the same gradient.
+
+Usage::
+
+    lmlab train apps/shakespeare/quick.yaml train.steps=2000 model.dim=256
+    python -m lmlab.train apps/shakespeare/quick.yaml
+    trainer = Trainer(load_config("cfg.yaml")); summary = trainer.fit()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmlab.config import Config, config_to_dict, load_config, save_config
+from lmlab.data import build_loader, check_vocab
+from lmlab.models import build_model, materialize, resolve_vocab
+from lmlab.monitor.metrics import build_sinks
+from lmlab.tokenizers import Tokenizer, build_tokenizer
+from lmlab.train.checkpoint import CheckpointManager, set_rng_state
+from lmlab.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+# Dense bf16 peak FLOP/s of one device, for the MFU column (none is known for CPUs: set train.peak_flops).
+KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; float32 on CPU unless ``train.dtype=bfloat16``."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_byte_lengths(tokenizer: Tokenizer, size: int) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special and unused ids), for bits per byte."""
+    fn = getattr(tokenizer, "token_byte_lengths", None)
+    if fn is not None:
+        lengths = torch.as_tensor(fn(), dtype=torch.long)
+    else:  # decode each id on its own (exact for byte-level tokenizers; approximate for others)
+        lengths = torch.tensor([0 if tokenizer.is_special(i) else len(tokenizer.decode([i]).encode("utf-8"))
+                                for i in range(tokenizer.vocab_size)], dtype=torch.long)
+    out = torch.zeros(size, dtype=torch.long)
+    out[: len(lengths)] = lengths
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Builds everything a run needs from ``cfg`` and trains it (see the module docstring)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world_size = 0, 1
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed + self.rank)
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        check_vocab(self.tokenizer, cfg.model.vocab_size)
+        self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
+        init_seed = cfg.model.init.seed if cfg.model.init.seed is not None else cfg.seed
+        self.model = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=init_seed)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+
+        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+        self.train_loader = build_loader(cfg.data, self.tokenizer, "train", self.rank, self.world_size, data_seed)
+        self.val_loader = None
+        if cfg.data.val_files or cfg.data.val_fraction > 0:
+            val_cfg = dataclasses.replace(cfg.data, prefetch="none")
+            self.val_loader = build_loader(val_cfg, self.tokenizer, "val", self.rank, self.world_size, data_seed)
+            self._val_start = self.val_loader.state_dict()
+        self.token_bytes = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
+
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.peak_flops = cfg.train.peak_flops or self._known_peak()
+        self._stop_signal: int | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    def _known_peak(self) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        name = torch.cuda.get_device_name(self.device)
+        return next((peak for key, peak in KNOWN_PEAKS.items() if key in name), 0.0)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+    def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the batch's target tokens (float32)."""
+        with autocast(self.device, self.cfg.train.dtype):
+            logits = model(batch["inputs"], doc_ids=batch.get("doc_ids"), positions=batch.get("positions"))
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns loss, grad norm, lr, token counts."""
+        cfg = self.cfg
+        micro = [self._to_device(next(self.train_loader)) for _ in range(cfg.train.grad_accum)]
+        n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for b in micro:
+            loss_sum = self._loss_sum(self.step_model, b)
+            (loss_sum / max(n_targets, 1)).backward()
+            total += loss_sum.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss, gnorm = torch.stack([total / max(n_targets, 1), grad_norm.float()]).tolist()
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            last = self.ckpt.latest()
+            raise TrainingError(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
+                f"(loss={loss}, grad_norm={gnorm}); the weights were not updated. Last good checkpoint: "
+                f"{last or 'none'}. Lower optim.lr or check the data.")
+        self.optimizer.step()
+        self.step += 1
+        positions = sum(b["inputs"].numel() for b in micro)
+        self.tokens_seen += positions
+        return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats per target token) and bits per byte over the split (or eval_batches of it)."""
+        if self.val_loader is None:
+            return {}
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = n_bytes = 0
+        limit = self.cfg.train.eval_batches
+        for i, batch in enumerate(self.val_loader):
+            b = self._to_device(batch)
+            with autocast(self.device, self.cfg.train.dtype):
+                logits = self.step_model(b["inputs"], doc_ids=b.get("doc_ids"), positions=b.get("positions"))
+            targets = b["targets"]
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").double()
+            valid = targets != IGNORE
+            n_tokens += int(valid.sum())
+            n_bytes += int(self.token_bytes[targets[valid]].sum())
+            if limit and i + 1 >= limit:
+                self.val_loader.load_state_dict(self._val_start)  # next evaluation starts at the beginning
+                break
+        self.model.train()
+        loss = total.item() / max(n_tokens, 1)
+        bpb = total.item() / (math.log(2) * n_bytes) if n_bytes else float("nan")
+        return {"val_loss": loss, "val_bpb": bpb, "val_tokens": n_tokens}
+
+    # ---------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name}
+        return self.ckpt.save(self.step, self.model, self.optimizer, meta=meta,
+                              rank_state={"data": self.train_loader.state_dict()})
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run folder, if any; True when resumed."""
+        path = self.ckpt.latest()
+        if path is None:
+            return False
+        meta, state = self.ckpt.load(path, self.model, self.optimizer)
+        self.step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
+        self.train_loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", path, self.step)
+        return True
+
+    def _check_config_change(self) -> None:
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        try:
+            old = config_to_dict(load_config(saved, schema=type(self.cfg)))
+        except Exception as e:  # an old or foreign config: say so, but the new one wins
+            log.warning("%s could not be read (%s); it is replaced", saved, e)
+            return
+        new = config_to_dict(self.cfg)
+        changed = sorted(_diff(old, new))
+        if changed:
+            log.warning("the config differs from the run folder's: %s", ", ".join(changed))
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and returns."""
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("received %s: finishing the step, then saving", signal.Signals(signum).name)
+
+        try:
+            old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: no handlers
+            old = {}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` (resuming if possible); return a summary.
+
+        ``stop_after``: return after this many steps of this call, with a checkpoint but no final evaluation
+        (a time-sliced job; a later ``fit`` resumes as if never stopped).
+        """
+        cfg, tc = self.cfg, self.cfg.train
+        self._check_config_change()
+        if self.rank == 0:
+            save_config(self.cfg, self.run_dir)
+        resumed = tc.resume and self.resume()
+        start_step = self.step
+        sink = build_sinks(cfg, self.run_dir)
+        log.info("model: %s parameters; %.1f MFLOPs/token; device %s", f"{self.model.num_params():,}",
+                 self.flops_per_token / 1e6, self.device)
+        status = "completed"
+        t_start = time.time()
+        window_t, window_pos, window_targets = time.time(), 0, 0
+        bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.name, unit="step", mininterval=1.0,
+                   disable=not cfg.logging.progress or self.rank != 0, dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        try:
+            with self._signals(), self.train_loader:
+                while self.step < tc.steps:
+                    m = self.train_step()
+                    window_pos += m["positions"]
+                    window_targets += m["targets"]
+                    bar.update(1)
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        dt = max(time.time() - window_t, 1e-9)
+                        row = {"step": self.step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                               "tokens_per_s": window_pos / dt, "loss_tokens_per_s": window_targets / dt,
+                               "tokens": self.tokens_seen, "time": time.time() - t_start,
+                               "peak_mem_mb": peak_memory_mb(self.device)}
+                        if self.peak_flops:
+                            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
+                        sink.log(row)
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                        window_t, window_pos, window_targets = time.time(), 0, 0
+                    if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                        last_eval = self.evaluate()
+                        sink.log({"step": self.step, **last_eval})
+                        window_t = time.time()
+                    if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                        self.save()
+                        window_t = time.time()
+                    if self._stop_signal is not None:
+                        status = f"interrupted by {signal.Signals(self._stop_signal).name}"
+                        break
+                    if stop_after is not None and self.step - start_step >= stop_after:
+                        status = f"paused after {stop_after} steps"
+                        break
+                    if tc.max_time and time.time() - t_start >= tc.max_time:
+                        status = f"stopped by train.max_time={tc.max_time:g}s"
+                        break
+            bar.close()
+            if status == "completed" or status.startswith("stopped"):
+                last_eval = self.evaluate()
+                if last_eval:
+                    sink.log({"step": self.step, **last_eval})
+            path = self.save()
+        finally:
+            bar.close()
+            sink.close()
+        summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
+                   "train_time_s": time.time() - t_start, **last_eval}
+        log.info("%s at step %d; checkpoint %s", status, self.step, path)
+        return summary
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> Iterator[str]:
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            yield f"{prefix}{k}: {a!r} -> {b!r}"

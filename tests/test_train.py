@@ -1,0 +1,226 @@
+"""Trainer: exact resume, atomic checkpoints, signals, non-finite stops, schedules, accumulation, export."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lmlab.config import OptimConfig, load_config
+from lmlab.monitor.metrics import read_metrics
+from lmlab.train import Trainer, TrainingError
+from lmlab.train import checkpoint as ckpt_mod
+from lmlab.train.checkpoint import CheckpointError, CheckpointManager, load_run
+from lmlab.train.optim import lr_factor, param_groups
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def make_cfg(tmp_path, corpus, *overrides, name="r"):
+    base = [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"data.train_files=[{corpus}]",
+            "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
+            "data.seq_len=32", "data.batch_size=4", "optim.warmup_steps=3", "optim.lr=0.01",
+            "train.steps=12", "train.log_every=1", "logging.progress=false"]
+    return load_config(None, base + list(overrides))
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "data.prefetch=thread"]])
+def test_resume_is_bitwise_exact(tmp_path, corpus, extra):
+    straight = make_cfg(tmp_path, corpus, *extra, name="straight")
+    Trainer(straight).fit()
+    split = make_cfg(tmp_path, corpus, *extra, name="split")
+    first = Trainer(split).fit(stop_after=5)
+    assert first["status"] == "paused after 5 steps" and first["step"] == 5
+    second = Trainer(split).fit()
+    assert second["resumed"] and second["step"] == 12
+    a, b = losses(straight.run_dir), losses(split.run_dir)
+    assert [s for s, _ in a] == list(range(1, 13))
+    assert a == b  # every step's loss equal to the last bit
+    assert a[-1][1] < a[0][1]  # and it actually learned something
+
+
+def test_checkpoint_failure_mid_save_keeps_previous_usable(tmp_path, corpus, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus, "train.steps=4")
+    tr = Trainer(cfg)
+    tr.train_step()
+    good = tr.save()
+    ref = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.train_step()
+
+    real_write = ckpt_mod._write_rank_state
+
+    def failing_write(state, path):
+        real_write(state, path)  # the DCP files and this rank's file are written...
+        raise OSError("disk full (simulated)")  # ...then the save dies before meta.json and the rename
+
+    monkeypatch.setattr(ckpt_mod, "_write_rank_state", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save()
+    monkeypatch.setattr(ckpt_mod, "_write_rank_state", real_write)
+    manager = CheckpointManager(cfg.run_dir)
+    assert manager.latest() == good
+    assert (manager.dir / "step_00000002.tmp").is_dir()  # the half-written folder is left aside, never loaded
+    fresh = Trainer(cfg)
+    assert fresh.resume() and fresh.step == 1
+    assert all(torch.equal(fresh.model.state_dict()[k], ref[k]) for k in ref)
+    fresh.train_step()
+    fresh.save()
+    assert not list(manager.dir.glob("*.tmp"))  # the next save cleaned it up
+
+
+def test_keep_last_and_corrupt_checkpoint(tmp_path, corpus):
+    cfg = make_cfg(tmp_path, corpus, "train.steps=6", "train.ckpt_every=1", "train.keep_last=2")
+    Trainer(cfg).fit()
+    manager = CheckpointManager(cfg.run_dir)
+    assert [p.name for p in manager.complete()] == ["step_00000005", "step_00000006"]
+    (manager.latest() / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"step_00000006/meta.json: unreadable"):
+        Trainer(cfg).resume()
+    for f in manager.complete()[0].glob("*.distcp"):
+        f.write_bytes(b"garbage")
+    model = Trainer(cfg).model
+    with pytest.raises(CheckpointError, match="step_00000005: cannot load"):
+        ckpt_mod.load_checkpoint(manager.complete()[0], model)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus):
+    cfg = make_cfg(tmp_path, corpus)
+    tr = Trainer(cfg)
+    tr.train_step()
+    tr.train_step()
+    good = tr.save()
+    with torch.no_grad():
+        tr.model.layers[0].attention.wq.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=rf"non-finite loss at step 3 .*Last good checkpoint: {good}"):
+        tr.train_step()
+    assert CheckpointManager(cfg.run_dir).latest() == good
+
+
+def test_grad_accumulation_matches_a_big_batch(tmp_path, corpus):
+    big = Trainer(make_cfg(tmp_path, corpus, "data.batch_size=8", name="big"))
+    acc = Trainer(make_cfg(tmp_path, corpus, "data.batch_size=4", "train.grad_accum=2", name="acc"))
+    for _ in range(3):
+        a, b = big.train_step(), acc.train_step()
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+    for (n, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_metrics_rows_and_bits_per_byte(tmp_path, corpus):
+    cfg = make_cfg(tmp_path, corpus, "train.steps=4", "train.log_every=2", "train.eval_every=2")
+    summary = Trainer(cfg).fit()
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for key in ("lr", "grad_norm", "tokens_per_s", "loss_tokens_per_s", "tokens", "peak_mem_mb"):
+        assert all(r[key] > 0 for r in train_rows), key
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    # byte tokenizer: one byte per target token, so bits per byte = loss / ln 2
+    assert math.isclose(val[-1]["val_bpb"], val[-1]["val_loss"] / math.log(2), rel_tol=1e-9)
+    assert summary["val_bpb"] == val[-1]["val_bpb"]
+    assert (cfg.run_dir / "config.yaml").is_file()
+    assert load_config(cfg.run_dir / "config.yaml") == cfg
+
+
+def test_lr_schedules():
+    cos = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cos, 100) == pytest.approx(0.1)
+    assert lr_factor(9, cos, 100) == pytest.approx(1.0)
+    assert lr_factor(10, cos, 100) == pytest.approx(1.0)
+    assert lr_factor(99, cos, 100) == pytest.approx(0.1)
+    assert lr_factor(10 + 89 // 2, cos, 100) == pytest.approx(0.55, abs=0.02)
+    wsd = OptimConfig(lr=1.0, schedule="wsd", warmup_steps=5, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert [lr_factor(s, wsd, 100) for s in (5, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_factor(80, wsd, 100) == pytest.approx(1 - 1 / 20)
+    assert lr_factor(99, wsd, 100) == pytest.approx(0.0)
+    const = OptimConfig(lr=1.0, schedule="constant", warmup_steps=0)
+    assert lr_factor(0, const, 10) == lr_factor(9, const, 10) == 1.0
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path, corpus):
+    tr = Trainer(make_cfg(tmp_path, corpus, "model.qkv_bias=true", "model.tie_embeddings=true"))
+    decay, no_decay = param_groups(tr.model, 0.1)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    assert all(names[id(p)].endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight",
+                                      "w2.weight", "w3.weight")) for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"tok_embeddings.weight", "norm.weight",
+                                                           "layers.0.attention.wq.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(tr.model.parameters()))
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
+    summary = Trainer(make_cfg(tmp_path, corpus, "train.dtype=bfloat16", "train.steps=3")).fit()
+    assert summary["status"] == "completed" and math.isfinite(summary["val_loss"])
+
+
+def test_export_loads_in_transformers(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    cfg = make_cfg(tmp_path, corpus, "train.steps=3", "model.n_kv_heads=1")
+    Trainer(cfg).fit()
+    out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "export", str(cfg.run_dir), str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    _, model, tok = load_run(cfg.run_dir)
+    x = torch.tensor([tok.encode("To be, or not to be")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="no checkpoint for step 99"):
+        load_run(cfg.run_dir, step=99)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_rerun_resumes_exactly(tmp_path, corpus):
+    args = ["model.dim=16", "model.n_layers=1", "train.steps=300", "data.batch_size=2", "data.seq_len=16"]
+    ref = make_cfg(tmp_path, corpus, *args, name="ref")
+    Trainer(ref).fit()
+    cfg = make_cfg(tmp_path, corpus, *args, name="sig")
+    yaml_path = tmp_path / "sig.yaml"
+    from lmlab.config import save_config
+    save_config(cfg, yaml_path)
+    cmd = [sys.executable, "-m", "lmlab.train", str(yaml_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in out
+    stopped_at = CheckpointManager(cfg.run_dir).latest()
+    assert stopped_at is not None and 20 <= ckpt_mod.step_of(stopped_at) < 300
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed=True" in rerun.stdout
+    assert losses(cfg.run_dir) == losses(ref.run_dir)
+
+
+def test_cli_errors_are_one_line(tmp_path, corpus):
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", "/nonexistent.yaml"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "config file not found" in res.stderr
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"runs_dir: {tmp_path}\ndata: {{train_files: [{tmp_path}/missing*.txt]}}\n")
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", str(cfg_path)], capture_output=True, text=True)
+    assert res.returncode == 1 and "missing*.txt" in res.stderr and "Traceback" not in res.stderr
