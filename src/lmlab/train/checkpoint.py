@@ -107,7 +107,7 @@ class CheckpointManager:
             return []
         found = [
             p for p in self.dir.iterdir()
-            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
+            if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
         ]
         return sorted(found, key=step_of)
 
