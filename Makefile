@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/python apps/shakespeare/demo.py
+	$(BIN)/python apps/shakespeare/train.py
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -346,13 +346,21 @@ def test_packed_val_covers_every_loss_token_once_across_ranks(dialog_file, tok, 
     world = 2
     total = []
     counts = []
+    placed = []
     for rank in range(world):
         src = DialogRows(corpus, 128, 3, rank=rank, world_size=world, pad_id=tok.pad_id, train=False)
         counts.append(src.num_batches(0))
+        rows = src.plan(0)[2]
         for k in range(src.num_batches(0)):
-            t = src.batch(0, k)["targets"]
+            b = src.batch(0, k)
+            t = b["targets"]
             total.extend(t[t != IGNORE].tolist())
+            for j, r in enumerate(rows[k].tolist()):  # each target at its position, not just the right values
+                docs = src.row_dialogs(0, r).tolist() if r >= 0 else []
+                check_packed_row(b, j, [encoded[d] for d in docs], tok.pad_id, 128)
+                placed.extend(docs)
     assert counts[0] == counts[1]
+    assert sorted(placed) == list(range(len(dialogs)))
     exp = [x for et, em in encoded for x in expected_targets(et, em) if x != IGNORE]
     assert sorted(total) == sorted(exp)
 
@@ -479,6 +487,19 @@ def test_shards_cli(tmp_path: Path, text_files: list[Path], tok) -> None:
     r = subprocess.run([sys.executable, "-m", "lmlab.data.shards", "--out", str(out), str(tmp_path / "nope*.txt")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nope*.txt" in r.stderr and "matches no file" in r.stderr
+
+
+def test_shards_cli_separator_escapes_and_unicode(tmp_path: Path, tok) -> None:
+    # regression: unicode_escape decoded the UTF-8 of a non-ASCII separator as latin-1 (" → " became mojibake)
+    from lmlab.data.shards import main
+
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    for sep, expected in [(" → é ", " → é "), ("\\n--\\t", "\n--\t"), ("😀", "😀")]:
+        out = tmp_path / "sep"
+        files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+        assert main(["--quiet", "--out", str(out), "--separator", sep, *files]) == 0
+        assert tok.decode(open_shard(out, tok).array()) == "a" + expected + "b"
 
 
 def test_shard_validation_errors(tmp_path: Path, text_files: list[Path], tok) -> None:
@@ -630,6 +651,64 @@ def test_prefetch_thread_reraises_producer_errors() -> None:
     assert prefetch_children() == ([], [])
 
 
+class FlakySource:
+    """Batch 2 fails while the file ``flag`` exists (a transient error seen by a prefetch process too)."""
+
+    batch_size, seq_len = 1, 4
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def num_batches(self, epoch: int) -> int:
+        return 4
+
+    def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        if index == 2 and os.path.exists(self.flag):
+            raise DataError("transient failure of batch 2")
+        return {"inputs": np.full((1, 4), 10 * epoch + index, np.int64), "targets": np.zeros((1, 4), np.int64)}
+
+    def fingerprint(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("prefetch", ["none", "thread", "process"])
+def test_retry_after_a_batch_error_continues_in_place(tmp_path: Path, prefetch: str) -> None:
+    # regression: with prefetch "none" the retry ended an infinite loader (StopIteration) and rewound it to
+    # (0, 0); with a prefetcher it raised "prefetcher is closed" forever
+    flag = tmp_path / "fail"
+    flag.touch()
+    with DataLoader(FlakySource(str(flag)), prefetch=prefetch) as loader:
+        assert [int(b["inputs"][0, 0]) for b in take_batches(loader, 2)] == [0, 1]
+        with pytest.raises(DataError, match="transient failure of batch 2"):  # re-raised from any producer
+            next(loader)
+        assert (loader.state_dict()["epoch"], loader.state_dict()["index"]) == (0, 2)
+        flag.unlink()
+        assert [int(b["inputs"][0, 0]) for b in take_batches(loader, 3)] == [2, 3, 10]
+    assert prefetch_children() == ([], [])
+
+
+def test_process_prefetch_fails_fast_when_the_child_cannot_start(tmp_path: Path) -> None:
+    # regression: a script without the __main__ guard makes the spawned child fail while starting; with a
+    # source bigger than a pipe buffer the parent used to block forever writing it as a Process argument
+    script = tmp_path / "noguard.py"
+    script.write_text(
+        "import numpy as np\nfrom lmlab.data.prefetch import make_prefetcher\n"
+        "from lmlab.data.text import TrainWindows\n"
+        "src = TrainWindows(np.zeros(1_000_000, np.uint16), seq_len=8, batch_size=2)\n"
+        "print(make_prefetcher('process', src, 0, 0, True).get()[0])\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "the process prefetcher stopped without a result" in r.stderr, r.stderr[-2000:]
+
+
+def test_process_prefetch_unpicklable_source_raises_and_leaves_no_child(text_files: list[Path], tok) -> None:
+    src = TrainWindows(load_text([str(p) for p in text_files], tok), seq_len=8, batch_size=2)
+    src.hook = lambda: None  # type: ignore[attr-defined]
+    with pytest.raises((AttributeError, pickle.PicklingError), match="pickle"):
+        DataLoader(src, prefetch="process").__next__()
+    assert prefetch_children() == ([], [])
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
@@ -657,6 +736,22 @@ def test_empty_file_and_small_corpus(tmp_path: Path, tok) -> None:
         build_loader(DataConfig(train_files=[str(tmp_path / "tiny.txt")], val_fraction=0.0), tok, "val")
     with pytest.raises(DataError, match="validation split is empty"):
         ValWindows(np.arange(0), seq_len=8, batch_size=1)
+
+
+def test_dialog_lines_end_at_newline_only(tmp_path: Path, dtok) -> None:
+    # regression: str.splitlines() also cut at U+0085 / U+2028, which json.dumps(ensure_ascii=False) leaves raw
+    contents = ["next\u0085line", "para\u2028sep", "form\x0cfeed"]
+    lines = [json.dumps([{"source": "user", "content": c}], ensure_ascii=False) for c in contents]
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(("\r\n".join(lines) + "\r\n\r\n{oops\n").encode())
+    with pytest.raises(DataError, match=r"raw\.jsonl:5: malformed JSON"):  # line numbers count "\n" only
+        load_dialogs([str(path)], dtok, 64)
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    corpus = load_dialogs([str(path)], dtok, 64)
+    assert [dtok.decode_dialog(corpus.dialog(i)[0])[0]["content"] for i in range(len(corpus))] == contents
+    (tmp_path / "latin1.jsonl").write_bytes(b'[]\n["caf\xe9"]\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl: not valid UTF-8 at byte 8 \(line 2\)"):
+        load_dialogs([str(tmp_path / "latin1.jsonl")], dtok, 64)
 
 
 def test_bad_dialog_lines(tmp_path: Path, dtok) -> None:

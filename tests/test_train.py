@@ -224,3 +224,21 @@ def test_cli_errors_are_one_line(tmp_path, corpus):
     cfg_path.write_text(f"runs_dir: {tmp_path}\ndata: {{train_files: [{tmp_path}/missing*.txt]}}\n")
     res = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", str(cfg_path)], capture_output=True, text=True)
     assert res.returncode == 1 and "missing*.txt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_generate_cli_streams_the_same_text_as_the_library(tmp_path, corpus):
+    from lmlab.inference.sampling import SamplingParams, generate_text
+
+    cfg = make_cfg(tmp_path, corpus, "train.steps=3")
+    Trainer(cfg).fit()
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(cfg.run_dir), "--prompt", "To be",
+                          "--max-new-tokens", "12", "--temperature", "0"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    _, model, tok = load_run(cfg.run_dir)
+    expected = generate_text(model, tok, ["To be"], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+    assert res.stdout == "To be" + expected + "\n"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("To be\nOr not\n")
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(cfg.run_dir), "--prompts-file",
+                          str(prompts), "--max-new-tokens", "5"], capture_output=True, text=True)
+    assert res.returncode == 0 and "=== 0\nTo be" in res.stdout and "=== 1\nOr not" in res.stdout

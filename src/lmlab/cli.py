@@ -3,6 +3,8 @@
 Usage::
 
     lmlab train apps/shakespeare/quick.yaml train.steps=100  # train (resumes runs/NAME if it has a checkpoint)
+    lmlab generate runs/NAME --prompt "ROMEO:" --temperature 0.8 --top-p 0.95 --seed 1  # streams the text
+    lmlab generate runs/NAME --prompts-file prompts.txt --max-new-tokens 100  # one prompt per line (or .jsonl)
     lmlab export runs/NAME out/                              # Hugging Face Llama folder of the newest checkpoint
     lmlab config apps/shakespeare/demo.yaml model.dim=128   # print the resolved config as YAML
     lmlab grid my_grid.yaml                                  # list the runs a grid expands to
@@ -46,6 +48,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if summary["status"].startswith("interrupted by "):
         return 128 + signal.Signals[summary["status"].split()[-1]].value
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from lmlab.inference.sampling import SamplingParams, generate_text, read_prompts
+    from lmlab.train.checkpoint import load_run
+
+    cfg, model, tokenizer = load_run(args.run, step=args.step)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts:
+        prompts = list(cfg.sample.prompts) or [""]
+    overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                                   ("top_k", args.top_k), ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
+    params = SamplingParams.from_config(cfg.sample, cfg.seed, **overrides)
+    if len(prompts) == 1:  # stream one completion as it is generated
+        sys.stdout.write(prompts[0])
+        generate_text(model, tokenizer, prompts, params, on_text=lambda row, piece: (sys.stdout.write(piece),
+                                                                                      sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return 0
+    for i, (prompt, text) in enumerate(zip(prompts, generate_text(model, tokenizer, prompts, params))):
+        print(f"=== {i}\n{prompt}{text}")
     return 0
 
 
@@ -99,6 +125,17 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("generate", help="sample from a run's checkpoint with a KV cache")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="prompts, one per line (or a .jsonl of strings / {prompt: ...})")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(fn=_cmd_generate)
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("out", help="output folder")

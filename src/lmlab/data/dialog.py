@@ -29,6 +29,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import zlib
@@ -49,6 +50,7 @@ from lmlab.data.base import (
     val_rank_rows,
 )
 from lmlab.data.errors import DataError
+from lmlab.data.text import read_text
 
 __all__ = [
     "DialogCorpus",
@@ -65,16 +67,10 @@ _STREAM_ORDER = 3
 def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
     """``(line number, list of turns)`` for each non-blank line of a JSONL file; bad lines raise DataError."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not valid UTF-8 at byte {e.start}") from None
-    if not text:
-        raise DataError(f"{p}: the file is empty")
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only: str.splitlines() would also cut at U+0085, U+2028, ... which
+    # json.dumps(..., ensure_ascii=False) leaves unescaped inside strings
+    for lineno, line in enumerate(read_text(p).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -162,9 +158,10 @@ def load_dialogs(
     offsets = np.zeros(len(toks) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dtype = np.int64 if int(tokenizer.vocab_size) > 2**31 - 1 else np.int32
+    n = int(offsets[-1])
     return DialogCorpus(
-        np.fromiter((x for t in toks for x in t), dtype=dtype, count=int(offsets[-1])),
-        np.fromiter((bool(x) for m in masks for x in m), dtype=np.bool_, count=int(offsets[-1])),
+        np.fromiter(itertools.chain.from_iterable(toks), dtype=dtype, count=n),
+        np.fromiter(itertools.chain.from_iterable(masks), dtype=np.bool_, count=n),
         offsets,
         where,
     )

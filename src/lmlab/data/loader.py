@@ -100,7 +100,13 @@ class DataLoader:
             self._box[0] = make_prefetcher(
                 self.prefetch, self.source, self._epoch, self._index, self.infinite, self.prefetch_depth
             )
-        kind, item = self._box[0].get()
+        try:
+            kind, item = self._box[0].get()
+        except BaseException:
+            # a failed pipe is spent (a dead generator would read as "end"): drop it so that the next call
+            # restarts at the consumer's position instead of ending or rewinding the loader
+            _close_pipe(self._box)
+            raise
         if kind == "end":  # finite pass done: rewind so that the next loop covers the split again
             _close_pipe(self._box)
             self._epoch, self._index = 0, 0
@@ -188,8 +194,9 @@ def _cached(kind: str, patterns: Sequence[str], tokenizer: Any, extra: tuple, wh
 
 
 def _pad_id(tokenizer: Any) -> int:
-    for obj in (tokenizer, getattr(tokenizer, "base", None), getattr(tokenizer, "tokenizer", None)):
-        pad = getattr(obj, "pad_id", None) if obj is not None else None
+    """The tokenizer's pad id (a DialogTokenizer's from the tokenizer it wraps), else 0."""
+    for obj in (tokenizer, getattr(tokenizer, "tokenizer", None)):
+        pad = getattr(obj, "pad_id", None)
         if isinstance(pad, int):
             return pad
     return 0

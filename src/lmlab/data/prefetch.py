@@ -7,9 +7,11 @@ position, the consumer's position alone is the loader state: whatever the produc
 simply discarded on ``close()`` or when the loader jumps to another position.
 
 The process variant uses the ``spawn`` start method (safe with threads and torch in the parent, and the
-same on every platform). The child imports only numpy and the lmlab data sources, and gets the source by
-pickling (token shards travel as file names). Both variants stop promptly on ``close()``, never block
-interpreter exit (daemon thread / daemon process) and never leave a child behind.
+same on every platform). The child imports numpy, the lmlab data sources and the script's ``__main__``
+module (so torch too when the script imports it), then receives the source, pickled, through a pipe: token
+shards travel as file names, text and dialog data as whole arrays, on every (re)start. Both variants stop
+promptly on ``close()``, never block interpreter exit (daemon thread / daemon process) and never leave a
+child behind.
 
 Usage (the loader does this for you)::
 
@@ -145,11 +147,26 @@ class ProcessPrefetcher(_QueuePipe):
         ctx = mp.get_context("spawn")
         self.q: Any = ctx.Queue(maxsize=depth)
         self.stop = ctx.Event()
+        recv, send = ctx.Pipe(duplex=False)
         self.worker = ctx.Process(
-            target=_process_main, args=(source, epoch, index, infinite, self.q, self.stop), daemon=True,
+            target=_process_main, args=(recv, epoch, index, infinite, self.q, self.stop), daemon=True,
             name="lmlab-prefetch",
         )
         self.worker.start()
+        recv.close()
+        # The source (a whole token array for text data) is sent after the start, not as a Process argument:
+        # spawn writes the arguments while holding the child's end of its pipe open, so a child that dies
+        # while starting (e.g. a script without the __main__ guard) would block that write forever.
+        try:
+            send.send(source)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child is gone: get() reports its exit code
+        except BaseException:  # e.g. an unpicklable source: the child sees EOF and exits
+            send.close()
+            self.close()
+            raise
+        finally:
+            send.close()
 
     def close(self, timeout: float = 10.0) -> None:
         if self.q is None:
@@ -172,7 +189,12 @@ class ProcessPrefetcher(_QueuePipe):
         self.q = None
 
 
-def _process_main(source: BatchSource, epoch: int, index: int, infinite: bool, q: Any, stop: Any) -> None:
+def _process_main(conn: Any, epoch: int, index: int, infinite: bool, q: Any, stop: Any) -> None:
+    with conn:
+        try:
+            source = conn.recv()
+        except EOFError:  # the parent failed to send the source and raises the error itself
+            return
     try:
         _produce(source, epoch, index, infinite, q, stop)
     finally:

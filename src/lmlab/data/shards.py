@@ -223,7 +223,7 @@ def open_shard(path: str | os.PathLike, tokenizer: Any = None) -> ShardTokens:
             f"({meta['tokenizer'].get('class', '?')}), but the tokenizer in use ({type(tokenizer).__name__}) has "
             f"{tokenizer.vocab_size}; rebuild the shard with this tokenizer"
         )
-    bin_path = meta_path.parent / meta.get("file", BIN)
+    bin_path = meta_path.parent / BIN
     if not bin_path.is_file():
         raise DataError(f"{bin_path}: the token file of shard {meta_path} is missing")
     itemsize = np.dtype(dtype_name).itemsize
@@ -275,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             TokenizerConfig,
         )
         tokenizer = build_tokenizer(tcfg)
-        separator = codecs.decode(args.separator, "unicode_escape")
+        # unicode_escape reads bytes as latin-1: escape what latin-1 lacks so that e.g. "→" survives
+        separator = codecs.decode(args.separator.encode("latin-1", "backslashreplace"), "unicode_escape")
         info = tokenizer_info(tokenizer, config=dict(vars(tcfg)))
         meta = write_shard(args.files, tokenizer, args.out, separator, info=info, progress=not args.quiet)
     except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors

@@ -12,13 +12,21 @@ Usage::
     model = build_model(ModelConfig(vocab_size=264, dim=128, n_layers=4, n_heads=4))
     logits = model(tokens)                        # (B, T, vocab) float32
     logits = model(tokens, doc_ids=doc_ids)       # packed documents
+    logits = model(tokens, cache=cache.step(n))   # incremental decoding (lmlab.inference.kv_cache)
     meta = build_model(cfg, device="meta")        # no memory; later: materialize(meta, "cpu", seed=0)
+
+Incremental decoding: ``cache`` is any object with the :class:`AttentionCache` interface. It tells the model
+the rotary position of each new token and which keys each query may see, and every attention layer
+hands it the new keys/values, getting back the keys/values to attend over. The model makes no
+assumption about how the cache stores them (one contiguous batch, pages, a shared prefix).
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
 ``lmlab.hf`` maps them to and from Hugging Face names.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +45,28 @@ from lmlab.models.layers import (
 )
 
 
+class AttentionCache(Protocol):
+    """What a forward with a KV cache needs from it: one object per forward, built by the cache.
+
+    ``positions`` (B, T): rotary position of each new token.
+    ``mask``: boolean (B, 1, T, S), True where new token ``t`` may attend key ``s`` of the (S) keys that
+    ``update`` returns; ``None`` means those keys are exactly the T new tokens, attended causally.
+    ``update(layer, k, v)``: store the new keys/values (B, n_kv_heads, T, head_dim) of layer ``layer`` and
+    return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # names this layer's keys/values in a KV cache
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
@@ -57,12 +82,21 @@ class Attention(nn.Module):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: AttentionCache | None = None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -80,7 +114,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         hidden = cfg.hidden_dim or default_hidden_dim(cfg.dim, cfg.multiple_of)
         self.feed_forward = SwiGLU(cfg.dim, hidden)
@@ -91,8 +125,15 @@ class Block(nn.Module):
         self.attention.reset_parameters(in_std, out_std, generator)
         self.feed_forward.reset_parameters(in_std, out_std, generator)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: AttentionCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -136,22 +177,33 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T).
 
         ``doc_ids`` (B, T): document of each token in a packed row (block-diagonal causal mask).
         ``positions`` (B, T): rotary positions; default 0..T-1, or per-document when ``doc_ids`` is given.
+        ``cache``: the new tokens extend cached sequences; positions and mask then come from the cache
+        (see :class:`AttentionCache`), so ``positions`` and ``doc_ids`` must be left out.
         """
         h = self.tok_embeddings(tokens)
         mask = None
-        if doc_ids is not None:
+        if cache is not None:
+            if positions is not None or doc_ids is not None:
+                raise ValueError("with a cache, positions and the mask come from the cache: drop positions/doc_ids")
+            positions, mask = cache.positions, cache.mask
+            if positions.shape != tokens.shape:
+                raise ValueError(
+                    f"the cache step covers {tuple(positions.shape)} tokens but tokens are {tuple(tokens.shape)}"
+                )
+        elif doc_ids is not None:
             mask = document_causal_mask(doc_ids)
             if positions is None:
                 positions = positions_from_doc_ids(doc_ids)
         cos, sin = self.rotary(positions, tokens.shape[1])
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, cache)
         return self.output(self.norm(h))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -177,14 +177,14 @@ class Trainer:
         return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats per target token) and bits per byte over the split (or eval_batches of it)."""
+    def evaluate(self, max_batches: int = 0) -> dict[str, float]:
+        """Validation loss (nats per target token) and bits per byte over the split, or its first batches."""
         if self.val_loader is None:
             return {}
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         n_tokens = n_bytes = 0
-        limit = self.cfg.train.eval_batches
+        limit = max_batches
         for i, batch in enumerate(self.val_loader):
             b = self._to_device(batch)
             with autocast(self.device, self.cfg.train.dtype):
@@ -294,7 +294,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                         window_t, window_pos, window_targets = time.time(), 0, 0
                     if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                        last_eval = self.evaluate()
+                        last_eval = self.evaluate(tc.eval_batches)
                         sink.log({"step": self.step, **last_eval})
                         window_t = time.time()
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
@@ -311,7 +311,7 @@ class Trainer:
                         break
             bar.close()
             if status == "completed" or status.startswith("stopped"):
-                last_eval = self.evaluate()
+                last_eval = self.evaluate()  # the final evaluation always covers the whole split
                 if last_eval:
                     sink.log({"step": self.step, **last_eval})
             path = self.save()
