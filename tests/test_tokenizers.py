@@ -671,3 +671,16 @@ def test_decode_dialog_errors():
     ids, _ = dtok.encode_dialog(SQL_DIALOG)
     with pytest.raises(DialogError, match="2 tokens follow <\\|end_of_dialog\\|>"):
         dtok.decode_dialog(ids + [104, 105])
+
+
+@pytest.mark.parametrize("kind", ["byte", "gpt2", "cl100k", "hf"])
+def test_token_byte_lengths_add_up_to_the_utf8_length(kind, request):
+    """Bits per byte divides by these lengths: over any text they must sum to its UTF-8 size."""
+    tok = ByteTokenizer() if kind == "byte" else request.getfixturevalue(kind)
+    lengths = tok.token_byte_lengths()
+    assert len(lengths) == tok.vocab_size
+    assert all(lengths[i] == 0 for i in tok.special_tokens.values())
+    for text in ["Hello world", "naïve café — 東京 🎭🎭", "  spaces\n\ttabs\r\n", "<|user|> spelled"]:
+        ids = tok.encode(text)
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")), (kind, text)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")

@@ -34,6 +34,8 @@ From a config: ``build_tokenizer(cfg.tokenizer)`` (kinds ``byte``, ``tiktoken``,
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib.util
 import json
@@ -192,6 +194,14 @@ class Tokenizer(ABC):
     def _decode_base(self, ids: list[int]) -> str:
         """Text of base ids (all in ``[0, base_vocab_size)`` and not literal ids)."""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a base id stands for (b"" where the id is unused); used for bits per byte."""
+        return self._decode_base([token_id]).encode("utf-8")
+
+    def token_byte_lengths(self) -> list[int]:
+        """Bytes per id over the whole vocabulary; 0 for special tokens (they stand for no text)."""
+        return [0 if i >= self.base_vocab_size else len(self.token_bytes(i)) for i in range(self.vocab_size)]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; specials render as their literal strings. An unknown id is a ValueError."""
         ids = _as_id_list(ids)
@@ -245,6 +255,9 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
         return list(text.encode("utf-8"))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id])
 
     def _decode_base(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
@@ -335,6 +348,12 @@ class TiktokenTokenizer(Tokenizer):
         self._check_text(text)
         # encode_ordinary treats every substring as text: "<|endoftext|>" never becomes the special id
         return self._enc.encode_ordinary(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        try:
+            return self._enc.decode_single_token_bytes(token_id)
+        except KeyError:  # a gap in the ranks
+            return b""
 
     def _decode_base(self, ids: list[int]) -> str:
         try:
@@ -477,10 +496,39 @@ class HFTokenizer(Tokenizer):
             text.encode("utf-8")  # raises a clear UnicodeEncodeError
             raise
 
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._gaps:
+            return b""
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        if type(self._tok.decoder).__name__ == "ByteLevel":  # vocab strings spell bytes in GPT-2's alphabet
+            piece = self._tok.id_to_token(token_id)
+            inverse = _byte_level_alphabet_inverse()
+            if piece is not None and all(c in inverse for c in piece):
+                return bytes(inverse[c] for c in piece)
+        return self._decode_base([token_id]).encode("utf-8")
+
     def _decode_base(self, ids: list[int]) -> str:
         if self._gaps and not self._gaps.isdisjoint(ids):
             raise self._unknown_id(next(i for i in ids if i in self._gaps))
         return self._tok.decode(ids, skip_special_tokens=False)
+
+
+@functools.cache
+def _byte_level_alphabet_inverse() -> dict[str, int]:
+    """Inverse of the byte -> printable character table of byte-level BPE (GPT-2 and its descendants).
+
+    Printable Latin-1 bytes stand for themselves; the other bytes, in increasing order, take the
+    characters from U+0100 upward.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:

@@ -73,15 +73,10 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 
 
 def token_byte_lengths(tokenizer: Tokenizer, size: int) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special and unused ids), for bits per byte."""
-    fn = getattr(tokenizer, "token_byte_lengths", None)
-    if fn is not None:
-        lengths = torch.as_tensor(fn(), dtype=torch.long)
-    else:  # decode each id on its own (exact for byte-level tokenizers; approximate for others)
-        lengths = torch.tensor([0 if tokenizer.is_special(i) else len(tokenizer.decode([i]).encode("utf-8"))
-                                for i in range(tokenizer.vocab_size)], dtype=torch.long)
+    """UTF-8 bytes each of ``size`` ids stands for (0 for special and unused ids), for bits per byte."""
     out = torch.zeros(size, dtype=torch.long)
-    out[: len(lengths)] = lengths
+    lengths = tokenizer.token_byte_lengths()
+    out[: len(lengths)] = torch.tensor(lengths, dtype=torch.long)
     return out
 
 
