@@ -35,7 +35,6 @@ From a config: ``build_tokenizer(cfg.tokenizer)`` (kinds ``byte``, ``tiktoken``,
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import importlib.util
 import json
