@@ -54,11 +54,13 @@ def main(argv: list[str]) -> int:
     if "val_bpb" in summary:
         print(f"\nfinal validation: {summary['val_bpb']:.4f} bits per byte over {summary['val_tokens']:,} bytes "
               f"(loss {summary['val_loss']:.4f} nats), step {summary['step']}, "
-              f"{summary['train_time_s']:.0f}s of training this call ({summary['status']})")
+              f"{summary['train_time_s']:.0f}s wall this call ({summary['status']})")
     if cfg.sample.prompts:
         from lmlab.inference.sampling import SamplingParams, generate_text
 
-        params = SamplingParams.from_config(cfg.sample, cfg.seed)
+        longest = max(len(trainer.tokenizer.encode(p)) for p in cfg.sample.prompts)
+        room = trainer.model.cfg.max_seq_len - longest  # stay inside the context the model was trained for
+        params = SamplingParams.from_config(cfg.sample, cfg.seed, max_new_tokens=min(cfg.sample.max_new_tokens, room))
         texts = generate_text(trainer.model.eval(), trainer.tokenizer, cfg.sample.prompts, params)
         for prompt, text in zip(cfg.sample.prompts, texts):
             print("-" * 72 + f"\n{prompt}{text}")
