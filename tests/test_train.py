@@ -242,3 +242,23 @@ def test_generate_cli_streams_the_same_text_as_the_library(tmp_path, corpus):
     res = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(cfg.run_dir), "--prompts-file",
                           str(prompts), "--max-new-tokens", "5"], capture_output=True, text=True)
     assert res.returncode == 0 and "=== 0\nTo be" in res.stdout and "=== 1\nOr not" in res.stdout
+
+
+def test_wandb_offline_and_tensorboard_sinks(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg(tmp_path, corpus, "train.steps=4", "train.log_every=2", "logging.wandb=true",
+                   "logging.tensorboard=true")
+    Trainer(cfg).fit()
+    acc = EventAccumulator(str(cfg.run_dir / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    jsonl = [r["loss"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx(jsonl)
+    assert "val_bpb" in acc.Tags()["scalars"]
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
