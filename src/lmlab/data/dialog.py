@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from lmlab.data.base import (
 )
 from lmlab.data.errors import DataError
 from lmlab.data.text import read_text
+from lmlab.jsonl import iter_jsonl
 
 __all__ = [
     "DialogCorpus",
@@ -68,15 +68,7 @@ def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
     """``(line number, list of turns)`` for each non-blank line of a JSONL file; bad lines raise DataError."""
     p = Path(path)
     out = []
-    # JSONL lines end at "\n" only: str.splitlines() would also cut at U+0085, U+2028, ... which
-    # json.dumps(..., ensure_ascii=False) leaves unescaped inside strings
-    for lineno, line in enumerate(read_text(p).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for lineno, record in iter_jsonl(p, read_text(p), DataError):
         dialog = record.get("dialog") if isinstance(record, dict) else record
         if not isinstance(dialog, list):
             raise DataError(

@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 
 from lmlab.config import SampleConfig
 from lmlab.inference.kv_cache import KVCache
+from lmlab.jsonl import iter_jsonl
 from lmlab.tokenizers import END_OF_DIALOG, EOS, Tokenizer
 
 __all__ = [
@@ -386,17 +386,10 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+    for no, item in iter_jsonl(path):
         if isinstance(item, dict):
             item = item.get("prompt")
         if not isinstance(item, str):

@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmlab.jsonl import iter_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -96,16 +98,9 @@ def build_sinks(cfg: Any, run_dir: Path) -> MultiSink:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl; when a resumed run re-did steps, only the latest row of each step/kind stays."""
     kept: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-            rows = kept["val" if any(k.startswith("val_") for k in row) else "train"]
-            while rows and rows[-1]["step"] >= row["step"]:  # a resume re-did these steps
-                rows.pop()
-            rows.append(row)
+    for _, row in iter_jsonl(path):
+        rows = kept["val" if any(k.startswith("val_") for k in row) else "train"]
+        while rows and rows[-1]["step"] >= row["step"]:  # a resume re-did these steps
+            rows.pop()
+        rows.append(row)
     return sorted(kept["train"] + kept["val"], key=lambda r: (r["step"], any(k.startswith("val_") for k in r)))
