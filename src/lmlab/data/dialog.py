@@ -233,7 +233,8 @@ class DialogRows:
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dialog order, row boundaries into the order, this rank's row ids as (num_batches, batch_size))."""
-        if self._plan is None or self._plan[0] != epoch:
+        plan = self._plan  # one read: the prefetch thread and the consumer may both call plan()
+        if plan is None or plan[0] != epoch:
             n = len(self.corpus)
             if self.train and self.shuffle:
                 order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(n)
@@ -248,8 +249,8 @@ class DialogRows:
                 rows = train_rank_rows(np.arange(n_rows), self.rank, self.world_size, self.batch_size)
             else:
                 rows = val_rank_rows(n_rows, self.rank, self.world_size, self.batch_size)
-            self._plan = (epoch, order, bounds, rows)
-        return self._plan[1], self._plan[2], self._plan[3]
+            plan = self._plan = (epoch, order, bounds, rows)
+        return plan[1], plan[2], plan[3]
 
     def num_batches(self, epoch: int = 0) -> int:
         if not self.train and epoch > 0:

@@ -157,14 +157,15 @@ class TrainWindows:
 
     def plan(self, epoch: int) -> tuple[int, np.ndarray]:
         """(offset, this rank's window ids as (num_batches, batch_size)) for ``epoch``."""
-        if self._plan is None or self._plan[0] != epoch:
+        plan = self._plan  # one read: the prefetch thread and the consumer may both call plan()
+        if plan is None or plan[0] != epoch:
             if self.shuffle:
                 offset = int(epoch_rng(self.seed, epoch, _STREAM_OFFSET).integers(0, self.slack + 1))
                 order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(self.num_windows)
             else:
                 offset, order = 0, np.arange(self.num_windows)
-            self._plan = (epoch, offset, train_rank_rows(order, self.rank, self.world_size, self.batch_size))
-        return self._plan[1], self._plan[2]
+            plan = self._plan = (epoch, offset, train_rank_rows(order, self.rank, self.world_size, self.batch_size))
+        return plan[1], plan[2]
 
     def num_batches(self, epoch: int = 0) -> int:
         return (self.num_windows // self.world_size) // self.batch_size
