@@ -262,3 +262,15 @@ def test_wandb_offline_and_tensorboard_sinks(tmp_path, corpus, monkeypatch):
     assert "val_bpb" in acc.Tags()["scalars"]
     runs = list((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, corpus):
+    eager = Trainer(make_cfg(tmp_path, corpus, name="eager"))
+    compiled = Trainer(make_cfg(tmp_path, corpus, "train.compile=true", name="compiled"))
+    assert compiled.step_model is not compiled.model  # really wrapped by torch.compile
+    for _ in range(3):
+        a, b = eager.train_step(), compiled.train_step()
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+    ev_a, ev_b = eager.evaluate(2), compiled.evaluate(2)
+    assert math.isclose(ev_a["val_loss"], ev_b["val_loss"], rel_tol=1e-4)
