@@ -52,7 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.inference.sampling import SamplingParams, generate_text, read_prompts
+    from lmlab.inference.engine import Engine
+    from lmlab.inference.sampling import SamplingParams, read_prompts
     from lmlab.train.checkpoint import load_run
 
     cfg, model, tokenizer = load_run(args.run, step=args.step)
@@ -64,13 +65,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
                                    ("top_k", args.top_k), ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
     params = SamplingParams.from_config(cfg.sample, cfg.seed, **overrides)
+    engine = Engine.from_config(model, tokenizer, cfg.engine)
     if len(prompts) == 1:  # stream one completion as it is generated
         sys.stdout.write(prompts[0])
-        generate_text(model, tokenizer, prompts, params, on_text=lambda row, piece: (sys.stdout.write(piece),
-                                                                                      sys.stdout.flush()))
+        engine.generate_text(prompts, params, on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
         sys.stdout.write("\n")
         return 0
-    for i, (prompt, text) in enumerate(zip(prompts, generate_text(model, tokenizer, prompts, params))):
+    for i, (prompt, text) in enumerate(zip(prompts, engine.generate_text(prompts, params))):
         print(f"=== {i}\n{prompt}{text}")
     return 0
 
@@ -125,7 +126,7 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.set_defaults(fn=fn)
-    p = sub.add_parser("generate", help="sample from a run's checkpoint with a KV cache")
+    p = sub.add_parser("generate", help="sample from a run's checkpoint with the generation engine")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (or a .jsonl of strings / {prompt: ...})")

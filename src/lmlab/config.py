@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EngineConfig",
     "F",
     "InitConfig",
     "LoggingConfig",
@@ -267,6 +268,18 @@ class SampleConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The generation engine (`lmlab generate`, evaluation): KV pool, batching, prefix cache, tools."""
+
+    pool_tokens: int = F(16384, "KV-cache slots preallocated for all running sequences (rounded up to pages)")
+    page_size: int = F(16, "tokens per KV page; the prefix cache shares whole pages")
+    max_batch: int = F(64, "sequences decoded together at most")
+    prefill_chunk: int = F(512, "prompt tokens prefilled per step; longer prompts are prefilled in chunks")
+    prefix_cache: bool = F(True, "reuse the KV pages of cached prompt prefixes (radix tree, LRU eviction)")
+    tool_timeout: float = F(10.0, "seconds a tool call may run before its answer becomes an error")
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -280,6 +293,7 @@ class Config:
     train: TrainConfig = F(TrainConfig(), "training loop")
     logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
+    engine: EngineConfig = F(EngineConfig(), "generation engine")
 
     @property
     def run_dir(self) -> Path:

@@ -1,12 +1,18 @@
-"""Inference: a preallocated KV cache, sampling, and batched generation (a full engine comes later).
+"""Inference: the generation engine (continuous batching, paged KV pool, prefix cache, tools), a simple
+preallocated KV cache, sampling, and batched generation.
 
 Usage::
 
-    from lmlab.inference import SamplingParams, generate_text
-    texts = generate_text(model, tokenizer, ["ROMEO:"], SamplingParams(max_new_tokens=100, seed=0))
+    from lmlab.inference import Engine, Request, SamplingParams
+    engine = Engine(model, tokenizer, pool_tokens=8192, max_batch=32)       # or Engine.from_config(..., cfg.engine)
+    results = engine.generate([Request(prompt=ids, params=SamplingParams(max_new_tokens=100, seed=0))])
+    texts = engine.generate_text(["ROMEO:"], SamplingParams(max_new_tokens=100, seed=0))
 """
 
+from lmlab.inference.engine import Engine, ModelRunner, Request, Result, StreamEvent
 from lmlab.inference.kv_cache import KVCache, KVCacheStep
+from lmlab.inference.pool import PagedStep, PagePool, Segment
+from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import (
     Sampler,
     SamplingParams,
@@ -18,6 +24,15 @@ from lmlab.inference.sampling import (
 )
 
 __all__ = [
+    "Engine",
+    "ModelRunner",
+    "PagePool",
+    "PagedStep",
+    "PrefixCache",
+    "Request",
+    "Result",
+    "Segment",
+    "StreamEvent",
     "KVCache",
     "KVCacheStep",
     "Sampler",

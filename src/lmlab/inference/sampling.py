@@ -11,7 +11,8 @@
 * :func:`generate_text` / :func:`read_prompts`: the text level for ``lmlab generate``.
 
 Filters apply in this order: suppressed ids removed, logits divided by the temperature, the ``top_k``
-most likely ids kept, then the smallest set of most likely ids whose probability reaches ``top_p``.
+most likely ids kept, then the smallest set of most likely ids whose probability reaches ``top_p``, then
+(min-p) only the ids at least ``min_p`` times as likely as the most likely one.
 A row draws one uniform number per sampled token from its generator and picks the token where it falls
 in the cumulative distribution (ids sorted by probability, ties by id), so cached and reference decoding
 draw the same tokens from the same logits. Generators live on the CPU: a seed means the same draws on
@@ -68,6 +69,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
     suppress_token_ids: tuple[int, ...] = ()
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -78,6 +80,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: top_k must be >= 0 (0 disables), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1] (1 disables), got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"SamplingParams: min_p must be in [0, 1] (0 disables), got {self.min_p}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
         object.__setattr__(self, "suppress_token_ids", tuple(int(i) for i in self.suppress_token_ids))
@@ -115,9 +119,10 @@ def _row_params(params: SamplingParams | Sequence[SamplingParams], n: int) -> li
 
 
 def _sorted_filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities after temperature, top-k and top-p, in decreasing order, and the ids in that order."""
+    """Probabilities after temperature, top-k, top-p and min-p, in decreasing order, and the ids in that order."""
     logits = logits.float() / temperature[:, None]
     # stable: equal logits stay in id order, so the kept set and the draw are deterministic
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
@@ -127,6 +132,8 @@ def _sorted_filtered_probs(
     # keep an id when the ids before it hold less than top_p: the smallest prefix that reaches top_p
     before = probs.cumsum(dim=-1) - probs
     probs = probs.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)
+    if min_p is not None:  # the most likely id (column 0) always stays
+        probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
     return probs / probs.sum(dim=-1, keepdim=True), order
 
 
@@ -135,17 +142,18 @@ def filtered_probs(
     temperature: float | torch.Tensor = 1.0,
     top_k: int | torch.Tensor = 0,
     top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """The distribution (B, V) a row is sampled from: logits (B, V) after temperature, top-k and top-p.
+    """The distribution (B, V) a row is sampled from: logits (B, V) after temperature, top-k, top-p, min-p.
 
     Temperature 0 (greedy) gives all the probability to the most likely id (the lowest of tied ids).
     """
     b = logits.shape[0]
     dev = logits.device
-    t, k, p = (torch.as_tensor(x, device=dev).expand(b) for x in (temperature, top_k, top_p))
+    t, k, p, m = (torch.as_tensor(x, device=dev).expand(b) for x in (temperature, top_k, top_p, min_p))
     greedy = t == 0
     t, k = torch.where(greedy, 1.0, t.float()), torch.where(greedy, 1, k.long())
-    probs, order = _sorted_filtered_probs(logits, t, k, p.float())
+    probs, order = _sorted_filtered_probs(logits, t, k, p.float(), m.float())
     return torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
@@ -170,6 +178,7 @@ class Sampler:
         self._temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], device=device)
         self._top_k = torch.tensor([p.top_k for p in ps], dtype=torch.int64, device=device)
         self._top_p = torch.tensor([p.top_p for p in ps], device=device)
+        self._min_p = torch.tensor([p.min_p for p in ps], device=device) if any(p.min_p > 0 for p in ps) else None
         self._greedy = torch.tensor(self.greedy, device=device)
         self._suppress = None
         if any(p.suppress_token_ids for p in ps):
@@ -196,7 +205,7 @@ class Sampler:
         active = [True] * b if active is None else active
         u = torch.tensor([float(torch.rand((), generator=g)) if a and not greedy else 0.0
                           for g, a, greedy in zip(self.generators, active, self.greedy)], dtype=torch.float32)
-        probs, order = _sorted_filtered_probs(logits, self._temperature, self._top_k, self._top_p)
+        probs, order = _sorted_filtered_probs(logits, self._temperature, self._top_k, self._top_p, self._min_p)
         cdf = probs.cumsum(dim=-1)
         u = u.to(logits.device)[:, None] * cdf[:, -1:]
         # the first index whose cdf exceeds u has nonzero probability; the clamp guards rounding at the end

@@ -1,0 +1,481 @@
+"""The generation engine: continuous batching over a paged KV pool, packed chunked prefill, a prefix
+cache, per-request sampling and stop conditions, and tool calls in token space.
+
+* Requests (:class:`Request`): prompt tokens or a dialog, :class:`~lmlab.inference.sampling.SamplingParams`
+  (greedy, temperature, top-k, top-p, seed, stop tokens, max new tokens) and stop strings. Results
+  (:class:`Result`): the new tokens, their text, why generation stopped, and the dialog (tool turns included).
+* Memory: one :class:`~lmlab.inference.pool.PagePool` of ``pool_tokens`` slots, allocated when the engine is
+  built. Sequences take pages as they grow and give them back when they finish; when the pool runs out,
+  cached prefixes are evicted (LRU), then the most recently admitted sequence is preempted (its pages
+  freed, its tokens re-prefilled later; its sampler state is kept, so its output does not change).
+* Scheduling: every step admits waiting requests (up to ``max_batch`` running), then runs at most two
+  forwards: one decode forward with one row per sequence that needs one token, and one packed prefill
+  forward in which up to ``prefill_chunk`` tokens of several prompts (or of tool answers) sit back to back
+  in one row with a block-diagonal causal mask. Long prompts are prefilled in chunks over several steps.
+* Prefix cache (:class:`~lmlab.inference.prefix_cache.PrefixCache`): a request whose prompt starts with
+  cached full pages reuses them and prefills only the rest.
+* Tools (:class:`lmlab.tools.Tool`): when a sequence emits a tool's trigger token, the call is taken from the
+  assistant's current message and run in a worker thread; the sequence waits (others keep decoding), then
+  the answer and ``<|assistant|>`` are prefilled and decoding resumes. Errors and timeouts become an
+  ``error: ...`` answer.
+* Every model call goes through :class:`ModelRunner` (one small interface to swap for parallel runners).
+
+Usage::
+
+    from lmlab.inference import Engine, Request, SamplingParams
+    engine = Engine(model, tokenizer, pool_tokens=8192, page_size=16, max_batch=32)
+    results = engine.generate([Request(prompt=ids, params=SamplingParams(max_new_tokens=50, temperature=0))])
+    for ev in engine.stream([Request(dialog=[{"source": "user", "content": "Who is Ada?"}])]):
+        print(ev.index, ev.tokens, ev.result)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.config import EngineConfig
+from lmlab.inference.pool import PagedStep, PagePool, Segment
+from lmlab.inference.prefix_cache import PrefixCache
+from lmlab.inference.sampling import Sampler, SamplingParams, _row_params, _text_params, _TextStream
+from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
+
+__all__ = ["Engine", "ModelRunner", "Request", "Result", "StreamEvent"]
+
+
+@dataclass
+class Request:
+    """One generation request: ``prompt`` token ids, or a ``dialog`` (list of ``{"source", "content"}`` turns,
+    encoded to end with ``<|assistant|>``; needs the engine's tokenizer). ``stop_strings``: generation ends
+    once the generated text contains one (text-level; needs a tokenizer). Dialog requests stop by default on
+    ``<|end_of_dialog|>`` and ``<|eos|>`` when ``params.stop_token_ids`` is None."""
+
+    prompt: Sequence[int] | None = None
+    dialog: Sequence[Mapping[str, str]] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: Sequence[str] = ()
+    id: Any = None
+
+
+@dataclass
+class Result:
+    """``tokens``: everything after the prompt (sampled tokens and inserted tool answers); ``text``: their
+    text (without a final stop token, cut before a stop string); ``finish_reason``: ``"stop"`` (stop token),
+    ``"stop_string"``, ``"length"`` (max_new_tokens, the model's max_seq_len or the pool's size);
+    ``dialog``: the whole dialog for dialog requests; ``cached_tokens``: prompt tokens taken from the prefix
+    cache; ``tool_calls``: (call, answer) pairs."""
+
+    id: Any
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str
+    text: str | None = None
+    dialog: list[dict[str, str]] | None = None
+    cached_tokens: int = 0
+    tool_calls: list[tuple[str | None, str]] = field(default_factory=list)
+
+
+@dataclass
+class StreamEvent:
+    """``tokens`` appended to request ``index`` (in submission order); ``result`` set when it finished."""
+
+    index: int
+    tokens: list[int]
+    result: Result | None = None
+
+
+class ModelRunner:
+    """The engine's only door to the model: token rows + a paged cache step -> logits at chosen positions.
+
+    A data- or tensor-parallel runner replaces this class; the engine needs nothing else from the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        w = next(model.parameters())
+        self.device, self.dtype = w.device, w.dtype
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, step: PagedStep, rows: list[int], cols: list[int]) -> torch.Tensor:
+        """Float32 logits (len(rows), vocab) at ``(rows[i], cols[i])`` of the (B, T) ``tokens``."""
+        logits = self.model(tokens.to(self.device), cache=step)
+        return logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
+
+
+class _ToolCall:
+    def __init__(self, tool, call: str | None, timeout: float) -> None:
+        self.call, self.answer, self.done = call, None, threading.Event()
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        threading.Thread(target=self._run, args=(tool,), daemon=True).start()
+
+    def _run(self, tool) -> None:
+        try:
+            if self.call is None:
+                raise ValueError("no tool call found in the assistant's message")
+            self.answer = str(tool(self.call))
+        except Exception as e:  # any tool failure becomes the answer the model reads
+            self.answer = f"error: {type(e).__name__}: {e}"
+        self.done.set()
+
+    def poll(self) -> str | None:
+        if self.done.is_set():
+            return self.answer
+        if time.monotonic() > self.deadline:
+            return f"error: the tool did not answer within {self.timeout:g} s"
+        return None
+
+
+class _Seq:
+    def __init__(self, index: int, req: Request, prompt: list[int], params: SamplingParams, stops: set[int]) -> None:
+        self.index, self.req, self.params, self.stops = index, req, params, stops
+        self.prompt = prompt
+        self.tokens = list(prompt)  # prompt + everything after it
+        self.n_cached = 0  # tokens whose keys/values are in the pool
+        self.pages: list[int] = []
+        self.n_sampled = 0
+        self.cached_tokens = -1  # prompt tokens from the prefix cache at first admission
+        self.generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
+        self.tool: _ToolCall | None = None
+        self.tool_calls: list[tuple[str | None, str]] = []
+        self.finish_reason: str | None = None
+
+
+class Engine:
+    """Serve generation requests on ``model`` (see the module docstring).
+
+    ``tokenizer``: a :class:`~lmlab.tokenizers.Tokenizer` or :class:`~lmlab.tokenizers.DialogTokenizer`, needed
+    for dialogs, text, stop strings and tools. ``pool_tokens``: KV slots in the pool (rounded up to pages).
+    ``page_size``: tokens per page (the prefix cache shares whole pages). ``max_batch``: sequences running at
+    once. ``prefill_chunk``: prompt tokens prefilled per step (longer prompts take several steps).
+    ``prefix_cache``: reuse cached prompt prefixes. ``tools``: tools the model may call.
+    ``tool_timeout``: seconds a tool may take before its answer becomes an error.
+
+    One engine serves one stream at a time (it is not thread-safe); the pool and the prefix cache persist
+    from call to call. ``max_new_tokens`` counts sampled tokens only (tool answers are not counted).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None = None, *,
+                 pool_tokens: int = 8192, page_size: int = 16, max_batch: int = 32, prefill_chunk: int = 512,
+                 prefix_cache: bool = True, tools: Sequence[Any] = (), tool_timeout: float = 10.0) -> None:
+        if max_batch <= 0 or prefill_chunk <= 0:
+            raise ValueError(f"Engine: max_batch and prefill_chunk must be positive, got {max_batch}, {prefill_chunk}")
+        self.runner = ModelRunner(model)
+        self.pool = PagePool.for_model(model, pool_tokens, page_size)
+        self.prefix = PrefixCache(self.pool) if prefix_cache else None
+        self.max_batch, self.prefill_chunk, self.tool_timeout = max_batch, prefill_chunk, tool_timeout
+        if isinstance(tokenizer, DialogTokenizer):
+            self.dialog_tokenizer, self.tokenizer = tokenizer, tokenizer.tokenizer
+        else:
+            self.tokenizer = tokenizer
+            self.dialog_tokenizer = None
+            if tokenizer is not None:
+                try:
+                    self.dialog_tokenizer = DialogTokenizer(tokenizer)
+                except ValueError:
+                    pass
+        self.tools: dict[int, Any] = {}
+        for tool in tools:
+            if self.dialog_tokenizer is None:
+                raise ValueError("Engine: tools need a tokenizer with the dialog special tokens")
+            self.tools[self.tokenizer.special_id(tool.trigger)] = tool
+        self.waiting: deque[_Seq] = deque()
+        self.active: list[_Seq] = []
+        self.stats = {"forwards": 0, "prefill_forwards": 0, "decode_forwards": 0, "preemptions": 0,
+                      "prefill_tokens": 0}
+
+    @classmethod
+    def from_config(cls, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None, cfg: EngineConfig,
+                    tools: Sequence[Any] = ()) -> Engine:
+        """An engine sized by the ``engine:`` config section (the pool is capped at the model's max_seq_len
+        times max_batch, more could never be used)."""
+        pool = min(cfg.pool_tokens, model.cfg.max_seq_len * cfg.max_batch)
+        return cls(model, tokenizer, pool_tokens=pool, page_size=cfg.page_size, max_batch=cfg.max_batch,
+                   prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache, tools=tools,
+                   tool_timeout=cfg.tool_timeout)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def _make_seq(self, index: int, req: Request | Sequence[int]) -> _Seq:
+        if not isinstance(req, Request):
+            req = Request(prompt=req)
+        cfg = self.runner.cfg
+        if (req.prompt is None) == (req.dialog is None):
+            raise ValueError(f"request {index}: give exactly one of prompt and dialog")
+        if req.dialog is not None:
+            if self.dialog_tokenizer is None:
+                raise ValueError(f"request {index}: a dialog needs a tokenizer with the dialog special tokens")
+            prompt = self.dialog_tokenizer.encode_prompt(req.dialog)
+        else:
+            prompt = [int(t) for t in req.prompt]
+        if not prompt:
+            raise ValueError(f"request {index}: the prompt is empty; generation needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"request {index}: token id {bad[0]} is outside the model vocabulary "
+                             f"[0, {cfg.vocab_size})")
+        if req.stop_strings and self.tokenizer is None:
+            raise ValueError(f"request {index}: stop strings need a tokenizer")
+        p = req.params
+        limit = min(cfg.max_seq_len, self.pool.n_tokens)
+        if len(prompt) + p.max_new_tokens > limit:
+            raise ValueError(f"request {index}: {len(prompt)} prompt tokens + max_new_tokens={p.max_new_tokens} exceed "
+                             f"{limit} (min of model.max_seq_len={cfg.max_seq_len} and the pool's "
+                             f"{self.pool.n_tokens} tokens)")
+        stops = p.stop_token_ids
+        if stops is None and req.dialog is not None:
+            specials = self.tokenizer.special_tokens
+            stops = tuple(specials[s] for s in (END_OF_DIALOG, EOS) if s in specials)
+        if p.seed is None and not p.greedy:
+            p = dataclasses.replace(p, seed=int(torch.randint(0, 2**62, ())))
+        return _Seq(index, req, prompt, p, set(stops or ()))
+
+    def generate(self, requests: Sequence[Request | Sequence[int]]) -> list[Result]:
+        """Run every request to completion; results in request order."""
+        results: list[Result | None] = [None] * len(requests)
+        for ev in self.stream(requests):
+            if ev.result is not None:
+                results[ev.index] = ev.result
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request | Sequence[int]]) -> Iterator[StreamEvent]:
+        """Events as tokens are appended (sampled tokens, and tool answers) and as requests finish."""
+        seqs = [self._make_seq(i, r) for i, r in enumerate(requests)]
+        for s in seqs:
+            if s.params.max_new_tokens == 0:
+                s.finish_reason = "length"
+                yield StreamEvent(s.index, [], self._result(s))
+            else:
+                self.waiting.append(s)
+        try:
+            while self.waiting or self.active:
+                yield from self._step()
+        finally:  # a stream left early (or a failed forward) must not leave sequences holding pages
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop every waiting and running request, giving their pages back (running tools are abandoned)."""
+        for s in self.active:
+            self._release(s)
+        self.active, self.waiting = [], deque()
+
+    def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      *, allow_special: bool = False, on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """Completions of text prompts, as :func:`lmlab.inference.sampling.generate_text` (same stops, same
+        suppressed ids, same seeds: row ``i`` of a single params is seeded ``seed + i``), on this engine.
+        ``on_text(row, piece)`` receives each row's text as it grows."""
+        if self.tokenizer is None:
+            raise ValueError("Engine.generate_text needs a tokenizer")
+        params = SamplingParams() if params is None else params
+        rows = _row_params(params, len(prompts))
+        rows = [_text_params(p, self.tokenizer, self.runner.cfg.vocab_size, allow_special) for p in rows]
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"prompt {i} encodes to no tokens: give at least one character of text")
+        stream = _TextStream(self.tokenizer, len(prompts), on_text) if on_text is not None else None
+        new: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        for ev in self.stream([Request(prompt=x, params=p) for x, p in zip(ids, rows)]):
+            if ev.result is not None:
+                toks = ev.result.tokens
+                if ev.result.finish_reason == "stop":
+                    toks = toks[:-1]
+                if stream is not None:
+                    stream.push(ev.index, toks, final=True)
+                texts[ev.index] = self.tokenizer.decode(toks)
+            elif stream is not None and ev.tokens:
+                new[ev.index] += ev.tokens
+                if new[ev.index][-1] not in rows[ev.index].stop_token_ids:
+                    stream.push(ev.index, new[ev.index])
+        return texts
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def _ensure_pages(self, s: _Seq, n_tokens: int) -> bool:
+        need = -(-n_tokens // self.pool.page_size) - len(s.pages)
+        if need <= 0:
+            return True
+        if need > self.pool.n_free and self.prefix is not None:
+            self.prefix.evict(need - self.pool.n_free)
+        if need > self.pool.n_free:
+            return False
+        s.pages.extend(self.pool.alloc(need))
+        return True
+
+    def _release(self, s: _Seq) -> None:
+        if self.prefix is not None:
+            self.prefix.insert(s.tokens[:s.n_cached], s.pages)
+        self.pool.decref(s.pages)
+        s.pages, s.n_cached = [], 0
+
+    def _preempt(self, s: _Seq) -> None:
+        self._release(s)  # its full pages stay in the prefix cache, so it may not prefill them again
+        self.active.remove(s)
+        self.waiting.appendleft(s)
+        self.stats["preemptions"] += 1
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.max_batch:
+            s = self.waiting[0]
+            if self.prefix is not None:  # at least one token must be fed, to get the next token's logits
+                s.pages, s.n_cached = self.prefix.match(s.tokens, len(s.tokens) - 1)
+            if s.cached_tokens < 0:
+                s.cached_tokens = s.n_cached
+            first = min(len(s.tokens) - s.n_cached, self.prefill_chunk)
+            if not self._ensure_pages(s, s.n_cached + first) and self.active:
+                self.pool.decref(s.pages)
+                s.pages, s.n_cached = [], 0
+                return
+            self.waiting.popleft()
+            self.active.append(s)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def _step(self) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        self._poll_tools(events)
+        self._admit()
+        decode: list[tuple[_Seq, int]] = []
+        prefill: list[tuple[_Seq, int]] = []
+        budget = self.prefill_chunk
+        for s in list(self.active):
+            if s not in self.active or s.tool is not None:
+                continue
+            pending = len(s.tokens) - s.n_cached
+            k = 1 if pending == 1 else min(pending, budget)
+            if k <= 0:
+                continue
+            while not self._ensure_pages(s, s.n_cached + k):
+                later = [v for v in self.active[self.active.index(s) + 1:] if v.tool is None]
+                if later:
+                    self._preempt(later[-1])
+                elif len(self.active) > 1:
+                    self._preempt(s)
+                    break
+                else:  # alone and still too long for the pool (tool answers grew it): stop here
+                    s.finish_reason = "length"
+                    break
+            if s not in self.active or s.finish_reason is not None:
+                continue
+            if pending == 1:
+                decode.append((s, k))
+            else:
+                prefill.append((s, k))
+                budget -= k
+        for s in [s for s in self.active if s.finish_reason is not None]:
+            events.append(self._finish(s))
+        sample: list[tuple[_Seq, torch.Tensor]] = []
+        for group in (decode, prefill):
+            if group:
+                sample.extend(self._forward(group, packed=group is prefill))
+        if sample:
+            self._sample(sample, events)
+        elif not decode and not prefill and any(s.tool is not None for s in self.active):
+            time.sleep(0.001)  # everyone waits for a tool
+        return events
+
+    def _forward(self, group: list[tuple[_Seq, int]], packed: bool) -> list[tuple[_Seq, torch.Tensor]]:
+        segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
+        if packed:
+            rows, cols, col = [0] * len(group), [], 0
+            for _, k in group:
+                col += k
+                cols.append(col - 1)
+            tokens = torch.tensor([[t for s, k in group for t in s.tokens[s.n_cached:s.n_cached + k]]])
+            step = PagedStep(self.pool, [segs])
+            self.stats["prefill_forwards"] += 1
+            self.stats["prefill_tokens"] += col
+        else:
+            rows, cols = list(range(len(group))), [0] * len(group)
+            tokens = torch.tensor([[s.tokens[s.n_cached]] for s, _ in group])
+            step = PagedStep(self.pool, [[seg] for seg in segs])
+            self.stats["decode_forwards"] += 1
+        self.stats["forwards"] += 1
+        logits = self.runner.forward(tokens, step, rows, cols)
+        out = []
+        for i, (s, k) in enumerate(group):
+            s.n_cached += k
+            if packed and self.prefix is not None:
+                self.prefix.insert(s.tokens[:s.n_cached], s.pages)
+            if s.n_cached == len(s.tokens):
+                out.append((s, logits[i]))
+        return out
+
+    def _sample(self, items: list[tuple[_Seq, torch.Tensor]], events: list[StreamEvent]) -> None:
+        sampler = Sampler([s.params for s, _ in items])
+        sampler.generators = [s.generator for s, _ in items]  # each request keeps its own stream of draws
+        toks = sampler(torch.stack([lg for _, lg in items])).tolist()
+        for (s, _), tok in zip(items, toks):
+            s.tokens.append(tok)
+            s.n_sampled += 1
+            events.append(StreamEvent(s.index, [tok]))
+            if tok in s.stops:
+                s.finish_reason = "stop"
+            elif self._hit_stop_string(s):
+                s.finish_reason = "stop_string"
+            elif s.n_sampled >= s.params.max_new_tokens or len(s.tokens) >= self.runner.cfg.max_seq_len:
+                s.finish_reason = "length"
+            elif tok in self.tools:
+                s.tool = _ToolCall(self.tools[tok], self.tools[tok].extract(self._message(s)), self.tool_timeout)
+            if s.finish_reason is not None:
+                events.append(self._finish(s))
+
+    # ---- stop strings, tools, results ------------------------------------------------------------------
+    def _hit_stop_string(self, s: _Seq) -> bool:
+        if not s.req.stop_strings:
+            return False
+        width = 2 * max(len(x) for x in s.req.stop_strings) + 8
+        new = s.tokens[len(s.prompt):]
+        tail = self.tokenizer.decode(new[-width:])
+        return any(x in tail for x in s.req.stop_strings)
+
+    def _message(self, s: _Seq) -> str:
+        """Text of the assistant's current message: after its last ``<|assistant|>``, before the trigger."""
+        begin = self.dialog_tokenizer.begin_id("assistant")
+        ids = s.tokens[:-1]
+        start = max((i for i, t in enumerate(ids) if t == begin), default=-1) + 1
+        return self.tokenizer.decode(ids[start:])
+
+    def _poll_tools(self, events: list[StreamEvent]) -> None:
+        for s in list(self.active):
+            if s.tool is None:
+                continue
+            answer = s.tool.poll()
+            if answer is None:
+                continue
+            s.tool_calls.append((s.tool.call, answer))
+            s.tool = None
+            added = self.tokenizer.encode(answer) + [self.dialog_tokenizer.begin_id("assistant")]
+            room = min(self.runner.cfg.max_seq_len, self.pool.n_tokens) - len(s.tokens)
+            s.tokens.extend(added[:max(room, 0)])
+            events.append(StreamEvent(s.index, added[:max(room, 0)]))
+            if len(added) >= room:  # no room left to continue after the answer
+                s.finish_reason = "length"
+                events.append(self._finish(s))
+
+    def _finish(self, s: _Seq) -> StreamEvent:
+        self._release(s)
+        if s in self.active:
+            self.active.remove(s)
+        return StreamEvent(s.index, [], self._result(s))
+
+    def _result(self, s: _Seq) -> Result:
+        new = s.tokens[len(s.prompt):]
+        text = dialog = None
+        if self.tokenizer is not None:
+            body = new[:-1] if s.finish_reason == "stop" else new
+            text = self.tokenizer.decode(body)
+            if s.finish_reason == "stop_string":
+                cut = min((text.find(x) for x in s.req.stop_strings if x in text), default=len(text))
+                text = text[:cut]
+            if s.req.dialog is not None:
+                dialog = self.dialog_tokenizer.decode_dialog(s.tokens)
+        return Result(s.req.id, s.prompt, new, s.finish_reason or "length", text, dialog,
+                      max(s.cached_tokens, 0), s.tool_calls)

@@ -1,0 +1,181 @@
+"""A preallocated, paged key/value pool shared by every sequence the engine serves, and the per-forward
+view of it that the model's attention layers talk to.
+
+The pool holds ``n_pages`` pages of ``page_size`` token slots for every layer, allocated once; memory
+never grows with the number of requests served. A sequence owns a *page table* (a list of page ids):
+its token at position ``p`` lives in slot ``table[p // page_size] * page_size + p % page_size``. Pages
+carry reference counts so that the prefix cache and several sequences can share a page of a common
+prompt prefix (only full pages are shared, and a shared page is never written again).
+
+:class:`PagedStep` implements :class:`lmlab.models.transformer.AttentionCache` for one forward over
+*rows* of *segments*: each segment is ``n`` new tokens of one sequence, starting at position ``start``.
+Decoding a batch is B rows of one segment of one token; packed prefill is one row holding several
+prompts (or chunks of prompts) back to back, attended with a block-diagonal causal mask.
+
+Usage::
+
+    pool = PagePool.for_model(model, n_tokens=4096, page_size=16)
+    pages = pool.alloc(2)                                   # room for 32 tokens
+    step = PagedStep(pool, [[Segment(pages, start=0, n=20)]])
+    logits = model(tokens[None, :20], cache=step)           # prefill 20 tokens
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["PagePool", "PagedStep", "PoolFullError", "Segment"]
+
+
+class PoolFullError(RuntimeError):
+    """The pool has fewer free pages than asked for."""
+
+
+class PagePool:
+    """Keys and values of every layer in ``n_pages`` pages of ``page_size`` slots.
+
+    ``k`` and ``v`` are (n_layers, n_pages * page_size, n_kv_heads, head_dim): a flat slot axis, so a
+    sequence's keys are gathered with one index. ``refcount[p]`` counts the holders of page ``p`` (sequences
+    and the prefix cache); a page returns to the free list when its count drops to 0.
+    """
+
+    def __init__(self, n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        for name, val in (("n_layers", n_layers), ("n_pages", n_pages), ("page_size", page_size),
+                          ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            if int(val) <= 0:
+                raise ValueError(f"PagePool: {name} must be positive, got {val}")
+        self.n_layers, self.n_pages, self.page_size = n_layers, n_pages, page_size
+        shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refcount = [0] * n_pages
+        self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
+
+    @classmethod
+    def for_model(cls, model: nn.Module, n_tokens: int, page_size: int = 16, *,
+                  dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> PagePool:
+        """A pool of ``n_tokens`` slots (rounded up to whole pages) shaped for ``model``'s attention."""
+        cfg = model.cfg
+        w = next(model.parameters())
+        n_pages = -(-int(n_tokens) // int(page_size))
+        return cls(cfg.n_layers, n_pages, page_size, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads,
+                   dtype=dtype or w.dtype, device=device or w.device)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_pages * self.page_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` fresh pages, each with reference count 1; PoolFullError when fewer are free."""
+        if n > len(self._free):
+            raise PoolFullError(f"PagePool: {n} pages asked, {len(self._free)} of {self.n_pages} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self.refcount[p] = 1
+        return pages
+
+    def incref(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if self.refcount[p] <= 0:
+                raise RuntimeError(f"PagePool: incref of free page {p}")
+            self.refcount[p] += 1
+
+    def decref(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if self.refcount[p] <= 0:
+                raise RuntimeError(f"PagePool: decref of free page {p}")
+            self.refcount[p] -= 1
+            if self.refcount[p] == 0:
+                self._free.append(p)
+
+
+@dataclass
+class Segment:
+    """``n`` new tokens of one sequence at positions ``start .. start + n - 1``; ``pages`` is its page table
+    (it must already cover position ``start + n - 1``)."""
+
+    pages: Sequence[int]
+    start: int
+    n: int
+
+
+def _ints(xs: list[int]) -> torch.Tensor:
+    """An int64 tensor from a list of ints, several times faster than torch.tensor for long lists."""
+    return torch.frombuffer(array("q", xs), dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64)
+
+
+class PagedStep:
+    """One forward's view of a :class:`PagePool` (the model's ``AttentionCache`` interface).
+
+    ``rows[b]`` lists the segments laid out back to back in row ``b`` of the (B, T) token tensor, T the
+    widest row (narrower rows are padded at the end). Row ``b``'s keys are the whole context (cached and
+    new tokens) of each of its segments, concatenated; a new token sees only the keys of its own sequence
+    at positions up to its own. Padding tokens write nothing and see one key, so that no softmax row is
+    empty. All planning happens on the host, from Python lists.
+    """
+
+    def __init__(self, pool: PagePool, rows: Sequence[Sequence[Segment]]) -> None:
+        ps = pool.page_size
+        offsets = range(ps)
+        t = max(1, max(sum(s.n for s in row) for row in rows))
+        n_keys = max(1, max(sum(s.start + s.n for s in row) for row in rows))
+        # host-side lists, turned into tensors once: per key its slot, segment and position; per query its
+        # segment and position (segment -1 marks padding keys, -2 padding queries)
+        k_slot, k_seg, k_pos, q_seg, q_pos, src, dst = [], [], [], [], [], [], []
+        for r, row in enumerate(rows):
+            col = 0
+            rs, rg, rp, qg, qp = [], [], [], [], []
+            for j, seg in enumerate(row):
+                ctx = seg.start + seg.n
+                if len(seg.pages) * ps < ctx:
+                    raise ValueError(f"PagedStep: {len(seg.pages)} pages cannot hold {ctx} tokens")
+                slots = [p * ps + o for p in seg.pages[: -(-ctx // ps)] for o in offsets][:ctx]
+                rs += slots
+                rg += [j] * ctx
+                rp += range(ctx)
+                qg += [j] * seg.n
+                qp += range(seg.start, ctx)
+                src += range(r * t + col, r * t + col + seg.n)
+                dst += slots[seg.start:]
+                col += seg.n
+            k_slot += rs + [0] * (n_keys - len(rs))
+            k_seg += rg + [-1] * (n_keys - len(rg))
+            k_pos += rp + [0] * (n_keys - len(rp))
+            q_seg += qg + [-2] * (t - len(qg))
+            q_pos += qp + [0] * (t - len(qp))
+        dev = pool.device
+        b = len(rows)
+        ks, kp = _ints(k_seg).view(b, 1, n_keys), _ints(k_pos).view(b, 1, n_keys)
+        qs, qp_t = _ints(q_seg).view(b, t), _ints(q_pos).view(b, t)
+        mask = (ks == qs[:, :, None]) & (kp <= qp_t[:, :, None])
+        mask[:, :, 0] |= qs == -2  # padding queries see key 0, so that no softmax row is empty
+        self.pool = pool
+        self.positions = qp_t.to(dev)
+        self.mask = mask[:, None].to(dev)
+        self._keys = _ints(k_slot).to(dev)
+        self._shape = (b, n_keys)
+        self._src, self._dst = _ints(src).to(dev), _ints(dst).to(dev)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, H, T, D) keys/values of real tokens and gather each row's keys (B, H, S, D)."""
+        ck, cv = self.pool.k[layer], self.pool.v[layer]
+        b, h, t, d = k.shape
+        ck.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(ck.dtype))
+        cv.index_copy_(0, self._dst, v.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(cv.dtype))
+        keys = ck.index_select(0, self._keys).view(*self._shape, h, d).transpose(1, 2)
+        values = cv.index_select(0, self._keys).view(*self._shape, h, d).transpose(1, 2)
+        return keys.to(k.dtype), values.to(v.dtype)

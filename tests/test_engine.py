@@ -1,0 +1,374 @@
+"""The engine against slow references: continuous batching, packed prefill, prefix cache, eviction,
+seeded sampling, streaming, stop strings, and tool calls (including failing and hanging tools)."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lmlab.config import EngineConfig, InitConfig, ModelConfig
+from lmlab.inference import (
+    Engine,
+    PagedStep,
+    PagePool,
+    PrefixCache,
+    Request,
+    SamplingParams,
+    Segment,
+    filtered_probs,
+    generate_reference,
+)
+from lmlab.models import build_model
+from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
+from lmlab.tools import CodeBlockTool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(seed=0, **kw):
+    # a large init std gives peaked, input-dependent logits: greedy paths differ from row to row
+    base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=128,
+                init=InitConfig(scheme="normal", std=0.3))
+    base.update(kw)
+    return build_model(ModelConfig(**base), seed=seed).eval()
+
+
+def prompts_of(lengths, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [1, 40, 7, 23, 2, 31, 12, 40, 5, 17, 3, 9, 28, 1, 14, 33, 6, 19, 11, 25, 4, 37]  # 22 ragged prompts
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+def greedy_params(n):
+    return [SamplingParams(max_new_tokens=4 + (i * 5) % 13, temperature=0) for i in range(n)]
+
+
+def check_pool_is_whole(engine):
+    cached = engine.prefix.n_pages if engine.prefix is not None else 0
+    assert engine.pool.n_free + cached == engine.pool.n_pages
+    assert not engine.active and not engine.waiting
+
+
+# ---- continuous batching against full recompute ------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2)], ids=["mha", "gqa"])
+def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
+    model = small_model(**variant)
+    prompts = prompts_of(LENGTHS)
+    params = greedy_params(len(prompts))
+    want = generate_reference(model, prompts, params)
+    # 160 slots hold ~4 of these sequences at once: requests must wait for others to finish (and some
+    # get preempted); chunks of 24 tokens split the long prompts over several prefill steps
+    engine = Engine(model, pool_tokens=160, page_size=8, max_batch=6, prefill_chunk=24, prefix_cache=False)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert [r.tokens for r in res] == want
+    assert all(r.finish_reason == "length" for r in res)
+    assert sum(len(p) + q.max_new_tokens for p, q in zip(prompts, params)) > engine.pool.n_tokens
+    assert engine.stats["decode_forwards"] < sum(q.max_new_tokens for q in params)  # decode steps were batched
+    check_pool_is_whole(engine)
+
+
+def test_pool_is_allocated_once():
+    model = small_model()
+    engine = Engine.from_config(model, None, EngineConfig(pool_tokens=128, page_size=8, max_batch=4))
+    assert engine.pool.n_tokens == 128 and engine.max_batch == 4
+    k = engine.pool.k
+    res = engine.generate([Request(prompt=p, params=GREEDY) for p in prompts_of([5, 9, 30, 2, 8, 8])])
+    assert engine.pool.k is k and len(res) == 6
+    check_pool_is_whole(engine)
+
+
+def test_preemption_keeps_outputs_exact():
+    model = small_model(seed=1)
+    prompts = prompts_of([30, 30, 30, 30], seed=3)
+    params = [SamplingParams(max_new_tokens=40, temperature=0)] * 4
+    engine = Engine(model, pool_tokens=96, page_size=4, max_batch=4, prefill_chunk=64, prefix_cache=False)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert engine.stats["preemptions"] > 0
+    assert [r.tokens for r in res] == generate_reference(model, prompts, params)
+    check_pool_is_whole(engine)
+
+
+# ---- packed prefill ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=1, qkv_bias=True)], ids=["mha", "mqa_bias"])
+def test_packed_prefill_logits_equal_per_prompt_logits(variant):
+    model = small_model(**variant)
+    prompts = prompts_of([13, 1, 30, 8])
+    pool = PagePool.for_model(model, n_tokens=128, page_size=8)
+    tables = [pool.alloc(-(-len(p) // 8)) for p in prompts]
+    # the first prompt goes in two chunks: 5 tokens alone, then 8 more packed with the others
+    model(torch.tensor([prompts[0][:5]]), cache=PagedStep(pool, [[Segment(tables[0], 0, 5)]]))
+    segs = [Segment(tables[0], 5, 8)] + [Segment(t, 0, len(p)) for t, p in zip(tables[1:], prompts[1:])]
+    packed = torch.tensor([prompts[0][5:] + [t for p in prompts[1:] for t in p]])
+    with torch.no_grad():
+        logits = model(packed, cache=PagedStep(pool, [segs]))[0]
+        alone = [model(torch.tensor([p]))[0] for p in prompts]
+    torch.testing.assert_close(logits[:8], alone[0][5:], atol=1e-5, rtol=1e-5)
+    col = 8
+    for p, ref in zip(prompts[1:], alone[1:]):
+        torch.testing.assert_close(logits[col:col + len(p)], ref, atol=1e-5, rtol=1e-5)
+        col += len(p)
+
+
+def test_prefill_is_packed_into_one_forward():
+    model = small_model()
+    engine = Engine(model, pool_tokens=512, page_size=8, max_batch=8, prefill_chunk=512)
+    engine.generate([Request(prompt=p, params=SamplingParams(max_new_tokens=1, temperature=0))
+                     for p in prompts_of([5, 17, 3, 30])])
+    assert engine.stats["prefill_forwards"] == 1 and engine.stats["prefill_tokens"] == 55
+
+
+# ---- prefix cache --------------------------------------------------------------------------------------
+
+
+def shared_prefix_prompts(n, prefix_len=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    systems = [torch.randint(0, 97, (prefix_len,), generator=g).tolist() for _ in range(2)]
+    return [systems[i % 2] + torch.randint(0, 97, (1 + i % 7,), generator=g).tolist() for i in range(n)]
+
+
+def test_prefix_cache_on_and_off_give_identical_outputs():
+    model = small_model()
+    prompts = shared_prefix_prompts(12)
+    reqs = [Request(prompt=p, params=GREEDY) for p in prompts]
+    off = Engine(model, pool_tokens=1024, page_size=4, max_batch=4, prefix_cache=False).generate(reqs)
+    engine = Engine(model, pool_tokens=1024, page_size=4, max_batch=4, prefix_cache=True)
+    on = engine.generate(reqs)
+    again = engine.generate(reqs)  # every prompt's full pages are now cached
+    want = generate_reference(model, prompts, GREEDY)
+    assert [r.tokens for r in off] == [r.tokens for r in on] == [r.tokens for r in again] == want
+    assert sum(r.cached_tokens for r in on) > 0
+    assert [r.cached_tokens for r in again] == [(len(p) - 1) // 4 * 4 for p in prompts]
+    assert engine.stats["prefill_tokens"] < 2 * sum(len(p) for p in prompts)
+    check_pool_is_whole(engine)
+
+
+def test_eviction_under_a_tiny_pool_keeps_outputs_identical():
+    model = small_model(seed=2)
+    prompts = shared_prefix_prompts(16, prefix_len=13, seed=5) + prompts_of([20, 9, 25], seed=9)
+    engine = Engine(model, pool_tokens=64, page_size=4, max_batch=3, prefill_chunk=16)
+    res = engine.generate([Request(prompt=p, params=GREEDY) for p in prompts])
+    assert [r.tokens for r in res] == generate_reference(model, prompts, GREEDY)
+    assert engine.prefix.evicted > 0 and sum(r.cached_tokens for r in res) > 0
+    check_pool_is_whole(engine)
+
+
+def test_prefix_cache_lru_evicts_only_unused_leaves():
+    pool = PagePool(1, 6, 2, 1, 1)
+    cache = PrefixCache(pool)
+    a, b = pool.alloc(3), pool.alloc(2)
+    cache.insert([1, 2, 3, 4, 5, 6], a)
+    cache.insert([1, 2, 9, 9], [a[0], b[1]])  # the first page is shared, b[1] new
+    pool.decref(a), pool.decref(b)
+    assert pool.n_free == 2 and cache.n_pages == 4
+    pages, n = cache.match([1, 2, 3, 4, 7])
+    assert pages == a[:2] and n == 4
+    assert cache.evict(10) == 2  # a[2] and b[1]: leaves unused by anyone; a[:2] are held
+    pool.decref(pages)
+    assert cache.evict(10) == 2 and pool.n_free == 6 and cache.n_pages == 0
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
+    model = small_model()
+    prompts = prompts_of([3, 11, 25, 7, 16, 2])
+    params = [SamplingParams(max_new_tokens=15, temperature=0.9, top_k=30 if i % 2 else 0,
+                             top_p=0.9 if i % 3 else 1.0, min_p=0.05 * (i % 4), seed=100 + i)
+              for i in range(len(prompts))]
+    want = generate_reference(model, prompts, params)
+    engine = Engine(model, pool_tokens=128, page_size=8, max_batch=3)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert [r.tokens for r in res] == want
+    alone = Engine(model, pool_tokens=128, page_size=8).generate([Request(prompt=prompts[4], params=params[4])])
+    assert alone[0].tokens == want[4]
+    assert len(set(map(tuple, want))) == len(want)
+
+
+def test_min_p_keeps_ids_at_least_min_p_times_the_top_probability():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.12, 0.08]]))
+    probs = filtered_probs(logits, 1.0, 0, 1.0, min_p=0.2)  # keeps p >= 0.1
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.12, 0.0]]) / 0.92)
+    assert filtered_probs(logits, 1.0, 0, 1.0, min_p=1.0)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
+def test_stream_events_add_up_to_the_results():
+    model = small_model()
+    engine = Engine(model, pool_tokens=128, page_size=8, max_batch=2)
+    reqs = [Request(prompt=p, params=GREEDY, id=f"r{i}") for i, p in enumerate(prompts_of([4, 10, 6]))]
+    got, results = {0: [], 1: [], 2: []}, {}
+    for ev in engine.stream(reqs):
+        got[ev.index] += ev.tokens
+        if ev.result is not None:
+            results[ev.index] = ev.result
+    assert {i: r.tokens for i, r in results.items()} == got
+    assert [results[i].id for i in range(3)] == ["r0", "r1", "r2"]
+    for ev in engine.stream(reqs):  # leaving a stream early gives every page back
+        if ev.result is not None:
+            break
+    check_pool_is_whole(engine)
+    assert [r.tokens for r in engine.generate(reqs)] == [results[i].tokens for i in range(3)]
+
+
+def test_stop_tokens_and_bad_requests():
+    model = small_model()
+    prompts = prompts_of([5, 8])
+    free = generate_reference(model, prompts, GREEDY)
+    stop = free[0][3]
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[stop])
+    res = Engine(model, pool_tokens=128).generate([Request(prompt=p, params=params) for p in prompts])
+    assert res[0].tokens == free[0][:free[0].index(stop) + 1] and res[0].finish_reason == "stop"
+    engine = Engine(model, pool_tokens=64, page_size=8)
+    with pytest.raises(ValueError, match="exceed"):
+        engine.generate([Request(prompt=[1] * 60, params=GREEDY)])
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        engine.generate([[1, 200]])
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]])
+
+
+# ---- tools ------------------------------------------------------------------------------------------
+
+
+class ScriptedModel(nn.Module):
+    """A stand-in model that writes scripted assistant messages, chosen by the user's message.
+
+    It stores each token id as its own key in the cache, so every query reads its whole context back
+    through the engine's paged cache; the next token is the script's next token for that context.
+    """
+
+    def __init__(self, dtok, scripts):
+        super().__init__()
+        tok = dtok.tokenizer
+        self.cfg = SimpleNamespace(vocab_size=tok.vocab_size, n_layers=1, n_heads=1, n_kv_heads=1, dim=1,
+                                   max_seq_len=1024)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.tok, self.user, self.assistant = tok, dtok.begin_id("user"), dtok.begin_id("assistant")
+        self.scripts = {q: [tok.encode(text) + [tok.special_id(end)] for text, end in turns]
+                        for q, turns in scripts.items()}
+
+    def next_token(self, ctx):
+        a = [i for i, t in enumerate(ctx) if t == self.assistant]
+        question = self.tok.decode(ctx[ctx.index(self.user) + 1:a[0]])
+        turn = self.scripts[question][len(a) - 1]
+        i = len(ctx) - a[-1] - 1
+        return turn[i] if i < len(turn) else 0  # past the message: a prefilled tool answer, logits unused
+
+    def forward(self, tokens, cache):
+        k = tokens.float()[:, None, :, None]
+        keys, _ = cache.update(0, k, k)
+        logits = torch.zeros(*tokens.shape, self.cfg.vocab_size)
+        for b in range(tokens.shape[0]):
+            for t in range(tokens.shape[1]):
+                ctx = keys[b, 0, cache.mask[b, 0, t], 0].long().tolist()
+                if self.assistant in ctx and self.user in ctx:
+                    logits[b, t, self.next_token(ctx)] = 1.0
+        return logits
+
+
+CALL = "Let me look.\n```sql\nSELECT age FROM people WHERE name = 'Ada'\n```"
+SCRIPTS = {
+    "How old is Ada?": [(CALL, "<|database|>"), ("Ada is 36.", "<|end_of_dialog|>")],
+    "Hi": [("Hello there, nice to meet you.", "<|end_of_dialog|>")],
+}
+
+
+def tool_engine(fn, timeout=5.0):
+    dtok = DialogTokenizer(ByteTokenizer())
+    model = ScriptedModel(dtok, SCRIPTS)
+    return Engine(model, dtok, pool_tokens=512, page_size=8, max_batch=4, tools=[CodeBlockTool(fn)],
+                  tool_timeout=timeout)
+
+
+def ask(question):
+    return Request(dialog=[{"source": "user", "content": question}], params=SamplingParams(max_new_tokens=200,
+                                                                                             temperature=0))
+
+
+def test_a_tool_call_yields_call_answer_and_continuation():
+    calls = []
+
+    def db(sql):
+        calls.append(sql)
+        return "36"
+
+    engine = tool_engine(db)
+    res = engine.generate([ask("How old is Ada?"), ask("Hi")])
+    assert calls == ["SELECT age FROM people WHERE name = 'Ada'"]
+    assert res[0].dialog == [
+        {"source": "user", "content": "How old is Ada?"},
+        {"source": "assistant", "content": CALL},
+        {"source": "database", "content": "36"},
+        {"source": "assistant", "content": "Ada is 36."},
+    ]
+    assert res[0].finish_reason == "stop" and res[0].tool_calls == [(calls[0], "36")]
+    assert res[1].dialog[-1] == {"source": "assistant", "content": "Hello there, nice to meet you."}
+    check_pool_is_whole(engine)
+
+
+def test_a_raising_tool_and_a_hanging_tool_give_error_answers_and_the_batch_completes():
+    def boom(sql):
+        raise RuntimeError("no such table: people")
+
+    res = tool_engine(boom).generate([ask("How old is Ada?"), ask("Hi")])
+    assert res[0].dialog[2] == {"source": "database", "content": "error: RuntimeError: no such table: people"}
+    assert res[0].dialog[3]["content"] == "Ada is 36." and res[1].finish_reason == "stop"
+
+    release = threading.Event()
+    engine = tool_engine(lambda sql: release.wait(30) and "36", timeout=0.3)
+    order, t0 = [], time.monotonic()
+    for ev in engine.stream([ask("How old is Ada?"), ask("Hi"), ask("Hi")]):
+        if ev.result is not None:
+            order.append(ev.index)
+            if ev.index == 0:
+                hung = ev.result
+    release.set()
+    assert time.monotonic() - t0 < 10
+    assert order[-1] == 0  # the others kept decoding while the tool hung
+    assert hung.dialog[2]["content"].startswith("error: the tool did not answer within 0.3 s")
+    assert hung.dialog[3]["content"] == "Ada is 36."
+    check_pool_is_whole(engine)
+
+
+def test_stop_strings_cut_the_text():
+    engine = tool_engine(lambda sql: "36")
+    req = ask("Hi")
+    req.stop_strings = ("nice",)
+    res = engine.generate([req])[0]
+    assert res.finish_reason == "stop_string" and res.text == "Hello there, "
+
+
+def test_engine_text_equals_the_library_text_and_streams_it():
+    from lmlab.inference import generate_text
+
+    tok = ByteTokenizer()
+    model = small_model(vocab_size=tok.vocab_size, seed=4)
+    prompts = ["To be", "Or not to", "A"]
+    engine = Engine(model, tok, pool_tokens=256, page_size=8, max_batch=2)
+    for params in (SamplingParams(max_new_tokens=20, temperature=0), SamplingParams(max_new_tokens=20, seed=3)):
+        pieces = {0: "", 1: "", 2: ""}
+
+        def on_text(row, piece, pieces=pieces):
+            pieces[row] += piece
+
+        want = generate_text(model, tok, prompts, params)
+        assert engine.generate_text(prompts, params, on_text=on_text) == want
+        assert [pieces[i] for i in range(3)] == want
