@@ -39,12 +39,13 @@ def main(argv: list[str]) -> int:
               f"(loss {summary['val_loss']:.4f} nats), step {summary['step']}, "
               f"{summary['train_time_s']:.0f}s wall this call ({summary['status']})")
     if cfg.sample.prompts:
-        from lmlab.inference.sampling import SamplingParams, generate_text
+        from lmlab.inference import Engine, SamplingParams
 
         longest = max(len(trainer.tokenizer.encode(p)) for p in cfg.sample.prompts)
         room = trainer.model.cfg.max_seq_len - longest  # stay inside the context the model was trained for
         params = SamplingParams.from_config(cfg.sample, cfg.seed, max_new_tokens=min(cfg.sample.max_new_tokens, room))
-        texts = generate_text(trainer.model.eval(), trainer.tokenizer, cfg.sample.prompts, params)
+        engine = Engine.from_config(trainer.model.eval(), trainer.tokenizer, cfg.engine)
+        texts = engine.generate_text(cfg.sample.prompts, params)
         for prompt, text in zip(cfg.sample.prompts, texts):
             print("-" * 72 + f"\n{prompt}{text}")
         print("-" * 72)
