@@ -1,24 +1,32 @@
-"""Generation throughput: lmlab's Engine vs lmlab's static-batch ``generate`` vs Hugging Face ``generate``.
+"""Generation benchmarks: lmlab's Engine against Hugging Face ``generate`` and against itself without its
+prefix cache / with one request at a time. Three workloads, default shape dim 256, 4 layers, 4 heads, byte
+vocabulary (264 ids), greedy, same weights in both libraries (lmlab's state dict loaded into
+``LlamaForCausalLM`` through ``lmlab.hf``):
 
-The three run the same weights (lmlab's state dict loaded into ``LlamaForCausalLM`` through ``lmlab.hf``), greedy,
-on the same requests: ``--n-requests`` prompts of 16-64 random tokens. Two workloads:
-
-* ``uniform``: every request wants ``--new-tokens`` tokens;
-* ``ragged``: request ``i`` wants between 8 and 2 x ``--new-tokens`` tokens (continuous batching refills a
-  finished slot at once; a static batch runs until its longest request is done, HF then throws the rest away).
-
-The static-batch variants take the requests ``--batch`` at a time (HF with left padding and its default dynamic
-cache); the engine gets them all and keeps up to ``--batch`` running. Throughput counts only the tokens each
-request asked for (useful tokens), prefill included in the time. The engine's tokens are compared with lmlab's
-``generate`` (both exact to full recompute; a mismatch can only come from float ties), reported as a fraction.
+1. ``throughput``: 1, 8 and 64 requests with ragged prompts of 16-64 random tokens, 64 new tokens each.
+   The engine gets all requests at once (``max_batch`` = number of requests); HF ``generate`` runs them as one
+   left-padded batch with its default dynamic cache. Generated tokens/s, prefill included. Greedy tokens are
+   compared request by request (float ties between the two kernels can flip a token; report the fraction).
+   Targets: engine >= 2x HF at 64 requests, and never slower at 1 request.
+2. ``dialog_tree``: 32 conversations x 4 user turns sharing one ~130-token system prompt; each turn is a new
+   request with the whole history (previous user turns and the model's own previous answers), sent in waves
+   turn by turn. Engine with vs without the prefix cache: wall time and prefill tokens computed.
+   Targets: >= 3x fewer prefill tokens and >= 2x faster with the cache. Outputs must be identical.
+3. ``tools``: 256 questions that each need one call to a stub tool sleeping 5 ms. The model is a SCRIPTED
+   STAND-IN: the real Llama of this shape runs every forward (so compute is real), but its logits are replaced
+   by a script that writes a ```sql``` call, the ``<|database|>`` trigger, then, after the tool's answer, a
+   final sentence quoting the answer it reads back from its own KV cache. Engine (all questions at once,
+   ``max_batch`` 64) vs the same engine fed one question at a time (timed on the first ``--seq-questions``
+   questions and reported per question). Questions/s; the answer of every question is checked.
 
 Usage::
 
-    .venv/bin/python bench/generate.py                      # ~2-3 minutes
-    .venv/bin/python bench/generate.py --quick              # smoke test
-    .venv/bin/python bench/generate.py --batch 64 --n-requests 128 | tail -1 | python -m json.tool
+    .venv/bin/python bench/generate.py                       # ~1-2 minutes
+    .venv/bin/python bench/generate.py --quick               # smoke test, ~15 s
+    .venv/bin/python bench/generate.py --only throughput | tail -1 | python -m json.tool
 
 The machines are noisy (see bench/README.md): variants alternate over ``--rounds`` and figures are medians.
+The last line of stdout is one JSON object with every figure and whether each target is met.
 """
 
 from __future__ import annotations
@@ -29,13 +37,17 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 
 from lmlab.config import InitConfig, ModelConfig
 from lmlab.hf import model_config_to_hf, to_hf_state_dict
-from lmlab.inference import Engine, Request, SamplingParams, generate
+from lmlab.inference import Engine, Request, SamplingParams
 from lmlab.models import build_model
+from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
+from lmlab.tools import CodeBlockTool
 
 
 def log(msg: str) -> None:
@@ -48,112 +60,275 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--n-requests", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,8,64", help="request counts of the throughput workload")
+    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--answer-tokens", type=int, default=64, help="tokens of each model answer in the dialog tree")
+    p.add_argument("--questions", type=int, default=256)
+    p.add_argument("--seq-questions", type=int, default=32, help="questions timed one at a time")
+    p.add_argument("--tool-latency", type=float, default=0.005)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face")
+    p.add_argument("--only", default="", help="comma-separated subset of throughput,dialog_tree,tools")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     a = p.parse_args(argv)
     if a.quick:
-        a.n_requests, a.batch, a.new_tokens, a.rounds = 16, 8, 16, 1
+        a.batches, a.new_tokens, a.rounds = "1,8", 16, 1
+        a.conversations, a.turns, a.answer_tokens, a.questions, a.seq_questions = 4, 2, 8, 16, 4
     return a
 
 
 def build(a):
-    cfg = ModelConfig(vocab_size=a.vocab, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, hidden_dim=a.ffn,
-                      max_seq_len=512, init=InitConfig())
+    tok = ByteTokenizer()
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+                      hidden_dim=a.ffn, max_seq_len=1024, init=InitConfig())
     ours = build_model(cfg, seed=0).eval()
-    hf = None
-    if not a.no_hf:
-        import transformers
+    import transformers
 
-        skip = ("architectures", "model_type", "torch_dtype")
-        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in model_config_to_hf(cfg).items() if k not in skip},
-                                          attn_implementation="sdpa")
-        hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-        hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
-    return ours, hf
+    skip = ("architectures", "model_type", "torch_dtype")
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in model_config_to_hf(cfg).items() if k not in skip},
+                                      attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return ours, hf, tok
 
 
-def workload(a, ragged: bool):
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, a.vocab, (int(torch.randint(16, 65, (), generator=g)),), generator=g).tolist()
-               for _ in range(a.n_requests)]
-    new = [int(torch.randint(8, 2 * a.new_tokens + 1, (), generator=g)) if ragged else a.new_tokens
-           for _ in range(a.n_requests)]
-    return prompts, new
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
-def run_engine(model, a, prompts, new):
-    pool = a.batch * (64 + 2 * a.new_tokens)
-    engine = Engine(model, pool_tokens=pool, page_size=16, max_batch=a.batch, prefill_chunk=1024,
-                    prefix_cache=False)
-    reqs = [Request(prompt=p, params=SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, new)]
-    return [r.tokens for r in engine.generate(reqs)]
+# ---- 1. throughput ---------------------------------------------------------------------------------------
 
 
-def run_static(model, a, prompts, new):
-    out = []
-    for i in range(0, len(prompts), a.batch):
-        params = [SamplingParams(max_new_tokens=n, temperature=0) for n in new[i:i + a.batch]]
-        out += generate(model, prompts[i:i + a.batch], params)
-    return out
+def random_prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(16, 65, (), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run_engine(model, prompts, new):
+    engine = Engine(model, pool_tokens=len(prompts) * (64 + new + 16), page_size=16, max_batch=len(prompts),
+                    )
+    params = SamplingParams(max_new_tokens=new, temperature=0)
+    return [r.tokens for r in engine.generate([Request(prompt=p, params=params) for p in prompts])]
 
 
 @torch.no_grad()
-def run_hf(hf, a, prompts, new):
-    out = []
-    for i in range(0, len(prompts), a.batch):
-        ps, ns = prompts[i:i + a.batch], new[i:i + a.batch]
-        width = max(map(len, ps))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
-        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ns), min_new_tokens=max(ns),
-                          do_sample=False)
-        out += [row[width:width + n].tolist() for row, n in zip(gen, ns)]
+def run_hf(hf, prompts, new):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return [row[width:].tolist() for row in gen]
+
+
+def bench_throughput(a, ours, hf, tok) -> dict:
+    out = {}
+    for n in [int(x) for x in a.batches.split(",")]:
+        prompts = random_prompts(n, seed=n)
+        variants = {"engine": lambda p=prompts: run_engine(ours, p, a.new_tokens),
+                    "hf": lambda p=prompts: run_hf(hf, p, a.new_tokens)}
+        for fn in variants.values():  # warm-up (allocator, first-call costs)
+            fn()
+        times, outs = {v: [] for v in variants}, {}
+        for r in range(a.rounds):
+            for v in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                dt, outs[v] = timed(variants[v])
+                times[v].append(dt)
+        useful = n * a.new_tokens
+        tps = {v: useful / statistics.median(ts) for v, ts in times.items()}
+        agree = sum(x == y for x, y in zip(outs["engine"], outs["hf"])) / n
+        ratio = tps["engine"] / tps["hf"]
+        out[str(n)] = {"tokens_per_s": {v: round(x, 1) for v, x in tps.items()}, "engine_over_hf": round(ratio, 3),
+                       "greedy_tokens_equal_frac": agree}
+        print(f"throughput {n:>3} requests: engine {tps['engine']:,.0f} tok/s, HF {tps['hf']:,.0f} tok/s "
+              f"({ratio:.2f}x); greedy outputs equal on {agree:.0%} of requests", flush=True)
+    targets = {}
+    if "64" in out:
+        targets["engine_ge_2x_hf_at_64"] = out["64"]["engine_over_hf"] >= 2.0
+    if "1" in out:
+        targets["engine_ge_hf_at_1"] = out["1"]["engine_over_hf"] >= 1.0
+    out["targets"] = targets
     return out
+
+
+# ---- 2. dialog tree -------------------------------------------------------------------------------------
+
+
+def run_dialogs(model, dtok, a, system, users, cache: bool):
+    engine = Engine(model, dtok, pool_tokens=a.conversations * 1024, page_size=16, max_batch=a.conversations,
+                    prefix_cache=cache)
+    # answers are kept to ASCII so that their text round-trips to the same tokens (an untrained byte model
+    # otherwise writes invalid UTF-8, whose re-encoded text differs and defeats any prefix cache)
+    params = SamplingParams(max_new_tokens=a.answer_tokens, temperature=0, stop_token_ids=[],
+                            suppress_token_ids=list(range(128, dtok.tokenizer.vocab_size)))
+    histories = [[{"source": "system", "content": system}] for _ in range(a.conversations)]
+    answers = []
+    for turn in range(a.turns):
+        for c, h in enumerate(histories):
+            h.append({"source": "user", "content": users[c][turn]})
+        res = engine.generate([Request(dialog=h, params=params) for h in histories])
+        for h, r in zip(histories, res):
+            h.append({"source": "assistant", "content": r.text})
+            answers.append(r.tokens)
+    return engine.stats["prefill_tokens"], answers
+
+
+def bench_dialog_tree(a, ours, tok) -> dict:
+    dtok = DialogTokenizer(tok)
+    system = ("You are a careful assistant for a small research lab. Answer briefly, cite the table you used, "
+              "and say so when you do not know.")
+    users = [[f"Conversation {c}, question {t}: what about item {c * 7 + t}?" for t in range(a.turns)]
+             for c in range(a.conversations)]
+    run_dialogs(ours, dtok, a, system, users, True)  # warm-up
+    times, fills, outs = {"cache": [], "no_cache": []}, {}, {}
+    for r in range(a.rounds):
+        for v in (["cache", "no_cache"] if r % 2 == 0 else ["no_cache", "cache"]):
+            dt, (fills[v], outs[v]) = timed(lambda v=v: run_dialogs(ours, dtok, a, system, users, v == "cache"))
+            times[v].append(dt)
+    wall = {v: statistics.median(ts) for v, ts in times.items()}
+    fill_ratio = fills["no_cache"] / max(fills["cache"], 1)
+    speed = wall["no_cache"] / wall["cache"]
+    same = sum(x == y for x, y in zip(outs["cache"], outs["no_cache"])) / len(outs["cache"])
+    prompt_tokens = len(dtok.encode_prompt([{"source": "system", "content": system}]))
+    print(f"dialog tree {a.conversations} x {a.turns} turns: prefill tokens {fills['cache']:,} with the cache vs "
+          f"{fills['no_cache']:,} without ({fill_ratio:.1f}x fewer); wall {wall['cache']:.2f} s vs "
+          f"{wall['no_cache']:.2f} s ({speed:.2f}x faster); answers identical on {same:.0%}", flush=True)
+    return {"conversations": a.conversations, "turns": a.turns, "system_prompt_tokens": prompt_tokens,
+            "answer_tokens": a.answer_tokens, "requests": a.conversations * a.turns,
+            "prefill_tokens": fills, "prefill_ratio": round(fill_ratio, 2),
+            "wall_s": {v: round(x, 3) for v, x in wall.items()}, "speedup": round(speed, 3),
+            "answers_identical_frac": same,
+            "targets": {"prefill_ge_3x_fewer": fill_ratio >= 3.0, "ge_2x_faster": speed >= 2.0}}
+
+
+# ---- 3. tools -----------------------------------------------------------------------------------------
+
+
+class ScriptedToolModel(nn.Module):
+    """A scripted stand-in: runs ``llama`` on every forward (real compute through the engine's paged cache)
+    but replaces its logits by a script. The script needs each query's token context: an extra cache layer
+    (index ``llama.cfg.n_layers``) stores each token id as its key, read back through the engine's pages.
+
+    For question ``What is item N?`` it writes ``Let me check.\\n```sql\\nSELECT v FROM items WHERE id = N\\n```"``
+    and ``<|database|>``; after the tool's answer it writes ``Item N is <answer read from the context>.`` and
+    ``<|end_of_dialog|>``.
+    """
+
+    def __init__(self, llama, dtok):
+        super().__init__()
+        self.llama = llama
+        c = llama.cfg
+        self.cfg = SimpleNamespace(vocab_size=c.vocab_size, n_layers=c.n_layers + 1, n_heads=c.n_heads,
+                                   n_kv_heads=c.n_kv_heads, dim=c.dim, max_seq_len=c.max_seq_len)
+        self.tok = dtok.tokenizer
+        self.user, self.assistant, self.db = (dtok.begin_id(s) for s in ("user", "assistant", "database"))
+        self.db_trigger, self.end = self.db, dtok.end_id
+
+    def script(self, ctx: list[int]) -> int:
+        if self.user not in ctx or self.assistant not in ctx:
+            return 0
+        a = [i for i, t in enumerate(ctx) if t == self.assistant]
+        item = self.tok.decode(ctx[ctx.index(self.user) + 1:a[0]]).removeprefix("What is item ").rstrip("?")
+        if len(a) == 1:
+            turn = self.tok.encode(f"Let me check.\n```sql\nSELECT v FROM items WHERE id = {item}\n```")
+            turn.append(self.db_trigger)
+        else:
+            answer = self.tok.decode(ctx[ctx.index(self.db) + 1:a[1]])
+            turn = self.tok.encode(f"Item {item} is {answer}.") + [self.end]
+        i = len(ctx) - a[-1] - 1
+        return turn[i] if i < len(turn) else 0
+
+    def forward(self, tokens, cache):
+        logits = self.llama(tokens, cache=cache)
+        b, t = tokens.shape
+        h, d = self.cfg.n_kv_heads or self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads
+        ids = tokens.float()[:, None, :, None].expand(b, h, t, d)
+        keys, _ = cache.update(self.cfg.n_layers - 1, ids, ids)
+        keys = keys[:, 0, :, 0].long()
+        out = torch.zeros_like(logits)
+        mask = cache.mask[:, 0]
+        # the engine reads only the last position of each segment: where the next query does not see every
+        # key this one sees (another sequence, or padding); the script runs there only
+        last = torch.ones(b, t, dtype=torch.bool)
+        last[:, :-1] = (mask[:, :-1] & ~mask[:, 1:]).any(-1)
+        for r, c in last.nonzero().tolist():
+            out[r, c, self.script(keys[r, mask[r, c]].tolist())] = 1.0
+        return out
+
+
+def bench_tools(a, ours, tok) -> dict:
+    dtok = DialogTokenizer(tok)
+    model = ScriptedToolModel(ours, dtok).eval()
+    table = {i: str((i * 7919) % 1000) for i in range(a.questions)}
+    calls = []
+
+    def db(sql: str) -> str:
+        time.sleep(a.tool_latency)
+        calls.append(sql)
+        return table[int(sql.rsplit("=", 1)[1])]
+
+    tool = CodeBlockTool(db, language="sql")
+    params = SamplingParams(max_new_tokens=200, temperature=0)
+    reqs = [Request(dialog=[{"source": "user", "content": f"What is item {i}?"}], params=params)
+            for i in range(a.questions)]
+
+    def engine():
+        return Engine(model, dtok, pool_tokens=64 * 256, page_size=16, max_batch=64, prefill_chunk=1024,
+                      tools=[tool])
+
+    def correct(res):
+        return sum(r.dialog[-1]["content"] == f"Item {i} is {table[i]}." and len(r.tool_calls) == 1
+                   for i, r in enumerate(res))
+
+    engine().generate(reqs[:8])  # warm-up
+    calls.clear()
+    t_batch, res = timed(lambda: engine().generate(reqs))
+    ok, n_calls = correct(res), len(calls)
+    n_seq = min(a.seq_questions, a.questions)
+    eng = engine()
+    t_seq, seq_res = timed(lambda: [eng.generate([r])[0] for r in reqs[:n_seq]])
+    ok_seq = correct(seq_res)
+    qps, qps_seq = a.questions / t_batch, n_seq / t_seq
+    gen_tokens = sum(len(r.tokens) for r in res)
+    print(f"tools {a.questions} questions (scripted stand-in model, {a.tool_latency * 1e3:g} ms tool): "
+          f"{t_batch:.2f} s, {qps:,.1f} questions/s batched vs {qps_seq:,.1f}/s one at a time "
+          f"({qps / qps_seq:.1f}x); correct {ok}/{a.questions} (sequential {ok_seq}/{n_seq})", flush=True)
+    return {"model": "scripted stand-in (real Llama forward, scripted logits)", "questions": a.questions,
+            "tool_latency_s": a.tool_latency, "tool_calls": n_calls, "tokens_per_question": gen_tokens / a.questions,
+            "batched_s": round(t_batch, 3), "questions_per_s": round(qps, 2),
+            "sequential_questions_timed": n_seq, "sequential_questions_per_s": round(qps_seq, 2),
+            "sequential_s_extrapolated": round(a.questions / qps_seq, 2),
+            "speedup": round(qps / qps_seq, 2), "correct_frac": ok / a.questions,
+            "sequential_correct_frac": ok_seq / n_seq}
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    ours, hf = build(a)
-    variants = {"engine": lambda p, n: run_engine(ours, a, p, n), "static": lambda p, n: run_static(ours, a, p, n)}
-    if hf is not None:
-        variants["hf"] = lambda p, n: run_hf(hf, a, p, n)
+    ours, hf, tok = build(a)
+    only = set(a.only.split(",")) if a.only else {"throughput", "dialog_tree", "tools"}
     result: dict = {"bench": "generate", "shape": dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, ffn=a.ffn,
-                                                       vocab=a.vocab), "batch": a.batch, "n_requests": a.n_requests,
-                    "new_tokens": a.new_tokens, "threads": torch.get_num_threads(),
+                                                       vocab=tok.vocab_size),
+                    "new_tokens": a.new_tokens, "threads": torch.get_num_threads(), "rounds": a.rounds,
                     "load_avg_start": os.getloadavg()[0]}
-    for name, ragged in (("uniform", False), ("ragged", True)):
-        prompts, new = workload(a, ragged)
-        useful = sum(new)
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        outs = {}
-        for r in range(a.rounds):
-            order = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
-            for v in order:
-                t0 = time.perf_counter()
-                outs[v] = variants[v](prompts, new)
-                times[v].append(time.perf_counter() - t0)
-                log(f"{name} round {r} {v}: {useful / times[v][-1]:,.0f} tokens/s")
-        tps = {v: useful / statistics.median(ts) for v, ts in times.items()}
-        same = sum(x == y for x, y in zip(outs["engine"], outs["static"])) / len(prompts)
-        entry = {"useful_tokens": useful, "tokens_per_s": {v: round(x, 1) for v, x in tps.items()},
-                 "engine_equals_static": same}
-        for v in variants:
-            if v != "engine":
-                entry[f"engine_over_{v}"] = round(tps["engine"] / tps[v], 3)
-        result[name] = entry
-        print(f"{name}: " + ", ".join(f"{v} {x:,.0f} tok/s" for v, x in tps.items()) + f"; engine == static on "
-              f"{same:.0%} of requests", flush=True)
+    t0 = time.perf_counter()
+    if "throughput" in only:
+        result["throughput"] = bench_throughput(a, ours, hf, tok)
+    if "dialog_tree" in only:
+        result["dialog_tree"] = bench_dialog_tree(a, ours, tok)
+    if "tools" in only:
+        result["tools"] = bench_tools(a, ours, tok)
+    result["targets"] = {k: v for part in ("throughput", "dialog_tree") if part in result
+                         for k, v in result[part]["targets"].items()}
     result["load_avg_end"] = os.getloadavg()[0]
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result), flush=True)
     return result
 

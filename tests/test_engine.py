@@ -81,6 +81,20 @@ def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
     check_pool_is_whole(engine)
 
 
+def test_decode_batch_is_kept_across_steps_and_outputs_stay_exact():
+    model = small_model(seed=3)
+    prompts = prompts_of([9, 30, 4, 17, 22], seed=4)
+    params = [SamplingParams(max_new_tokens=70, temperature=0)] + [SamplingParams(max_new_tokens=n, temperature=0)
+                                                                    for n in (5, 40, 12, 66)]
+    # the batch is rebuilt only when its set changes (entries get dropped as requests finish) or a row
+    # outgrows its capacity (70 new tokens on top of 9 pass the first capacity of 64 + 9 rounded up)
+    engine = Engine(model, pool_tokens=1024, page_size=8, max_batch=8, prefix_cache=False)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert [r.tokens for r in res] == generate_reference(model, prompts, params)
+    assert 1 <= engine.stats["decode_batch_builds"] <= 3 < engine.stats["decode_forwards"]
+    check_pool_is_whole(engine)
+
+
 def test_pool_is_allocated_once():
     model = small_model()
     engine = Engine.from_config(model, None, EngineConfig(pool_tokens=128, page_size=8, max_batch=4))

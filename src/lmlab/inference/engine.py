@@ -12,6 +12,9 @@ cache, per-request sampling and stop conditions, and tool calls in token space.
   forwards: one decode forward with one row per sequence that needs one token, and one packed prefill
   forward in which up to ``prefill_chunk`` tokens of several prompts (or of tool answers) sit back to back
   in one row with a block-diagonal causal mask. Long prompts are prefilled in chunks over several steps.
+  While the same sequences keep decoding, their contexts stay in one contiguous
+  :class:`~lmlab.inference.pool.DecodeBatch` (copied from the pages once, one token appended per step)
+  instead of being gathered from the pages on every layer of every step.
 * Prefix cache (:class:`~lmlab.inference.prefix_cache.PrefixCache`): a request whose prompt starts with
   cached full pages reuses them and prefills only the rest.
 * Tools (:class:`lmlab.tools.Tool`): when a sequence emits a tool's trigger token, the call is taken from the
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from lmlab.config import EngineConfig
-from lmlab.inference.pool import PagedStep, PagePool, Segment
+from lmlab.inference.pool import DecodeBatch, PagedStep, PagePool, Segment
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import Sampler, SamplingParams, _row_params, _text_params, _TextStream
 from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
@@ -190,8 +193,11 @@ class Engine:
             self.tools[self.tokenizer.special_id(tool.trigger)] = tool
         self.waiting: deque[_Seq] = deque()
         self.active: list[_Seq] = []
+        self._dec: DecodeBatch | None = None  # contiguous contexts of the decoding sequences, kept across steps
+        self._dec_seqs: list[_Seq] = []
+        self._last_decode: list[int] = []  # ids of the sequences of the last decode forward
         self.stats = {"forwards": 0, "prefill_forwards": 0, "decode_forwards": 0, "preemptions": 0,
-                      "prefill_tokens": 0}
+                      "prefill_tokens": 0, "decode_batch_builds": 0}
 
     @classmethod
     def from_config(cls, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None, cfg: EngineConfig,
@@ -266,6 +272,7 @@ class Engine:
         for s in self.active:
             self._release(s)
         self.active, self.waiting = [], deque()
+        self._dec, self._dec_seqs = None, []
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
                       *, allow_special: bool = False, on_text: Callable[[int, str], None] | None = None) -> list[str]:
@@ -395,10 +402,13 @@ class Engine:
         else:
             rows, cols = list(range(len(group))), [0] * len(group)
             tokens = torch.tensor([[s.tokens[s.n_cached]] for s, _ in group])
-            step = PagedStep(self.pool, [[seg] for seg in segs])
+            dec = self._decode_batch([s for s, _ in group], segs)
+            step = dec.step(segs) if dec is not None else PagedStep(self.pool, [[seg] for seg in segs])
             self.stats["decode_forwards"] += 1
         self.stats["forwards"] += 1
         logits = self.runner.forward(tokens, step, rows, cols)
+        if not packed and dec is not None:
+            dec.lengths = [n + 1 for n in dec.lengths]
         out = []
         for i, (s, k) in enumerate(group):
             s.n_cached += k
@@ -407,6 +417,31 @@ class Engine:
             if s.n_cached == len(s.tokens):
                 out.append((s, logits[i]))
         return out
+
+    def _decode_batch(self, seqs: list[_Seq], segs: list[Segment]) -> DecodeBatch | None:
+        """The decode batch of these sequences: the previous step's when they are the same and it has room
+        (its surviving rows when some left), a fresh copy of their contexts from the pool when the same
+        sequences decoded at the previous step too, else None (a set that keeps changing, e.g. sequences
+        coming and going around tool calls, is gathered from the pages for one step instead)."""
+        dec, old = self._dec, self._dec_seqs
+        lengths = [s.n_cached for s in seqs]
+        ids = [id(s) for s in seqs]
+        stable, self._last_decode = ids == self._last_decode, ids
+        if dec is not None and max(lengths) < dec.capacity:
+            where = {id(s): i for i, s in enumerate(old)}
+            rows = [where.get(i, -1) for i in ids]
+            if -1 not in rows and [dec.lengths[r] for r in rows] == lengths:
+                if rows != list(range(len(old))):
+                    dec.select(rows)
+                self._dec_seqs = seqs
+                return dec
+        self._dec, self._dec_seqs = None, []  # free the old copy before making a new one
+        if not stable:
+            return None
+        capacity = -(-(max(lengths) + 64) // 64) * 64
+        self.stats["decode_batch_builds"] += 1
+        self._dec, self._dec_seqs = DecodeBatch(self.pool, segs, capacity), seqs
+        return self._dec
 
     def _sample(self, items: list[tuple[_Seq, torch.Tensor]], events: list[StreamEvent]) -> None:
         sampler = Sampler([s.params for s, _ in items])
@@ -464,6 +499,8 @@ class Engine:
         self._release(s)
         if s in self.active:
             self.active.remove(s)
+        if not self.active:
+            self._dec, self._dec_seqs = None, []
         return StreamEvent(s.index, [], self._result(s))
 
     def _result(self, s: _Seq) -> Result:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["PagePool", "PagedStep", "PoolFullError", "Segment"]
+__all__ = ["DecodeBatch", "DecodeStep", "PagePool", "PagedStep", "PoolFullError", "Segment"]
 
 
 class PoolFullError(RuntimeError):
@@ -125,48 +125,51 @@ class PagedStep:
     widest row (narrower rows are padded at the end). Row ``b``'s keys are the whole context (cached and
     new tokens) of each of its segments, concatenated; a new token sees only the keys of its own sequence
     at positions up to its own. Padding tokens write nothing and see one key, so that no softmax row is
-    empty. All planning happens on the host, from Python lists.
+    empty. All planning happens on the host, from Python lists, per page and per new token.
     """
 
     def __init__(self, pool: PagePool, rows: Sequence[Sequence[Segment]]) -> None:
         ps = pool.page_size
-        offsets = range(ps)
         t = max(1, max(sum(s.n for s in row) for row in rows))
-        n_keys = max(1, max(sum(s.start + s.n for s in row) for row in rows))
-        # host-side lists, turned into tensors once: per key its slot, segment and position; per query its
-        # segment and position (segment -1 marks padding keys, -2 padding queries)
-        k_slot, k_seg, k_pos, q_seg, q_pos, src, dst = [], [], [], [], [], [], []
+        # Keys are gathered a whole page at a time: row b's keys are the pages of its segments back to back
+        # (the tail of a segment's last page, past its context, is masked out). Host-side planning is per
+        # page and per new token, never per cached token: per page its id, segment and first position; per
+        # query its segment and position (segment -1 marks padding pages, -2 padding queries).
+        n_pages = max(1, max(sum(-(-(s.start + s.n) // ps) for s in row) for row in rows))
+        k_page, k_seg, k_base, q_seg, q_pos, src, dst = [], [], [], [], [], [], []
         for r, row in enumerate(rows):
-            col = 0
-            rs, rg, rp, qg, qp = [], [], [], [], []
+            col = used = 0
             for j, seg in enumerate(row):
                 ctx = seg.start + seg.n
-                if len(seg.pages) * ps < ctx:
+                m = -(-ctx // ps)
+                if len(seg.pages) < m:
                     raise ValueError(f"PagedStep: {len(seg.pages)} pages cannot hold {ctx} tokens")
-                slots = [p * ps + o for p in seg.pages[: -(-ctx // ps)] for o in offsets][:ctx]
-                rs += slots
-                rg += [j] * ctx
-                rp += range(ctx)
-                qg += [j] * seg.n
-                qp += range(seg.start, ctx)
+                k_page += seg.pages[:m]
+                k_seg += [j] * m
+                k_base += range(0, m * ps, ps)
+                q_seg += [j] * seg.n
+                q_pos += range(seg.start, ctx)
                 src += range(r * t + col, r * t + col + seg.n)
-                dst += slots[seg.start:]
+                dst += [seg.pages[p // ps] * ps + p % ps for p in range(seg.start, ctx)]
                 col += seg.n
-            k_slot += rs + [0] * (n_keys - len(rs))
-            k_seg += rg + [-1] * (n_keys - len(rg))
-            k_pos += rp + [0] * (n_keys - len(rp))
-            q_seg += qg + [-2] * (t - len(qg))
-            q_pos += qp + [0] * (t - len(qp))
+                used += m
+            k_page += [0] * (n_pages - used)
+            k_seg += [-1] * (n_pages - used)
+            k_base += [0] * (n_pages - used)
+            q_seg += [-2] * (t - col)
+            q_pos += [0] * (t - col)
         dev = pool.device
-        b = len(rows)
-        ks, kp = _ints(k_seg).view(b, 1, n_keys), _ints(k_pos).view(b, 1, n_keys)
+        b, n_keys = len(rows), n_pages * ps
+        offsets = torch.arange(ps)
+        ks = _ints(k_seg).view(b, n_pages, 1).expand(b, n_pages, ps).reshape(b, 1, n_keys)
+        kp = (_ints(k_base).view(b, n_pages, 1) + offsets).view(b, 1, n_keys)
         qs, qp_t = _ints(q_seg).view(b, t), _ints(q_pos).view(b, t)
         mask = (ks == qs[:, :, None]) & (kp <= qp_t[:, :, None])
         mask[:, :, 0] |= qs == -2  # padding queries see key 0, so that no softmax row is empty
         self.pool = pool
         self.positions = qp_t.to(dev)
         self.mask = mask[:, None].to(dev)
-        self._keys = _ints(k_slot).to(dev)
+        self._pages = _ints(k_page).to(dev)
         self._shape = (b, n_keys)
         self._src, self._dst = _ints(src).to(dev), _ints(dst).to(dev)
 
@@ -176,6 +179,74 @@ class PagedStep:
         b, h, t, d = k.shape
         ck.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(ck.dtype))
         cv.index_copy_(0, self._dst, v.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(cv.dtype))
-        keys = ck.index_select(0, self._keys).view(*self._shape, h, d).transpose(1, 2)
-        values = cv.index_select(0, self._keys).view(*self._shape, h, d).transpose(1, 2)
+        ps = self.pool.page_size
+        keys = ck.view(-1, ps, h, d).index_select(0, self._pages).view(*self._shape, h, d).transpose(1, 2)
+        values = cv.view(-1, ps, h, d).index_select(0, self._pages).view(*self._shape, h, d).transpose(1, 2)
         return keys.to(k.dtype), values.to(v.dtype)
+
+
+class DecodeBatch:
+    """Contiguous keys/values of a fixed set of decoding sequences, kept from step to step.
+
+    Decoding reads each sequence's whole context on every layer; gathering it from the pages every step costs
+    more than the attention itself. While the set of decoding sequences stays the same, their contexts are
+    copied out of the pool once, into ``k``/``v`` of shape (n_layers, B, H, capacity, D), and each step appends
+    one token per row (it is still written to the pool as well, for the prefix cache and for later steps).
+    The engine rebuilds the batch when the set changes or a row outgrows the capacity.
+    """
+
+    def __init__(self, pool: PagePool, segs: Sequence[Segment], capacity: int) -> None:
+        ps = pool.page_size
+        self.pool, self.capacity = pool, capacity
+        self.lengths = [s.start for s in segs]
+        slots = []
+        for s in segs:
+            if len(s.pages) * ps < s.start:
+                raise ValueError(f"DecodeBatch: {len(s.pages)} pages cannot hold {s.start} tokens")
+            row = [p * ps + o for p in s.pages[: -(-s.start // ps)] for o in range(ps)][: s.start]
+            slots += row + [0] * (capacity - len(row))
+        b, (n_layers, _, h, d) = len(segs), pool.k.shape
+        idx = _ints(slots).to(pool.device)
+        # (L, B * cap, H, D) -> (L, B, H, cap, D): the layout SDPA reads fastest
+        self.k = pool.k.index_select(1, idx).view(n_layers, b, capacity, h, d).transpose(2, 3).contiguous()
+        self.v = pool.v.index_select(1, idx).view(n_layers, b, capacity, h, d).transpose(2, 3).contiguous()
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (sequences that left the batch, or a new order)."""
+        idx = _ints(list(rows)).to(self.k.device)
+        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def step(self, segs: Sequence[Segment]) -> DecodeStep:
+        """The cache view for one decode forward of these rows (each segment: one new token at ``start``)."""
+        return DecodeStep(self, segs)
+
+
+class DecodeStep:
+    """One decode forward over a :class:`DecodeBatch` (the model's ``AttentionCache`` interface): row ``b`` has
+    one new token at position ``lengths[b]``; it sees the row's keys ``0 .. lengths[b]``. Keys are views of
+    the batch's first S = max(lengths) + 1 slots."""
+
+    def __init__(self, batch: DecodeBatch, segs: Sequence[Segment]) -> None:
+        ps, dev = batch.pool.page_size, batch.pool.device
+        self.batch = batch
+        lengths = batch.lengths
+        self._rows = torch.arange(len(segs), device=dev)
+        self._cols = _ints(lengths).to(dev)
+        self._dst = _ints([s.pages[p // ps] * ps + p % ps for s, p in zip(segs, lengths)]).to(dev)
+        self.positions = self._cols[:, None]
+        self._n = max(lengths) + 1  # keys past the longest row are never read
+        self.mask = (torch.arange(self._n, device=dev) <= self._cols[:, None])[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, H, 1, D) keys/values to the pool and the batch; the batch's (B, H, S, D) back, S the
+        longest row's context."""
+        batch = self.batch
+        pk, pv = batch.pool.k[layer], batch.pool.v[layer]
+        k1, v1 = k[:, :, 0].to(pk.dtype), v[:, :, 0].to(pv.dtype)  # (B, H, D)
+        pk.index_copy_(0, self._dst, k1)
+        pv.index_copy_(0, self._dst, v1)
+        bk, bv = batch.k[layer], batch.v[layer]
+        bk[self._rows, :, self._cols] = k1
+        bv[self._rows, :, self._cols] = v1
+        return bk[:, :, :self._n].to(k.dtype), bv[:, :, :self._n].to(v.dtype)
