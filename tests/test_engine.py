@@ -25,13 +25,7 @@ from lmlab.models import build_model
 from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
 from lmlab.tools import CodeBlockTool
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def small_model(seed=0, **kw):
