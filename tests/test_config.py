@@ -173,3 +173,33 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["config error: unknown key 'model.dimm'; did you mean 'model.dim'?"]
     assert "Traceback" not in bad.stderr
+
+
+def test_references_tags_and_grid(tmp_path):
+    """``${dotted.key}`` resolves after the grid point and overrides; tags take dotted grid keys; ``$${`` is literal
+    and survives a save/load round trip."""
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "name: mem\n"
+        "tags: {mode: tool, people: 64}\n"
+        "data: {train_files: ['d/p${tags.people}/${tags.mode}.jsonl', 'lit$${x}', '${name}']}\n"
+        "grid: {tags.people: [64, 256]}\n"
+    )
+    cfgs = load_grid(path, ["tags.mode=weight"])
+    assert [c.name for c in cfgs] == ["mem/people=64", "mem/people=256"]
+    assert cfgs[1].data.train_files == ["d/p256/weight.jsonl", "lit${x}", "mem/people=256"]
+    assert cfgs[1].tags == {"mode": "weight", "people": 256}
+    save_config(cfgs[1], tmp_path / "run")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfgs[1]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("data: {train_files: ['${tags.nope}']}\n", "unknown key"),
+    ("data: {train_files: ['${model}']}\n", "section"),
+    ("name: '${tags.a}'\ntags: {a: '${tags.b}', b: '${tags.a}'}\n", "cycle"),
+])
+def test_reference_errors(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)

@@ -7,7 +7,9 @@ Usage::
     lmlab generate runs/NAME --prompts-file prompts.txt --max-new-tokens 100  # one prompt per line (or .jsonl)
     lmlab export runs/NAME out/                              # Hugging Face Llama folder of the newest checkpoint
     lmlab config apps/shakespeare/demo.yaml model.dim=128   # print the resolved config as YAML
-    lmlab grid my_grid.yaml                                  # list the runs a grid expands to
+    lmlab grid my_grid.yaml                                  # list a grid's runs: done / partial / new
+    lmlab grid my_grid.yaml --run --jobs 2                   # train the unfinished ones, 2 at a time
+    lmlab grid my_grid.yaml train.steps=500 --run --threads 4  # overrides before the flags
     lmlab describe                                           # every config key with its type, default, help
     lmlab shards --tokenizer byte --out data/shk FILES...    # pretokenize a corpus (see lmlab.data.shards)
 
@@ -35,9 +37,25 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    for cfg in load_grid(args.config, args.overrides):
-        print(cfg.name)
-    return 0
+    from lmlab.launch import GridInterrupted, run_grid, run_state
+
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
+    configs = load_grid(args.config, args.overrides)
+    if not args.run:
+        states = [run_state(cfg.run_dir, cfg.train.steps) for cfg in configs]
+        width = max(len(cfg.name) for cfg in configs)
+        for cfg, state in zip(configs, states):
+            print(f"{cfg.name:<{width}}  {state}")
+        counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "new") if states.count(s))
+        print(f"{len(configs)} runs: {counts} (--run to train the unfinished ones)")
+        return 0
+    try:
+        outcomes = run_grid(configs, jobs=args.jobs, threads=args.threads)
+    except GridInterrupted as e:
+        return 128 + e.signum
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -120,12 +138,16 @@ def _main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in (
         ("train", _cmd_train, "train a model (resumes from the run folder's newest checkpoint)"),
         ("config", _cmd_config, "print the resolved config of a YAML file with overrides"),
-        ("grid", _cmd_grid, "list the run names a grid YAML expands to"),
+        ("grid", _cmd_grid, "list a grid's runs and their state (done / partial / new); --run trains them"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.set_defaults(fn=fn)
+        if name == "grid":
+            p.add_argument("--run", action="store_true", help="train every unfinished run (resuming partial ones)")
+            p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+            p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default cores // jobs)")
     p = sub.add_parser("generate", help="sample from a run's checkpoint with the generation engine")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -280,8 +280,38 @@ class EngineConfig:
 
 
 @dataclass
+class RecallEvalConfig:
+    """Recall of facts through the generation engine, with a live SQL tool when ``db`` is set (lmlab.evals.recall)."""
+
+    sets: list[str] = F([], "JSONL files of questions; a set is named by its file stem without an 'eval_' prefix")
+    db: str = F("", "SQLite database the model may query (lmlab.tools.sql) while answering; empty: no tool")
+    every: int = F(0, "evaluate every this many training steps; 0: only at the end of training")
+    max_questions: int = F(256, "questions per set at most (a fixed seeded subset); 0: every question")
+    max_new_tokens: int = F(160, "tokens generated per question at most (tool answers included)")
+    seed: int = F(0, "seed of the question subset")
+    save_outputs: bool = F(True, "write every question's dialog and verdict to RUN/recall/SET_stepN.jsonl")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("every", "max_questions"):
+            if getattr(self, key) < 0:
+                errs.append((key, "must be >= 0"))
+        if self.max_new_tokens <= 0:
+            errs.append(("max_new_tokens", "must be positive"))
+        return errs
+
+
+@dataclass
+class EvalsConfig:
+    """Evaluations run during training and by `lmlab eval`."""
+
+    recall: RecallEvalConfig = F(RecallEvalConfig(), "fact recall with tool calls")
+
+
+@dataclass
 class Config:
-    """A whole run."""
+    """A whole run. Strings may refer to other keys as ``${dotted.key}`` (e.g. ``${tags.people}``), resolved
+    once the file, grid point and overrides are merged; ``$${`` writes a literal ``${``."""
 
     name: str = F("run", "run name; the run folder is runs_dir/name")
     runs_dir: str = F("runs", "folder holding run folders")
@@ -294,6 +324,8 @@ class Config:
     logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
     engine: EngineConfig = F(EngineConfig(), "generation engine")
+    evals: EvalsConfig = F(EvalsConfig(), "evaluations")
+    tags: dict[str, Any] = F({}, "free labels of the run for analysis and ${tags.x} references (e.g. mode, people)")
 
     @property
     def run_dir(self) -> Path:
@@ -431,6 +463,8 @@ def _field_type(schema: type, dotted: str) -> Any:
         if part not in fields:
             raise ConfigError(f"unknown key '{prefix}{part}'" + _suggest(part, cls, prefix))
         cls = fields[part][0]
+        if get_origin(cls) is dict and i < len(parts) - 1:  # tags.mode: a key inside a mapping field
+            return get_args(cls)[1] if get_args(cls) else Any
     return cls
 
 
@@ -516,9 +550,55 @@ def _read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(data: dict, schema: type[T] = Config) -> T:  # type: ignore[assignment]
     """Build a validated config from a nested mapping (defaults fill what is missing)."""
-    cfg = _merge(schema(), data)
+    cfg = _interpolate(_merge(schema(), data))
     _validate(cfg)
     return cfg
+
+
+_REF = re.compile(r"(?<!\$)\$\{([^{}]*)\}")
+
+
+def _lookup(cfg: Any, dotted: str, where: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(node) and part in _fields(type(node)):
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise ConfigError(f"{where}: '${{{dotted}}}' refers to an unknown key")
+    if dataclasses.is_dataclass(node) or isinstance(node, (dict, list)):
+        raise ConfigError(f"{where}: '${{{dotted}}}' is a section or a list, not a value")
+    return node
+
+
+def _interpolate(cfg: T) -> T:
+    """Resolve ``${dotted.key}`` references in every string of ``cfg`` (references to references too)."""
+
+    def resolve(value: Any, where: str, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            if depth > 10:
+                raise ConfigError(f"{where}: references nest more than 10 deep (a cycle?)")
+            if _REF.search(value) is None:
+                return value.replace("$${", "${") if depth == 0 else value
+            out = _REF.sub(lambda m: str(resolve(_lookup(cfg, m.group(1).strip(), where), where, depth + 1)), value)
+            return out.replace("$${", "${") if depth == 0 else out
+        if isinstance(value, list):
+            return [resolve(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{where}.{k}", depth) for k, v in value.items()}
+        return value
+
+    def walk(node: Any, prefix: str) -> Any:
+        changes = {}
+        for name in _fields(type(node)):
+            v = getattr(node, name)
+            new = walk(v, f"{prefix}{name}.") if dataclasses.is_dataclass(v) else resolve(v, prefix + name)
+            if new is not v:
+                changes[name] = new
+        return dataclasses.replace(node, **changes) if changes else node
+
+    return walk(cfg, "")
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -611,6 +691,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     return configs[0]
 
 
+def _escape_refs(value: Any) -> Any:
+    """Resolved strings written back as YAML: a literal ``${`` becomes ``$${`` so that loading gives it back."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, list):
+        return [_escape_refs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape_refs(v) for k, v in value.items()}
+    return value
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (to ``path`` or ``path/config.yaml`` for a folder); return the file."""
     p = Path(path)
@@ -618,7 +709,7 @@ def save_config(cfg: Any, path: str | Path) -> Path:
         p = p / "config.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+    tmp.write_text(yaml.safe_dump(_escape_refs(config_to_dict(cfg)), sort_keys=False, allow_unicode=True))
     tmp.replace(p)
     return p
 

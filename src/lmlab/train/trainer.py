@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import resource
@@ -199,6 +200,18 @@ class Trainer:
         return {"val_loss": loss, "val_bpb": bpb, "val_tokens": n_tokens}
 
     # ---------------------------------------------------------------------------------------------
+    def evaluate_recall(self) -> dict[str, float]:
+        """Fact recall (lmlab.evals.recall) on each set of ``evals.recall``, with the tool live when a database
+        is set; verdicts go to ``RUN/recall/SET_stepN.jsonl``."""
+        from lmlab.evals.recall import run_recall_sets
+
+        t0 = time.time()
+        out = run_recall_sets(self.model, self.tokenizer, self.cfg.evals.recall, self.cfg.engine,
+                              out_dir=self.run_dir / "recall" if self.rank == 0 else None, step=self.step)
+        log.info("recall at step %d (%.1f s): %s", self.step, time.time() - t0,
+                 ", ".join(f"{k.removeprefix('recall/')}={v:.3f}" for k, v in out.items() if not k.endswith("/n")))
+        return out
+
     def save(self) -> Path:
         meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name}
         return self.ckpt.save(self.step, self.model, self.optimizer, meta=meta,
@@ -270,6 +283,8 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.name, unit="step", mininterval=1.0,
                    disable=not cfg.logging.progress or self.rank != 0, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
+        last_recall: dict[str, float] = {}
+        rc = cfg.evals.recall
         try:
             with self._signals(), self.train_loader:
                 while self.step < tc.steps:
@@ -292,6 +307,10 @@ class Trainer:
                         last_eval = self.evaluate(tc.eval_batches)
                         sink.log({"step": self.step, **last_eval})
                         window_t = time.time()
+                    if rc.sets and rc.every and self.step % rc.every == 0 and self.step < tc.steps:
+                        last_recall = self.evaluate_recall()
+                        sink.log({"step": self.step, **last_recall})
+                        window_t = time.time()
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                         self.save()
                         window_t = time.time()
@@ -307,14 +326,21 @@ class Trainer:
             bar.close()
             if status == "completed" or status.startswith("stopped"):
                 last_eval = self.evaluate()  # the final evaluation always covers the whole split
-                if last_eval:
-                    sink.log({"step": self.step, **last_eval})
+                if rc.sets:
+                    last_recall = self.evaluate_recall()
+                if last_eval or last_recall:
+                    sink.log({"step": self.step, **last_eval, **last_recall})
             path = self.save()
         finally:
             bar.close()
             sink.close()
         summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
-                   "train_time_s": time.time() - t_start, **last_eval}
+                   "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
+                   **last_eval, **last_recall}
+        if self.rank == 0:  # a grid runner reads it: status "completed" (or "stopped by ...") means done
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.run_dir / "summary.json")
         log.info("%s at step %d; checkpoint %s", status, self.step, path)
         return summary
 

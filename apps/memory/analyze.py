@@ -1,0 +1,322 @@
+"""Results of the memory app: in-weight vs in-tool recall, and the parameters each needs per fact.
+
+Reads every run folder under a root (DESIGN.md principle 3: analysis reads only run folders). A memory
+run carries ``tags.mode`` ("weight" or "tool"), ``tags.people`` and ``tags.data_dir`` (the dataset
+folder, whose ``manifest.json`` gives ``facts`` (top level or under ``counts``), ``bits_per_fact`` and the
+data ``seed``); its metrics hold
+``recall/{train,ood}/{correct,tool_call_rate,valid_sql_rate,n}`` rows. The report answers: how recall
+falls with the number of facts for each mode and model size, the smallest model that reaches 95% recall
+for each number of facts, and the log-log slope of that size against facts for in-weight learning (with
+the parameters per fact and bits per parameter it implies).
+
+Usage::
+
+    .venv/bin/python apps/memory/analyze.py runs/memory                 # table on stdout, files in runs/memory/report
+    .venv/bin/python apps/memory/analyze.py runs/memory --out out/mem   # results.csv, *.png, report.html
+
+    from memory.analyze import make_report
+    summary = make_report("runs/memory", "out/mem")
+    print(summary["fit"]["weight"]["slope"], summary["fit"]["weight"]["params_per_fact"])
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script from any folder: make `memory.*` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lmlab.analysis import RunRecord, load_runs, plot_lines, write_csv, write_html_report  # noqa: E402
+from lmlab.analysis.report import Section, format_value  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MODES = ("weight", "tool")
+MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
+RECALL = "recall/train/correct"
+COLUMNS = ["name", "mode", "people", "facts", "bits_per_fact", "seed", "data_seed", "dim", "n_layers", "params",
+           "steps", "status", "recall_train_final", "recall_train_best", "step_recall_95", "recall_ood_final",
+           "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood", "valid_sql_rate_ood", "train_time_s"]
+TABLE_COLUMNS = ["name", "mode", "facts", "seed", "params", "steps", "recall_train_final", "recall_train_best",
+                 "step_recall_95", "recall_ood_final", "tool_call_rate_train", "status"]
+
+__all__ = ["capacity_fit", "fit_loglog", "format_table", "main", "make_report", "min_params_for", "read_manifest",
+           "results_rows"]
+
+
+def _find_dir(data_dir: str, run_path: Path) -> Path | None:
+    """A dataset folder named in a run's tags: absolute, relative to the working folder, or to a run's parents."""
+    p = Path(data_dir)
+    candidates = [p] if p.is_absolute() else [p, *(parent / p for parent in run_path.resolve().parents)]
+    return next((c for c in candidates if (c / "manifest.json").is_file()), None)
+
+
+def read_manifest(data_dir: str | os.PathLike | None, run_path: Path, cache: dict | None = None) -> dict[str, Any]:
+    """The dataset's manifest.json as a dict ({} when it cannot be found or read)."""
+    if not data_dir:
+        return {}
+    key = (str(data_dir), str(run_path))
+    if cache is not None and key in cache:
+        return cache[key]
+    found = _find_dir(str(data_dir), run_path)
+    manifest: dict[str, Any] = {}
+    if found is None:
+        log.warning("%s: dataset manifest %s/manifest.json not found", run_path, data_dir)
+    else:
+        try:
+            loaded = json.loads((found / "manifest.json").read_text(encoding="utf-8"))
+            manifest = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable manifest (%s)", found, e)
+    if cache is not None:
+        cache[key] = manifest
+    return manifest
+
+
+def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[dict[str, Any]]:
+    """One row per memory run (a run with ``tags.mode`` weight or tool), in the order of ``records``."""
+    rows = []
+    cache: dict = {}
+    for r in records:
+        mode = r.get("tags.mode")
+        if mode not in MODES:
+            continue
+        manifest = read_manifest(r.get("tags.data_dir"), r.path, cache)
+        counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
+        steps = r.summary.get("step")
+        if steps is None and r.metrics:
+            steps = max(int(row["step"]) for row in r.metrics)
+        rows.append({
+            "name": r.name,
+            "mode": mode,
+            "people": r.get("tags.people", manifest.get("people", counts.get("people"))),
+            "facts": manifest.get("facts", counts.get("facts")),
+            "bits_per_fact": manifest.get("bits_per_fact"),
+            "seed": r.get("seed"),
+            "data_seed": r.get("tags.data_seed", manifest.get("seed")),
+            "dim": r.get("model.dim"),
+            "n_layers": r.get("model.n_layers"),
+            "params": r.summary.get("num_params"),
+            "steps": steps,
+            "status": r.summary.get("status", "unfinished"),
+            "recall_train_final": r.final(RECALL),
+            "recall_train_best": r.best(RECALL),
+            "step_recall_95": r.first_step_reaching(RECALL, threshold),
+            "recall_ood_final": r.final("recall/ood/correct"),
+            "tool_call_rate_train": r.final("recall/train/tool_call_rate"),
+            "valid_sql_rate_train": r.final("recall/train/valid_sql_rate"),
+            "tool_call_rate_ood": r.final("recall/ood/tool_call_rate"),
+            "valid_sql_rate_ood": r.final("recall/ood/valid_sql_rate"),
+            "train_time_s": r.summary.get("train_time_s"),
+        })
+    return rows
+
+
+def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> list[dict[str, Any]]:
+    """For each (mode, facts): the smallest ``params`` whose mean over seeds of best train recall >= threshold.
+
+    Returns rows ``{mode, facts, params, recall, seeds, bits_per_fact}`` sorted by mode then facts; a
+    (mode, facts) that no model size reaches is left out.
+    """
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    bits: dict[tuple, Any] = {}
+    for row in rows:
+        if row.get("facts") is None or row.get("params") is None or row.get("recall_train_best") is None:
+            continue
+        key = (row["mode"], row["facts"], row["params"])
+        groups[key].append(float(row["recall_train_best"]))
+        bits.setdefault(key[:2], row.get("bits_per_fact"))
+    best: dict[tuple, dict[str, Any]] = {}
+    for (mode, facts, params), recalls in groups.items():
+        mean = statistics.fmean(recalls)
+        if mean >= threshold and ((mode, facts) not in best or params < best[(mode, facts)]["params"]):
+            best[(mode, facts)] = {"mode": mode, "facts": facts, "params": params, "recall": mean,
+                                   "seeds": len(recalls), "bits_per_fact": bits.get((mode, facts))}
+    order = {m: i for i, m in enumerate(MODES)}
+    return sorted(best.values(), key=lambda d: (order.get(d["mode"], len(order)), d["facts"]))
+
+
+def fit_loglog(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``log10(y) = slope * log10(x) + intercept``; needs two distinct positive xs."""
+    pts = [(math.log10(x), math.log10(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len({x for x, _ in pts}) < 2:
+        raise ValueError(f"a log-log fit needs at least two distinct positive x values, got {list(xs)}")
+    mx = statistics.fmean(x for x, _ in pts)
+    my = statistics.fmean(y for _, y in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return slope, my - slope * mx
+
+
+def capacity_fit(min_rows: Sequence[dict[str, Any]], mode: str = "weight") -> dict[str, Any]:
+    """Fit min params vs facts for one mode: slope, intercept (log10), median params per fact, bits per param.
+
+    With fewer than two points the slope and intercept are None (the medians still come when there is one).
+    """
+    pts = [r for r in min_rows if r["mode"] == mode]
+    out: dict[str, Any] = {"mode": mode, "points": len(pts), "slope": None, "intercept": None,
+                           "params_per_fact": None, "bits_per_param": None}
+    if not pts:
+        return out
+    out["params_per_fact"] = statistics.median(r["params"] / r["facts"] for r in pts)
+    bpp = [r["facts"] * r["bits_per_fact"] / r["params"] for r in pts if r.get("bits_per_fact") is not None]
+    out["bits_per_param"] = statistics.median(bpp) if bpp else None
+    try:
+        out["slope"], out["intercept"] = fit_loglog([r["facts"] for r in pts], [r["params"] for r in pts])
+    except ValueError:
+        pass
+    return out
+
+
+def _size_key(row: dict[str, Any]) -> tuple:
+    return (row.get("dim"), row.get("n_layers"))
+
+
+def _size_label(row: dict[str, Any]) -> str:
+    params = row.get("params")
+    p = f", {params / 1e6:.2g}M" if isinstance(params, (int, float)) and params >= 1e5 else (
+        f", {params:,} params" if params else "")
+    return f"d{row.get('dim')} L{row.get('n_layers')}{p}"
+
+
+def _by_facts(rows: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list, list]]:
+    """One series per (mode, model size): mean over seeds of ``key`` at each number of facts."""
+    groups: dict[tuple, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    labels: dict[tuple, str] = {}
+    for row in rows:
+        if row.get("facts") is None or row.get(key) is None:
+            continue
+        g = (MODES.index(row["mode"]), *(_size_key(row)))
+        groups[g][row["facts"]].append(float(row[key]))
+        labels.setdefault(g, f"{MODE_LABEL[row['mode']]} {_size_label(row)}")
+    out = {}
+    for g in sorted(groups, key=lambda k: tuple(-1 if v is None else v for v in k)):
+        facts = sorted(groups[g])
+        out[labels[g]] = (facts, [statistics.fmean(groups[g][f]) for f in facts])
+    return out
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """A plain fixed-width text table."""
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = 0.95) -> dict[str, Any]:
+    """Write results.csv, four PNGs and report.html under ``out_dir``; return a summary dict (with the fits)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_runs(root)
+    rows = results_rows(records, threshold)
+    notes: list[str] = []
+    if not rows:
+        notes.append(f"no memory runs (run folders with tags.mode weight/tool) under {root}")
+    missing = sorted(r["name"] for r in rows if r["facts"] is None)
+    if missing:
+        notes.append(f"{len(missing)} run(s) without a readable dataset manifest (no facts count): "
+                     + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    files = {"csv": write_csv(rows, out / "results.csv", COLUMNS)}
+
+    files["recall_vs_facts"] = plot_lines(
+        _by_facts(rows, "recall_train_final"), out / "recall_vs_facts.png", "facts", "final train recall",
+        "Recall of training facts vs number of facts", logx=True)
+
+    mins = min_params_for(rows, threshold)
+    fits = {m: capacity_fit(mins, m) for m in MODES}
+    series: dict[str, tuple[list, list]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    pct = f"{threshold:.0%}"
+    for m in MODES:
+        pts = [r for r in mins if r["mode"] == m]
+        if not pts:
+            notes.append(f"{MODE_LABEL[m]}: no model size reaches {pct} train recall; no curve of minimum parameters")
+            continue
+        series[f"{MODE_LABEL[m]} (min params for {pct})"] = ([r["facts"] for r in pts], [r["params"] for r in pts])
+    w = fits["weight"]
+    if w["slope"] is not None:
+        xs = sorted({r["facts"] for r in mins if r["mode"] == "weight"})
+        label = f"in-weight fit: params ~ facts^{w['slope']:.2f} ({w['params_per_fact']:.3g} params/fact)"
+        series[label] = (xs, [10 ** w["intercept"] * x ** w["slope"] for x in xs])
+        styles[label] = {"linestyle": "--", "marker": None, "color": "gray"}
+    elif w["points"]:
+        notes.append("in-weight: fewer than two numbers of facts reach the threshold; no slope fitted")
+    files["min_params_vs_facts"] = plot_lines(
+        series, out / "min_params_vs_facts.png", "facts", "parameters", f"Smallest model reaching {pct} recall",
+        logx=True, logy=True, styles=styles)
+
+    step_series = {}
+    for r in records:
+        if r.get("tags.mode") in MODES:
+            steps, values = r.series(RECALL)
+            if steps:
+                step_series[f"{MODE_LABEL[r.get('tags.mode')]} {r.name}"] = (steps, values)
+    if not step_series and rows:
+        notes.append("no run logged recall/train/correct")
+    files["recall_vs_step"] = plot_lines(step_series, out / "recall_vs_step.png", "step", "train recall",
+                                         "Train recall during training, with and without the tool")
+    ood = _by_facts(rows, "recall_ood_final")
+    if not ood and rows:
+        notes.append("no run logged recall/ood/correct")
+    files["ood_recall"] = plot_lines(ood, out / "ood_recall.png", "facts", "final OOD recall",
+                                     "Recall on out-of-distribution questions vs facts", logx=True)
+
+    fit_lines = []
+    for m in MODES:
+        f = fits[m]
+        if f["slope"] is not None:
+            fit_lines.append(f"{MODE_LABEL[m]}: min params ~ facts^{f['slope']:.3f} over {f['points']} points; "
+                             f"median {f['params_per_fact']:.4g} params/fact"
+                             + (f", {f['bits_per_param']:.3g} bits/param" if f["bits_per_param"] is not None else ""))
+    counts = ", ".join(f"{sum(r['mode'] == m for r in rows)} {MODE_LABEL[m]}" for m in MODES)
+    intro = f"{len(rows)} memory runs under {root} ({counts}); threshold {pct} train recall."
+    sections = [
+        Section("Summary", text="\n".join([intro, *fit_lines, *notes])),
+        Section(f"Smallest model reaching {pct} recall", table=mins,
+                text="" if mins else f"No (mode, facts) reaches {pct}.", images=[files["min_params_vs_facts"]]),
+        Section("Recall vs facts", images=[files["recall_vs_facts"]]),
+        Section("Recall during training", images=[files["recall_vs_step"]]),
+        Section("Out-of-distribution recall", images=[files["ood_recall"]]),
+        Section("All runs", table=rows, columns=COLUMNS, text="" if rows else "No runs."),
+    ]
+    files["html"] = write_html_report(out / "report.html", "Memory: in-weight vs in-tool learning", sections)
+    return {"runs": len(rows), "modes": {m: sum(r["mode"] == m for r in rows) for m in MODES},
+            "threshold": threshold, "min_params": mins, "fit": fits, "notes": notes,
+            "files": {k: str(v) for k, v in files.items()}, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder of memory run folders (searched recursively)")
+    parser.add_argument("--out", default=None, help="output folder (default: ROOT/report)")
+    parser.add_argument("--threshold", type=float, default=0.95, help="recall counted as learned (default 0.95)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out) if args.out else Path(args.root) / "report"
+    summary = make_report(args.root, out, args.threshold)
+    print(format_table(summary["rows"]))
+    for m in MODES:
+        f = summary["fit"][m]
+        if f["slope"] is not None:
+            print(f"{MODE_LABEL[m]}: min params ~ facts^{f['slope']:.3f}; {f['params_per_fact']:.4g} params/fact"
+                  + (f"; {f['bits_per_param']:.3g} bits/param" if f["bits_per_param"] is not None else ""))
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {summary['files']['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

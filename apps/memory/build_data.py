@@ -1,0 +1,202 @@
+"""Build one memory-app dataset: synthetic people, their SQLite database, in-weight and in-tool dialogs, evals.
+
+Usage::
+
+    .venv/bin/python apps/memory/build_data.py --people 256 --ood 128 --seed 0 --out data/memory/p256
+    .venv/bin/python apps/memory/build_data.py --people 100000 --ood 1000 --paraphrases 1 --alpha 0.5 --out DIR
+
+or from Python: ``from memory.build_data import build_dataset; manifest = build_dataset(out, 256, 128, seed=0)``.
+
+Files written into ``--out`` (JSONL lines have sorted keys and end in "\\n"; the same arguments give
+byte-identical files, the SQLite file included; ``--seed`` is the data seed, independent of model seeds):
+
+* ``people.jsonl``, ``ood_people.jsonl``: one person per line (``memory.people.make_people``); training people
+  use in-distribution names only, OOD people OOD names only.
+* ``people.sqlite``: table ``people`` with the training people then the OOD people (new people added to the
+  database: a tool user can answer about them, an in-weight model cannot).
+* ``qa_train.jsonl``: in-weight dialogs, for each training person and attribute ``--paraphrases`` dialogs
+  with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
+* ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
+  ``[user, assistant sql, database, assistant]``; the database turn is the real query run on ``people.sqlite``.
+* ``bios.txt``: one biography paragraph per training person (optional training text).
+* ``eval_train.jsonl``, ``eval_ood.jsonl``: one question per (person, attribute):
+  ``{"dialog": [user], "person", "attribute", "value", "answer_regex", "sql"}``; ``re.fullmatch(answer_regex,
+  answer).group("value")`` reads a model's answer back.
+* ``manifest.json`` (written last): seed, alpha, paraphrases, counts, cardinalities, bits, sha256 of each file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
+
+from memory.people import (  # noqa: E402
+    ANSWER_TEMPLATES,
+    ATTRIBUTES,
+    CARDINALITIES,
+    NAME_SPLIT_SEED,
+    QUESTION_TEMPLATES,
+    answer_regex,
+    biography,
+    bits_per_person,
+    build_database,
+    db_text,
+    make_people,
+    qa_dialog,
+    render_question,
+    rng_stream,
+    sql_query,
+    tool_dialog,
+)
+
+FORMAT_VERSION = 1
+log = logging.getLogger("memory.build_data")
+
+FILES = (
+    "people.jsonl",
+    "ood_people.jsonl",
+    "people.sqlite",
+    "qa_train.jsonl",
+    "tool_train.jsonl",
+    "bios.txt",
+    "eval_train.jsonl",
+    "eval_ood.jsonl",
+)
+
+
+_dumps = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode  # one encoder: json.dumps rebuilds it per call
+_str = json.encoder.encode_basestring  # the (C) string escaper json.dumps(ensure_ascii=False) uses
+
+
+def _dialog_line(turns: list[dict[str, str]]) -> str:
+    """``_dumps({"dialog": turns})`` for turns with exactly the keys content and source, three times faster."""
+    body = ", ".join(f'{{"content": {_str(t["content"])}, "source": {_str(t["source"])}}}' for t in turns)
+    return f'{{"dialog": [{body}]}}'
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+            n += 1
+    return n
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterator[str]:
+    rng = rng_stream(seed, "eval", stream)
+    for p in people:
+        for a in ATTRIBUTES:
+            q = render_question(a, rng.randrange(len(QUESTION_TEMPLATES[a])), p["name"])
+            # the same text as _dumps of the record with sorted keys (tested), written out for speed
+            yield (
+                f'{{"answer_regex": {_str(answer_regex(a, p["name"]))}, "attribute": {_str(a)}, '
+                f'"dialog": [{{"content": {_str(q)}, "source": "user"}}], "person": {_str(p["name"])}, '
+                f'"sql": {_str(sql_query(a, p["name"]))}, "value": {_str(p[a])}}}'
+            )
+
+
+def build_dataset(
+    out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4
+) -> dict[str, Any]:
+    """Write every file of the dataset into ``out`` (created if missing) and return the manifest."""
+    n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
+    if not 1 <= paraphrases <= n_q:
+        raise ValueError(f"paraphrases must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = make_people(people, seed, alpha=alpha)
+    test = make_people(ood, seed, ood=True, alpha=alpha)
+    lines: dict[str, int] = {}
+    lines["people.jsonl"] = _write_lines(out / "people.jsonl", [_dumps(p) for p in train])
+    lines["ood_people.jsonl"] = _write_lines(out / "ood_people.jsonl", [_dumps(p) for p in test])
+    db_path = out / "people.sqlite"
+    build_database(db_path, train + test)
+    lines["people.sqlite"] = len(train) + len(test)  # rows
+    log.info("%d + %d people and their database in %.1fs", len(train), len(test), time.perf_counter() - t0)
+
+    rng = rng_stream(seed, "train-paraphrases")
+    n_train = 0
+    with (
+        closing(sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)) as conn,
+        open(out / "qa_train.jsonl", "w", encoding="utf-8", newline="\n") as qa,
+        open(out / "tool_train.jsonl", "w", encoding="utf-8", newline="\n") as tool,
+    ):
+        for p in train:
+            for a in ATTRIBUTES:
+                q_idxs = rng.sample(range(len(QUESTION_TEMPLATES[a])), paraphrases)
+                a_idxs = [rng.randrange(len(ANSWER_TEMPLATES[a])) for _ in q_idxs]
+                text = db_text(conn, a, p["name"])  # the real query on the built database
+                for qi, ai in zip(q_idxs, a_idxs):
+                    qa.write(_dialog_line(qa_dialog(p, a, qi, ai)) + "\n")
+                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text)) + "\n")
+                    n_train += 1
+    lines["qa_train.jsonl"] = lines["tool_train.jsonl"] = n_train
+    bio_rng = rng_stream(seed, "bios")
+    lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
+    lines["eval_train.jsonl"] = _write_lines(out / "eval_train.jsonl", _eval_lines(train, seed, "train"))
+    lines["eval_ood.jsonl"] = _write_lines(out / "eval_ood.jsonl", _eval_lines(test, seed, "ood"))
+
+    bits = bits_per_person()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "seed": int(seed),
+        "alpha": float(alpha),
+        "paraphrases": int(paraphrases),
+        "name_split_seed": NAME_SPLIT_SEED,
+        "attributes": list(ATTRIBUTES),
+        "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
+        "bits_per_person": bits,
+        "bits_per_fact": bits / len(ATTRIBUTES),
+        "counts": {
+            "people": len(train),
+            "ood": len(test),
+            "facts": len(train) * len(ATTRIBUTES),
+            "ood_facts": len(test) * len(ATTRIBUTES),
+            "lines": lines,
+        },
+        "sha256": {name: _sha256(out / name) for name in FILES},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    log.info("dataset in %s: %d facts, %.1fs", out, manifest["counts"]["facts"], time.perf_counter() - t0)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--people", type=int, required=True, help="training people (in-distribution names)")
+    ap.add_argument("--ood", type=int, default=0, help="OOD people (held-out names), only in the database")
+    ap.add_argument("--seed", type=int, default=0, help="data seed (independent of model seeds)")
+    ap.add_argument("--alpha", type=float, default=0.0, help="probability that an attribute follows the last name")
+    ap.add_argument("--paraphrases", type=int, default=4, help="dialogs per fact, each a distinct question template")
+    ap.add_argument("--out", required=True, help="output folder")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases)
+    print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

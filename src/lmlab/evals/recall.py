@@ -1,0 +1,193 @@
+"""Fact recall through the generation engine, with live tool calls.
+
+A recall set is a JSONL file, one question per line::
+
+    {"dialog": [{"source": "user", "content": "What does Ada Smith do for a living?"}],
+     "value": "teacher", "answer_regex": ["Ada Smith works as a (?P<value>.+?)\\\\.", ...],
+     "attribute": "occupation", "person": "Ada Smith"}
+
+Every question is answered greedily by :class:`~lmlab.inference.Engine` (all of them batched), with the tool
+(e.g. :class:`lmlab.tools.sql.SqlTool`) live: when the model emits ``<|database|>``, the query in its message
+runs and the answer is injected before the model goes on. A question is **correct** when the final assistant
+turn full-matches one of its ``answer_regex`` patterns and the pattern's ``value`` group equals ``value``
+exactly (the value is parsed out of the sentence; a suffix or substring match does not count). Reported
+separately, as fractions of all questions:
+
+* ``tool_call_rate``: the model emitted a tool call whose message held a well-formed call (a ```sql block);
+* ``valid_sql_rate``: that first call ran without error (parsed, allowed and executed by the tool);
+* ``correct``: the parsed answer equals the expected value.
+
+Usage::
+
+    from lmlab.evals.recall import evaluate_recall, load_questions
+    questions = load_questions("data/eval_ood.jsonl", max_questions=256, seed=0)
+    metrics, records = evaluate_recall(model, tokenizer, questions, tool=SqlTool("data/people.sqlite"))
+    print(metrics)   # {"correct": 0.97, "tool_call_rate": 1.0, "valid_sql_rate": 0.99, "n": 256}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.config import EngineConfig, RecallEvalConfig
+from lmlab.data.errors import DataError
+from lmlab.inference import Engine, Request, Result, SamplingParams
+from lmlab.jsonl import iter_jsonl
+from lmlab.tokenizers import DialogError, DialogTokenizer, Tokenizer
+
+__all__ = ["RecallQuestion", "evaluate_recall", "judge", "load_questions", "parse_answer", "run_recall_sets",
+           "set_name"]
+
+
+@dataclass
+class RecallQuestion:
+    """One question: the prompt ``dialog``, the expected ``value`` and the patterns that parse an answer."""
+
+    dialog: list[dict[str, str]]
+    value: str
+    answer_regex: list[str]
+    attribute: str = ""
+    person: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_name(path: str | os.PathLike) -> str:
+    """``data/eval_ood.jsonl`` -> ``ood``: the name a set's metrics are logged under."""
+    stem = Path(path).stem
+    return stem[len("eval_"):] if stem.startswith("eval_") and len(stem) > 5 else stem
+
+
+def load_questions(path: str | os.PathLike, max_questions: int = 0, seed: int = 0) -> list[RecallQuestion]:
+    """Read a recall set; with ``max_questions`` > 0 keep a seeded subset of that many (in file order).
+
+    Bad lines raise :class:`~lmlab.data.DataError` naming the file and line.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"recall set not found: {path}")
+    questions = []
+    for lineno, obj in iter_jsonl(path, error=DataError):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with 'dialog', 'value', 'answer_regex'")
+        missing = [k for k in ("dialog", "value", "answer_regex") if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing {missing} (keys: {sorted(obj)})")
+        patterns = obj["answer_regex"]
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise DataError(f"{where}: answer_regex must be a string or a non-empty list of strings")
+        for p in patterns:
+            try:
+                if "value" not in re.compile(p).groupindex:
+                    raise DataError(f"{where}: answer_regex {p!r} has no (?P<value>...) group")
+            except re.error as e:
+                raise DataError(f"{where}: answer_regex {p!r} is not a valid regex ({e})") from None
+        if not isinstance(obj["dialog"], list) or not isinstance(obj["value"], str):
+            raise DataError(f"{where}: 'dialog' must be a list of turns and 'value' a string")
+        extra = {k: v for k, v in obj.items() if k not in ("dialog", "value", "answer_regex", "attribute", "person")}
+        questions.append(RecallQuestion(obj["dialog"], obj["value"], patterns, str(obj.get("attribute", "")),
+                                        str(obj.get("person", "")), extra))
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    if 0 < max_questions < len(questions):
+        keep = sorted(random.Random(seed).sample(range(len(questions)), max_questions))
+        questions = [questions[i] for i in keep]
+    return questions
+
+
+def parse_answer(text: str, patterns: Sequence[str]) -> str | None:
+    """The ``value`` group of the first pattern that full-matches ``text`` (stripped), or None."""
+    text = text.strip()
+    for p in patterns:
+        m = re.fullmatch(p, text, flags=re.DOTALL)
+        if m is not None:
+            return m.group("value")
+    return None
+
+
+def judge(question: RecallQuestion, result: Result) -> dict[str, Any]:
+    """The verdict on one answered question (see the module docstring for the three rates)."""
+    calls = result.tool_calls
+    tool_call = bool(calls) and calls[0][0] is not None
+    valid_sql = tool_call and not calls[0][1].startswith("error:")
+    turns = result.dialog or []
+    answered = [t["content"] for t in turns[len(question.dialog):] if t["source"] == "assistant"]
+    final = answered[-1] if answered else ""
+    predicted = parse_answer(final, question.answer_regex)
+    return {"person": question.person, "attribute": question.attribute, "value": question.value,
+            "tool_call": tool_call, "valid_sql": valid_sql, "correct": predicted == question.value,
+            "predicted": predicted, "answer": final, "finish_reason": result.finish_reason,
+            "calls": [list(c) for c in calls]}
+
+
+@torch.no_grad()
+def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, questions: Sequence[RecallQuestion],
+                    *, tool: Any = None, engine_cfg: EngineConfig | None = None, max_new_tokens: int = 160,
+                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Answer every question greedily (batched through the engine, ``tool`` live); return the metrics and one
+    verdict per question."""
+    dtok = tokenizer if isinstance(tokenizer, DialogTokenizer) else DialogTokenizer(tokenizer)
+    engine = Engine.from_config(model, dtok, engine_cfg or EngineConfig(), tools=[tool] if tool is not None else [])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    requests = []
+    for i, q in enumerate(questions):
+        try:
+            dtok.encode_prompt(q.dialog)
+        except DialogError as e:
+            raise DataError(f"question {i} ({q.person!r}, {q.attribute!r}): {e}") from None
+        requests.append(Request(dialog=q.dialog, params=params, id=i))
+    was_training = model.training
+    model.eval()
+    try:
+        results = engine.generate(requests)
+    finally:
+        model.train(was_training)
+    records = [judge(q, r) for q, r in zip(questions, results)]
+    n = len(records)
+    metrics = {key: sum(r[flag] for r in records) / max(n, 1)
+               for key, flag in (("correct", "correct"), ("tool_call_rate", "tool_call"),
+                                 ("valid_sql_rate", "valid_sql"))}
+    metrics["n"] = n
+    return metrics, records
+
+
+def build_tool(db: str) -> Any:
+    """The SQL tool over ``db`` (read-only; every table of the file allowed)."""
+    from lmlab.tools.sql import SqlTool
+
+    if not Path(db).is_file():
+        raise DataError(f"recall: database not found: {db}")
+    return SqlTool(db)
+
+
+def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfig,
+                    engine_cfg: EngineConfig | None = None, out_dir: str | os.PathLike | None = None,
+                    step: int | None = None) -> dict[str, float]:
+    """Evaluate every set of ``cfg.sets``; return ``{"recall/<set>/<metric>": value}``. With ``out_dir`` and
+    ``cfg.save_outputs``, write each question's verdict to ``out_dir/<set>_step<step>.jsonl``."""
+    tool = build_tool(cfg.db) if cfg.db else None
+    out: dict[str, float] = {}
+    for path in cfg.sets:
+        name = set_name(path)
+        questions = load_questions(path, cfg.max_questions, cfg.seed)
+        metrics, records = evaluate_recall(model, tokenizer, questions, tool=tool, engine_cfg=engine_cfg,
+                                           max_new_tokens=cfg.max_new_tokens)
+        out.update({f"recall/{name}/{k}": v for k, v in metrics.items()})
+        if out_dir is not None and cfg.save_outputs:
+            folder = Path(out_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = f"_step{step}" if step is not None else ""
+            with open(folder / f"{name}{suffix}.jsonl", "w") as f:
+                for r in records:
+                    f.write(json.dumps(r, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,38 @@
+"""Launch runs and grids: locally as subprocesses now, on Slurm (submitit) behind the same ``run_grid`` later.
+
+Usage::
+
+    from lmlab.config import load_grid
+    from lmlab.launch import run_grid
+    outcomes = run_grid(load_grid("apps/memory/grid.yaml"), jobs=2)
+"""
+
+from lmlab.launch.local import (
+    Executor,
+    GridInterrupted,
+    LocalExecutor,
+    RunHandle,
+    RunOutcome,
+    default_threads,
+    has_checkpoint,
+    is_finished,
+    log_tail,
+    read_summary,
+    run_grid,
+    run_state,
+)
+
+__all__ = [
+    "Executor",
+    "GridInterrupted",
+    "LocalExecutor",
+    "RunHandle",
+    "RunOutcome",
+    "default_threads",
+    "has_checkpoint",
+    "is_finished",
+    "log_tail",
+    "read_summary",
+    "run_grid",
+    "run_state",
+]

@@ -1,0 +1,167 @@
+"""The memory app's analysis on synthetic run folders: result rows, minimum parameters, the log-log fit,
+and the report files (CSV, PNGs, HTML)."""
+
+import csv
+import json
+
+import pytest
+import yaml
+from memory.analyze import capacity_fit, fit_loglog, main, make_report, min_params_for, results_rows
+
+from lmlab.analysis import load_runs
+from lmlab.analysis.report import PNG_SIGNATURE
+
+ATTRS, BITS_PER_FACT = 4, 10.0
+SIZES = {16: 3200, 32: 12800}  # dim -> params; in-weight capacity is params / 8 facts
+
+
+def make_dataset(root, people):
+    d = root / "data" / f"p{people}"
+    d.mkdir(parents=True)
+    manifest = {"people": people, "facts": people * ATTRS, "bits_per_person": ATTRS * BITS_PER_FACT,
+                "bits_per_fact": BITS_PER_FACT}
+    if people == 400:  # the layout memory.build_data writes: counts nested, the data seed at the top
+        manifest = {"seed": 3, "bits_per_person": ATTRS * BITS_PER_FACT, "bits_per_fact": BITS_PER_FACT,
+                    "counts": {"people": people, "facts": people * ATTRS, "ood": 10}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def recall_at(mode, params, facts, step, steps=50):
+    final = 0.99 if mode == "tool" else min(1.0, (params / 8) / facts)
+    return final * step / steps
+
+
+def make_memory_runs(tmp_path, modes=("weight", "tool"), people=(100, 200, 400), scale=1.0):
+    root = tmp_path / "runs"
+    for p in people:
+        make_dataset(tmp_path, p)
+    for mode in modes:
+        for p in people:
+            for dim, params in SIZES.items():
+                name = f"mem/mode={mode}_people={p}_dim={dim}"
+                run = root / name
+                run.mkdir(parents=True)
+                cfg = {"name": name, "seed": 0, "model": {"dim": dim, "n_layers": 2},
+                       "tags": {"mode": mode, "people": p, "data_dir": f"data/p{p}",
+                                **({"data_seed": 7} if p != 400 else {})}}
+                (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+                rows = []
+                for step in range(10, 51, 10):
+                    rows.append({"step": step, "loss": 1.0 / step})
+                    rows.append({"step": step, **{f"recall/{s}/{k}": v for s in ("train", "ood") for k, v in {
+                        "correct": scale * recall_at(mode, params, p * ATTRS, step) * (0.5 if s == "ood" else 1),
+                        "tool_call_rate": 1.0 if mode == "tool" else 0.0,
+                        "valid_sql_rate": 0.98 if mode == "tool" else 0.0, "n": 64}.items()}})
+                (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                (run / "summary.json").write_text(json.dumps({"status": "completed", "step": 50, "num_params": params,
+                                                              "train_time_s": 12.5}))
+    return root
+
+
+def test_results_rows(tmp_path):
+    root = make_memory_runs(tmp_path)
+    (root / "other").mkdir()  # a non-memory run is ignored
+    (root / "other" / "config.yaml").write_text(yaml.safe_dump({"name": "other", "tags": {}}))
+    rows = results_rows(load_runs(root))
+    assert len(rows) == 12
+    by = {(r["mode"], r["people"], r["dim"]): r for r in rows}
+    w = by[("weight", 200, 16)]  # 800 facts, capacity 400: recall 0.5
+    assert w["facts"] == 800 and w["bits_per_fact"] == BITS_PER_FACT and w["params"] == 3200
+    assert w["recall_train_final"] == pytest.approx(0.5) and w["recall_train_best"] == pytest.approx(0.5)
+    assert w["step_recall_95"] is None and w["recall_ood_final"] == pytest.approx(0.25)
+    assert w["seed"] == 0 and w["data_seed"] == 7 and w["n_layers"] == 2 and w["steps"] == 50
+    assert w["status"] == "completed" and w["train_time_s"] == 12.5 and w["tool_call_rate_train"] == 0.0
+    t = by[("tool", 400, 16)]
+    assert t["facts"] == 1600 and t["data_seed"] == 3  # from a nested manifest; no tags.data_seed
+    assert t["recall_train_final"] == pytest.approx(0.99) and t["step_recall_95"] == 50
+    assert t["tool_call_rate_ood"] == 1.0 and t["valid_sql_rate_train"] == 0.98
+    assert by[("weight", 100, 32)]["step_recall_95"] == 50  # recall 1.0 reached only at the last row
+
+
+def test_min_params_means_over_seeds():
+    rows = [
+        # facts 400: the small model reaches 0.95 with one seed only (mean 0.935): the large one counts
+        {"mode": "weight", "facts": 400, "params": 100, "recall_train_best": 0.97, "bits_per_fact": 10.0},
+        {"mode": "weight", "facts": 400, "params": 100, "recall_train_best": 0.90, "bits_per_fact": 10.0},
+        {"mode": "weight", "facts": 400, "params": 300, "recall_train_best": 0.96, "bits_per_fact": 10.0},
+        {"mode": "weight", "facts": 400, "params": 900, "recall_train_best": 1.0, "bits_per_fact": 10.0},
+        # facts 800: nothing reaches it
+        {"mode": "weight", "facts": 800, "params": 900, "recall_train_best": 0.5, "bits_per_fact": 10.0},
+        {"mode": "tool", "facts": 800, "params": 100, "recall_train_best": 0.99, "bits_per_fact": 10.0},
+        {"mode": "tool", "facts": 800, "params": 50, "recall_train_best": None},  # no recall logged: ignored
+    ]
+    got = min_params_for(rows)
+    assert [(r["mode"], r["facts"], r["params"], r["seeds"]) for r in got] == [("weight", 400, 300, 1),
+                                                                             ("tool", 800, 100, 1)]
+    assert [r["params"] for r in min_params_for(rows, threshold=0.9)][0] == 100  # mean 0.935 >= 0.9
+
+
+def test_loglog_fit_and_capacity():
+    facts = [100, 400, 1600, 6400]
+    slope, intercept = fit_loglog(facts, [8 * f for f in facts])
+    assert slope == pytest.approx(1.0) and 10 ** intercept == pytest.approx(8.0)
+    slope, _ = fit_loglog(facts, [3 * f ** 0.5 for f in facts])
+    assert slope == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        fit_loglog([100, 100], [1, 2])
+    mins = [{"mode": "weight", "facts": f, "params": 8 * f, "bits_per_fact": 10.0} for f in facts]
+    fit = capacity_fit(mins + [{"mode": "tool", "facts": 100, "params": 5, "bits_per_fact": 10.0}])
+    assert fit["slope"] == pytest.approx(1.0) and fit["params_per_fact"] == 8
+    assert fit["bits_per_param"] == pytest.approx(10.0 / 8) and fit["points"] == 4
+    one = capacity_fit(mins[:1])
+    assert one["slope"] is None and one["params_per_fact"] == 8
+    assert capacity_fit([], "tool")["params_per_fact"] is None
+
+
+def test_make_report_writes_everything(tmp_path, capsys):
+    root = make_memory_runs(tmp_path)
+    out = tmp_path / "out"
+    summary = make_report(root, out)
+    assert summary["runs"] == 12 and summary["modes"] == {"weight": 6, "tool": 6}
+    # in-weight: 400 facts -> small (3200); 800 and 1600 facts -> large (12800); in-tool: small everywhere
+    mins = [(r["mode"], r["facts"], r["params"]) for r in summary["min_params"]]
+    assert mins == [("weight", 400, 3200), ("weight", 800, 12800), ("weight", 1600, 12800),
+                    ("tool", 400, 3200), ("tool", 800, 3200), ("tool", 1600, 3200)]
+    fit = summary["fit"]["weight"]
+    assert fit["slope"] == pytest.approx(fit_loglog([400, 800, 1600], [3200, 12800, 12800])[0])
+    assert fit["params_per_fact"] == 8  # median of 3200/400, 12800/800, 12800/1600
+    assert fit["bits_per_param"] == pytest.approx(1.25)  # median of facts * 10 bits / params
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 12 and {r["mode"] for r in table} == {"weight", "tool"}
+    assert table[0]["name"].startswith("mem/") and "recall_train_best" in table[0]
+    for png in ("recall_vs_facts", "min_params_vs_facts", "recall_vs_step", "ood_recall"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "mem/mode=tool_people=400_dim=16" in html
+    assert "facts^" in html
+
+    assert main([str(root), "--out", str(tmp_path / "cli")]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split()[:3] == ["name", "mode", "facts"] and "in-weight: min params ~ facts^" in text
+    assert (tmp_path / "cli" / "report.html").is_file()
+
+
+def test_report_without_any_run_reaching_the_threshold(tmp_path):
+    root = make_memory_runs(tmp_path, scale=0.5)  # recall at most 0.5: nothing reaches 95%
+    summary = make_report(root, tmp_path / "out")
+    assert summary["min_params"] == [] and summary["fit"]["weight"]["slope"] is None
+    assert any("no model size reaches 95%" in n for n in summary["notes"])
+    assert "no model size reaches 95%" in (tmp_path / "out" / "report.html").read_text()
+    empty = make_report(tmp_path / "nothing", tmp_path / "out2")  # no runs at all
+    assert empty["runs"] == 0 and (tmp_path / "out2" / "report.html").is_file()
+    assert (tmp_path / "out2" / "min_params_vs_facts.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_script_runs_from_another_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "apps" / "memory" / "analyze.py"
+    root = make_memory_runs(tmp_path, modes=("tool",), people=(100,))
+    res = subprocess.run([sys.executable, str(script), str(root)], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "mem/mode=tool_people=100_dim=16" in res.stdout and (root / "report" / "report.html").is_file()

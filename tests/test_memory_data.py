@@ -1,0 +1,338 @@
+"""Tests of the memory app's data side: name lists, people, templates, the SQLite database and build_data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from memory import names, people
+from memory.build_data import FILES, build_dataset
+from memory.people import (
+    ANSWER_TEMPLATES,
+    ATTRIBUTES,
+    BIO_TEMPLATES,
+    QUESTION_TEMPLATES,
+    VALUES,
+    answer_regex,
+    bits_per_person,
+    build_database,
+    db_text,
+    dependent_value,
+    make_people,
+    parse_answer,
+    render_answer,
+    render_question,
+    render_template,
+    sql_query,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME_RE = re.compile(r"[A-Za-z]+(-[A-Za-z]+)?")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("memory2000")
+    build_dataset(out, people=2000, ood=300, seed=3, paraphrases=2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the lists
+
+
+def test_lists_are_unique_clean_and_big_enough() -> None:
+    for lst, least in [(names.FIRST_NAMES, 480), (names.LAST_NAMES, 480), (names.CITIES, 150),
+                       (names.OCCUPATIONS, 100), (names.UNIVERSITIES, 20)]:
+        assert isinstance(lst, tuple)
+        assert len(lst) >= least
+        assert len(set(lst)) == len(lst), [x for x in set(lst) if lst.count(x) > 1]
+        assert all(x.isascii() and x == x.strip() and "'" not in x and "\n" not in x for x in lst)
+    for n in names.FIRST_NAMES + names.LAST_NAMES:
+        assert NAME_RE.fullmatch(n), n
+
+
+def test_name_split_is_disjoint_and_id_pool_is_large() -> None:
+    for full, id_part, ood_part in [(names.FIRST_NAMES, people.ID_FIRST_NAMES, people.OOD_FIRST_NAMES),
+                                    (names.LAST_NAMES, people.ID_LAST_NAMES, people.OOD_LAST_NAMES)]:
+        assert not set(id_part) & set(ood_part)
+        assert sorted(id_part + ood_part) == sorted(full)
+        assert 0.15 < len(ood_part) / len(full) < 0.25
+    assert len(people.ID_FIRST_NAMES) * len(people.ID_LAST_NAMES) >= 100_000
+    assert len(people.OOD_FIRST_NAMES) * len(people.OOD_LAST_NAMES) >= 10_000
+
+
+def test_bits_per_person_and_dates() -> None:
+    cards = people.CARDINALITIES
+    assert len(ATTRIBUTES) >= 4 and len(set(cards.values())) >= 3
+    assert bits_per_person() == pytest.approx(sum(math.log2(c) for c in cards.values()))
+    assert bits_per_person() == pytest.approx(42.4003, abs=1e-3)
+    dates = VALUES["birth_date"]
+    assert len(dates) == len(set(dates)) == cards["birth_date"] == 24107  # 66 years, 16 of them leap
+    assert dates[0] == "January 1, 1940" and dates[-1] == "December 31, 2005"
+    assert "February 29, 2004" in dates and "February 29, 2005" not in dates and "April 31, 1990" not in dates
+    assert people.cardinality("occupation") == len(names.OCCUPATIONS)
+    with pytest.raises(ValueError, match="unknown attribute"):
+        people.cardinality("shoe_size")
+
+
+# ----------------------------------------------------------------------------------------------- people
+
+
+def test_make_people_unique_deterministic_and_seeded() -> None:
+    a = make_people(3000, seed=1)
+    assert a == make_people(3000, seed=1)
+    assert len({p["name"] for p in a}) == 3000
+    assert set(a[0]) == {"name", *ATTRIBUTES}
+    assert all(p[k] in VALUES[k] for p in a for k in ATTRIBUTES)
+    b = make_people(3000, seed=2)
+    assert [p["name"] for p in a] != [p["name"] for p in b]
+    # the names do not depend on alpha, and uniform values are the same draws
+    c = make_people(3000, seed=1, alpha=0.5)
+    assert [p["name"] for p in c] == [p["name"] for p in a]
+    with pytest.raises(ValueError, match="name pool"):
+        make_people(10**7, seed=0, ood=True)
+    with pytest.raises(ValueError, match="alpha"):
+        make_people(3, seed=0, alpha=1.5)
+
+
+def test_alpha_makes_attributes_a_function_of_the_last_name() -> None:
+    def by_last(ps: list[dict]) -> dict[str, list[dict]]:
+        g = defaultdict(list)
+        for p in ps:
+            g[p["name"].split(" ")[1]].append(p)
+        return g
+
+    dep = make_people(4000, seed=5, alpha=1.0)
+    for last, group in by_last(dep).items():
+        for a in ATTRIBUTES:
+            assert {p[a] for p in group} == {dependent_value(last, a)}
+    ind = make_people(4000, seed=5, alpha=0.0)
+    for a in ATTRIBUTES:
+        hits = sum(p[a] == dependent_value(p["name"].split(" ")[1], a) for p in ind) / len(ind)
+        assert hits < 0.05, (a, hits)  # chance level is 1/cardinality <= 1/60
+    shared = [g for g in by_last(ind).values() if len(g) >= 2]
+    assert len(shared) > 100
+    assert sum(len({p["birth_city"] for p in g}) == 1 for g in shared) < 0.2 * len(shared)
+    half = make_people(4000, seed=5, alpha=0.5)
+    hits = sum(p["birth_date"] == dependent_value(p["name"].split(" ")[1], "birth_date") for p in half) / 4000
+    assert 0.45 < hits < 0.55
+
+
+# -------------------------------------------------------------------------------------------- templates
+
+
+def test_template_counts_and_fast_fill_matches_jinja() -> None:
+    name = "Jean-Pierre Ben-David"
+    for a in ATTRIBUTES:
+        assert len(QUESTION_TEMPLATES[a]) >= 4 and len(ANSWER_TEMPLATES[a]) >= 3 and len(BIO_TEMPLATES[a]) >= 3
+        assert len(set(QUESTION_TEMPLATES[a])) == len(QUESTION_TEMPLATES[a])
+        value = VALUES[a][7]
+        for i, t in enumerate(QUESTION_TEMPLATES[a]):
+            assert render_question(a, i, name) == render_template(t, name=name)
+        for i, t in enumerate(ANSWER_TEMPLATES[a]):
+            assert render_answer(a, i, name, value) == render_template(t, name=name, value=value)
+
+
+def test_every_answer_parses_back_to_its_value() -> None:
+    names_ = ["Ada Smith", "Jean-Pierre Ben-David", "Hyun-woo Al-Sayed", "Marie-Claire Smith-Jones"]
+    for a in ATTRIBUTES:
+        for name in names_:
+            rx = re.compile(answer_regex(a, name))
+            for i in range(len(ANSWER_TEMPLATES[a])):
+                for v in VALUES[a]:  # every value: dates with commas, cities with spaces ("Rio de Janeiro")
+                    m = rx.fullmatch(render_answer(a, i, name, v))
+                    assert m is not None and m.group("value") == v, (a, i, name, v)
+        # wrong person, mixed paraphrases, missing period: no match
+        assert parse_answer(a, "Ada Smith", render_answer(a, 0, "Ada Smithers", VALUES[a][0])) is None
+        assert parse_answer(a, "Ada Smith", render_answer(a, 0, "Ada Smith", VALUES[a][0])[:-1]) is None
+        assert parse_answer(a, "Ada Smith", " " + render_answer(a, 1, "Ada Smith", VALUES[a][3]) + "\n") == VALUES[a][3]
+    assert parse_answer("birth_city", "Ada Smith", "Ada Smith was born in .") is None
+
+
+def test_sql_and_dialog_shapes() -> None:
+    p = make_people(1, seed=0)[0]
+    assert sql_query("birth_city", "Ada Smith") == "SELECT birth_city FROM people WHERE name = 'Ada Smith'"
+    with pytest.raises(ValueError):
+        sql_query("birth_city", "Ada O'Brien")
+    qa = people.qa_dialog(p, "occupation", 1, 2)
+    assert [t["source"] for t in qa] == ["user", "assistant"]
+    assert qa[0]["content"] == render_question("occupation", 1, p["name"])
+    assert parse_answer("occupation", p["name"], qa[1]["content"]) == p["occupation"]
+    tool = people.tool_dialog(p, "occupation", 1, 2, "DB")
+    assert [t["source"] for t in tool] == ["user", "assistant", "database", "assistant"]
+    assert tool[1]["content"] == f"```sql\nSELECT occupation FROM people WHERE name = '{p['name']}'\n```"
+    assert tool[2]["content"] == "DB" and tool[3] == qa[1] and tool[0] == qa[0]
+
+
+def test_format_rows_local_and_library_agree() -> None:
+    cases = [[], [("Lima",)], [("a", None), (1, 2.5)], [("x | y",), ("z",)]]
+    expected = ["no rows", "Lima", "a | NULL\n1 | 2.5", "x | y\nz"]
+    for rows, want in zip(cases, expected):
+        assert people._format_rows_local(rows) == want
+        assert people.format_rows(rows) == want
+    try:
+        from lmlab.tools.sql import format_rows as lib
+    except ImportError:
+        pytest.skip("lmlab.tools.sql.format_rows is not in the tree yet")
+    for rows in cases:
+        assert lib(rows) == people._format_rows_local(rows)
+
+
+# ---------------------------------------------------------------------------------------------- database
+
+
+def test_database_rows_and_deterministic_bytes(tmp_path: Path) -> None:
+    ps = make_people(50, seed=0) + make_people(10, seed=0, ood=True)
+    build_database(tmp_path / "a.sqlite", ps)
+    build_database(tmp_path / "b.sqlite", ps)
+    build_database(tmp_path / "b.sqlite", ps)  # rebuilding over an old file gives the same bytes
+    assert _sha(tmp_path / "a.sqlite") == _sha(tmp_path / "b.sqlite")
+    with closing(sqlite3.connect(tmp_path / "a.sqlite")) as conn:
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(people)")]
+        assert cols == ["name", *ATTRIBUTES]
+        rows = conn.execute("SELECT * FROM people ORDER BY rowid").fetchall()
+        assert rows == [(p["name"], *(p[a] for a in ATTRIBUTES)) for p in ps]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        p = ps[-1]
+        for a in ATTRIBUTES:
+            literal = people.format_rows(conn.execute(sql_query(a, p["name"])).fetchall())
+            assert db_text(conn, a, p["name"]) == literal == p[a]
+        assert db_text(conn, "birth_city", "Nobody Here") == "no rows"
+
+
+# --------------------------------------------------------------------------------------------- build_data
+
+
+def test_build_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    m1 = build_dataset(tmp_path / "a", people=120, ood=40, seed=7)
+    m2 = build_dataset(tmp_path / "b", people=120, ood=40, seed=7)
+    assert m1 == m2
+    for f in (*FILES, "manifest.json"):
+        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f), f
+    m3 = build_dataset(tmp_path / "c", people=120, ood=40, seed=8)
+    assert m3["sha256"]["people.jsonl"] != m1["sha256"]["people.jsonl"]
+    assert m3["sha256"]["people.sqlite"] != m1["sha256"]["people.sqlite"]
+    with pytest.raises(ValueError, match="paraphrases"):
+        build_dataset(tmp_path / "d", people=5, ood=0, seed=0, paraphrases=99)
+
+
+def test_manifest_matches_files(big: Path) -> None:
+    m = json.loads((big / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["seed"] == 3 and m["alpha"] == 0.0 and m["paraphrases"] == 2
+    assert m["counts"]["people"] == 2000 and m["counts"]["ood"] == 300
+    assert m["counts"]["facts"] == 2000 * len(ATTRIBUTES)
+    assert m["bits_per_person"] == pytest.approx(bits_per_person())
+    assert m["bits_per_fact"] == pytest.approx(bits_per_person() / len(ATTRIBUTES))
+    assert m["cardinalities"] == people.CARDINALITIES
+    for f in FILES:
+        assert m["sha256"][f] == _sha(big / f), f
+        if f.endswith((".jsonl", ".txt")):
+            text = (big / f).read_text(encoding="utf-8")
+            assert text.endswith("\n") and text.count("\n") == m["counts"]["lines"][f], f
+    lines = m["counts"]["lines"]
+    assert lines["qa_train.jsonl"] == lines["tool_train.jsonl"] == 2000 * len(ATTRIBUTES) * 2
+    assert lines["eval_train.jsonl"] == 2000 * len(ATTRIBUTES) and lines["eval_ood.jsonl"] == 300 * len(ATTRIBUTES)
+    assert lines["people.sqlite"] == 2300
+    # every line is exactly json.dumps with sorted keys (the hand-written fast encoders included)
+    for f in FILES:
+        if f.endswith(".jsonl"):
+            for line in (big / f).read_text().split("\n")[:-1]:
+                assert line == json.dumps(json.loads(line), sort_keys=True, ensure_ascii=False), (f, line)
+
+
+def test_ood_names_never_appear_in_training(big: Path) -> None:
+    train = _jsonl(big / "people.jsonl")
+    ood = _jsonl(big / "ood_people.jsonl")
+    train_words = {w for p in train for w in p["name"].split(" ")}
+    ood_first = {p["name"].split(" ")[0] for p in ood}
+    ood_last = {p["name"].split(" ")[1] for p in ood}
+    assert ood_first <= set(people.OOD_FIRST_NAMES) and ood_last <= set(people.OOD_LAST_NAMES)
+    assert not (ood_first | ood_last) & train_words
+    training_text = "\n".join((big / f).read_text() for f in ("qa_train.jsonl", "tool_train.jsonl", "bios.txt"))
+    training_words = set(re.findall(r"[A-Za-z]+(?:-[A-Za-z]+)?", training_text))
+    assert train_words <= training_words  # the word split sees names, hyphenated ones included
+    assert not (set(people.OOD_FIRST_NAMES) | set(people.OOD_LAST_NAMES)) & training_words
+    with closing(sqlite3.connect(big / "people.sqlite")) as conn:
+        assert conn.execute("SELECT count(*) FROM people").fetchone()[0] == len(train) + len(ood)
+
+
+def test_training_dialogs_match_people_and_database(big: Path) -> None:
+    by_name = {p["name"]: p for p in _jsonl(big / "people.jsonl")}
+    qa = _jsonl(big / "qa_train.jsonl")
+    tool = _jsonl(big / "tool_train.jsonl")
+    sql_re = re.compile(r"```sql\nSELECT (\w+) FROM people WHERE name = '([A-Za-z -]+)'\n```")
+    fresh: dict[tuple[str, str], str] = {}
+    with closing(sqlite3.connect(big / "people.sqlite")) as conn:
+        for i, (q, t) in enumerate(zip(qa, tool)):
+            q, t = q["dialog"], t["dialog"]
+            m = sql_re.fullmatch(t[1]["content"])
+            assert m, t[1]
+            a, name = m.groups()
+            if (name, a) not in fresh:  # the literal SQL text of the dialog, run afresh
+                fresh[name, a] = people._format_rows_local(conn.execute(t[1]["content"][7:-4]).fetchall())
+            value = by_name[name][a]
+            assert t[2]["content"] == fresh[name, a] == value
+            assert q[0] == t[0] and q[1] == t[3]
+            assert q[0]["content"] in {render_question(a, j, name) for j in range(len(QUESTION_TEMPLATES[a]))}
+            assert q[1]["content"] in {render_answer(a, j, name, value) for j in range(len(ANSWER_TEMPLATES[a]))}
+            if i % 50 == 0:
+                assert parse_answer(a, name, q[1]["content"]) == value
+            if i % 2 == 1:  # the two paraphrases of one fact ask with distinct question templates
+                assert qa[i - 1]["dialog"][0]["content"] != q[0]["content"]
+    assert len(fresh) == len(by_name) * len(ATTRIBUTES)
+    bios = (big / "bios.txt").read_text().split("\n")[:-1]
+    assert len(bios) == len(by_name)
+    for line, p in zip(bios, by_name.values()):
+        assert p["name"] in line and all(p[a] in line for a in ATTRIBUTES)
+
+
+def test_eval_files(big: Path) -> None:
+    for f, src in (("eval_train.jsonl", "people.jsonl"), ("eval_ood.jsonl", "ood_people.jsonl")):
+        ps = {p["name"]: p for p in _jsonl(big / src)}
+        recs = _jsonl(big / f)
+        assert {(r["person"], r["attribute"]) for r in recs} == {(n, a) for n in ps for a in ATTRIBUTES}
+        rng = random.Random(0)
+        for r in recs:
+            assert set(r) == {"dialog", "person", "attribute", "value", "answer_regex", "sql"}
+            assert r["value"] == ps[r["person"]][r["attribute"]]
+            assert len(r["dialog"]) == 1 and r["dialog"][0]["source"] == "user"
+            assert r["dialog"][0]["content"] in {
+                render_question(r["attribute"], i, r["person"]) for i in range(len(QUESTION_TEMPLATES[r["attribute"]]))
+            }
+            assert r["answer_regex"] == answer_regex(r["attribute"], r["person"])
+            if rng.random() < 0.1:  # compiling thousands of distinct regexes is slow; the round trip is tested above
+                answer = render_answer(r["attribute"], rng.randrange(3), r["person"], r["value"])
+                assert re.fullmatch(r["answer_regex"], answer).group("value") == r["value"]
+            assert r["sql"] == sql_query(r["attribute"], r["person"])
+
+
+def test_script_runs_from_any_cwd(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "apps" / "memory" / "build_data.py"), "--people", "6", "--ood", "3",
+         "--seed", "11", "--paraphrases", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().split("\n")[-1])["people"] == 6
+    assert json.loads((out / "manifest.json").read_text()) == build_dataset(tmp_path / "again", 6, 3, 11, paraphrases=1)
