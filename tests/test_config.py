@@ -203,3 +203,21 @@ def test_reference_errors(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_grid_bundle_axis(tmp_path):
+    """A grid key that is not a config key, with mappings as values, sets several keys together."""
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\ngrid:\n"
+                    "  size: [{model.dim: 64, model.n_layers: 2}, {model.dim: 128, model.n_layers: 4}]\n"
+                    "  seed: [0, 1]\n")
+    cfgs = load_grid(path)
+    assert [c.name for c in cfgs] == ["g/size=dim64+n_layers2_seed=0", "g/size=dim64+n_layers2_seed=1",
+                                      "g/size=dim128+n_layers4_seed=0", "g/size=dim128+n_layers4_seed=1"]
+    assert [(c.model.dim, c.model.n_layers, c.seed) for c in cfgs] == [(64, 2, 0), (64, 2, 1), (128, 4, 0), (128, 4, 1)]
+    path.write_text("grid:\n  size: [{model.dimm: 64}]\n")
+    with pytest.raises(ConfigError, match="model.dimm"):
+        load_grid(path)
+    path.write_text("grid:\n  size: [1, 2]\n")
+    with pytest.raises(ConfigError, match="unknown key 'size'"):
+        load_grid(path)

@@ -250,7 +250,7 @@ def test_manifest_matches_files(big: Path) -> None:
             text = (big / f).read_text(encoding="utf-8")
             assert text.endswith("\n") and text.count("\n") == m["counts"]["lines"][f], f
     lines = m["counts"]["lines"]
-    assert lines["qa_train.jsonl"] == lines["tool_train.jsonl"] == 2000 * len(ATTRIBUTES) * 2
+    assert lines["weight_train.jsonl"] == lines["tool_train.jsonl"] == 2000 * len(ATTRIBUTES) * 2
     assert lines["eval_train.jsonl"] == 2000 * len(ATTRIBUTES) and lines["eval_ood.jsonl"] == 300 * len(ATTRIBUTES)
     assert lines["people.sqlite"] == 2300
     # every line is exactly json.dumps with sorted keys (the hand-written fast encoders included)
@@ -268,7 +268,7 @@ def test_ood_names_never_appear_in_training(big: Path) -> None:
     ood_last = {p["name"].split(" ")[1] for p in ood}
     assert ood_first <= set(people.OOD_FIRST_NAMES) and ood_last <= set(people.OOD_LAST_NAMES)
     assert not (ood_first | ood_last) & train_words
-    training_text = "\n".join((big / f).read_text() for f in ("qa_train.jsonl", "tool_train.jsonl", "bios.txt"))
+    training_text = "\n".join((big / f).read_text() for f in ("weight_train.jsonl", "tool_train.jsonl", "bios.txt"))
     training_words = set(re.findall(r"[A-Za-z]+(?:-[A-Za-z]+)?", training_text))
     assert train_words <= training_words  # the word split sees names, hyphenated ones included
     assert not (set(people.OOD_FIRST_NAMES) | set(people.OOD_LAST_NAMES)) & training_words
@@ -278,7 +278,7 @@ def test_ood_names_never_appear_in_training(big: Path) -> None:
 
 def test_training_dialogs_match_people_and_database(big: Path) -> None:
     by_name = {p["name"]: p for p in _jsonl(big / "people.jsonl")}
-    qa = _jsonl(big / "qa_train.jsonl")
+    qa = _jsonl(big / "weight_train.jsonl")
     tool = _jsonl(big / "tool_train.jsonl")
     sql_re = re.compile(r"```sql\nSELECT (\w+) FROM people WHERE name = '([A-Za-z -]+)'\n```")
     fresh: dict[tuple[str, str], str] = {}

@@ -14,7 +14,8 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
   use in-distribution names only, OOD people OOD names only.
 * ``people.sqlite``: table ``people`` with the training people then the OOD people (new people added to the
   database: a tool user can answer about them, an in-weight model cannot).
-* ``qa_train.jsonl``: in-weight dialogs, for each training person and attribute ``--paraphrases`` dialogs
+* ``weight_train.jsonl``: in-weight (question -> answer) dialogs, for each training person and attribute
+  ``--paraphrases`` dialogs
   with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
 * ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
   ``[user, assistant sql, database, assistant]``; the database turn is the real query run on ``people.sqlite``.
@@ -67,7 +68,7 @@ FILES = (
     "people.jsonl",
     "ood_people.jsonl",
     "people.sqlite",
-    "qa_train.jsonl",
+    "weight_train.jsonl",
     "tool_train.jsonl",
     "bios.txt",
     "eval_train.jsonl",
@@ -139,7 +140,7 @@ def build_dataset(
     n_train = 0
     with (
         closing(sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)) as conn,
-        open(out / "qa_train.jsonl", "w", encoding="utf-8", newline="\n") as qa,
+        open(out / "weight_train.jsonl", "w", encoding="utf-8", newline="\n") as qa,
         open(out / "tool_train.jsonl", "w", encoding="utf-8", newline="\n") as tool,
     ):
         for p in train:
@@ -151,7 +152,7 @@ def build_dataset(
                     qa.write(_dialog_line(qa_dialog(p, a, qi, ai)) + "\n")
                     tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text)) + "\n")
                     n_train += 1
-    lines["qa_train.jsonl"] = lines["tool_train.jsonl"] = n_train
+    lines["weight_train.jsonl"] = lines["tool_train.jsonl"] = n_train
     bio_rng = rng_stream(seed, "bios")
     lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
     lines["eval_train.jsonl"] = _write_lines(out / "eval_train.jsonl", _eval_lines(train, seed, "train"))

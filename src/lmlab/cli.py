@@ -5,6 +5,7 @@ Usage::
     lmlab train apps/shakespeare/quick.yaml train.steps=100  # train (resumes runs/NAME if it has a checkpoint)
     lmlab generate runs/NAME --prompt "ROMEO:" --temperature 0.8 --top-p 0.95 --seed 1  # streams the text
     lmlab generate runs/NAME --prompts-file prompts.txt --max-new-tokens 100  # one prompt per line (or .jsonl)
+    lmlab eval runs/NAME --max-questions 0                  # fact recall, SQL tool live (the run's evals.recall)
     lmlab export runs/NAME out/                              # Hugging Face Llama folder of the newest checkpoint
     lmlab config apps/shakespeare/demo.yaml model.dim=128   # print the resolved config as YAML
     lmlab grid my_grid.yaml                                  # list a grid's runs: done / partial / new
@@ -94,6 +95,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from lmlab.evals.recall import run_recall_sets
+    from lmlab.train.checkpoint import CheckpointManager, load_run, step_of
+
+    cfg, model, tokenizer = load_run(args.run, step=args.step)
+    rc = cfg.evals.recall
+    changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions))
+               if v is not None}
+    rc = dataclasses.replace(rc, **changes)
+    if not rc.sets:
+        print("error: no recall sets: the run's config has no evals.recall.sets; pass --set FILE", file=sys.stderr)
+        return 1
+    step = args.step if args.step is not None else step_of(CheckpointManager(args.run).latest())
+    metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=Path(args.run) / "recall", step=step)
+    for key, value in metrics.items():
+        print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    out = Path(args.run) / "recall" / f"metrics_step{step}.json"
+    out.write_text(json.dumps({"step": step, **metrics}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from lmlab.hf import save_hf_folder
     from lmlab.train.checkpoint import load_run
@@ -159,6 +186,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_generate)
+    p = sub.add_parser("eval", help="recall evaluation (lmlab.evals.recall) of a run's checkpoint, tool live")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--set", action="append", help="a JSONL recall set (repeatable; default: the run's evals.recall)")
+    p.add_argument("--db", help="SQLite database for the SQL tool (default: the run's evals.recall.db)")
+    p.add_argument("--max-questions", type=int, help="questions per set (0: all)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("out", help="output folder")

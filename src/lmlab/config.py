@@ -638,20 +638,40 @@ def _fmt_value(v: Any) -> str:
 def expand_grid(base: dict, grid: dict, schema: type[T] = Config) -> list[tuple[str, dict]]:
     """Cartesian product of the grid's lists applied to ``base``: a list of (suffix, mapping).
 
+    A grid key that is not a config key and whose values are mappings is a *bundle* axis: each value sets
+    several keys together (``size: [{model.dim: 64, model.n_layers: 2}, {model.dim: 128, model.n_layers: 4}]``),
+    labelled ``size=dim64+n_layers2``.
+
     The suffix names the point from its varying values, e.g. ``dim=64_seed=1``: the last part of each
     key, or the whole dotted key where two grid keys end the same way. Order follows the grid.
     """
     axes = _flatten_grid(grid)
-    for key, _ in axes:
-        _field_type(schema, key)
+    bundles = set()
+    for key, values in axes:
+        try:
+            _field_type(schema, key)
+        except ConfigError:
+            if not all(isinstance(v, dict) and v for v in values):
+                raise
+            bundles.add(key)  # a bundle axis: each value sets several keys together
+            for v in values:
+                for k in v:
+                    _field_type(schema, str(k))
     last = [k.split(".")[-1] for k, _ in axes]
     labels = [k if last.count(k.split(".")[-1]) > 1 else k.split(".")[-1] for k, _ in axes]
+
+    def fmt(key: str, v: Any) -> str:
+        if key in bundles:
+            return "+".join(f"{str(k).split('.')[-1]}{_fmt_value(x)}" for k, x in v.items())
+        return _fmt_value(v)
+
     points = []
     for values in itertools.product(*(vals for _, vals in axes)):
         data = copy.deepcopy(base)
         for (key, _), v in zip(axes, values):
-            _deep_update(data, _nest(key, v))
-        suffix = "_".join(f"{lab}={_fmt_value(v)}" for lab, v in zip(labels, values))
+            for k, x in (v.items() if key in bundles else [(key, v)]):
+                _deep_update(data, _nest(str(k), x))
+        suffix = "_".join(f"{lab}={fmt(key, v)}" for (key, _), lab, v in zip(axes, labels, values))
         points.append((suffix, data))
     return points
 

@@ -107,10 +107,12 @@ class ModelRunner:
         w = next(model.parameters())
         self.device, self.dtype = w.device, w.dtype
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: PagedStep, rows: list[int], cols: list[int]) -> torch.Tensor:
         """Float32 logits (len(rows), vocab) at ``(rows[i], cols[i])`` of the (B, T) ``tokens``."""
         logits = self.model(tokens.to(self.device), cache=step)
+        if logits.shape[1] == 1 and rows == list(range(logits.shape[0])):  # a decode forward: every row
+            return logits[:, 0].float()
         return logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
 
 
@@ -194,10 +196,10 @@ class Engine:
         self.waiting: deque[_Seq] = deque()
         self.active: list[_Seq] = []
         self._dec: DecodeBatch | None = None  # contiguous contexts of the decoding sequences, kept across steps
-        self._dec_seqs: list[_Seq] = []
-        self._last_decode: list[int] = []  # ids of the sequences of the last decode forward
+        self._dec_rows: list[_Seq] = []  # the sequence of each live row of self._dec
         self.stats = {"forwards": 0, "prefill_forwards": 0, "decode_forwards": 0, "preemptions": 0,
-                      "prefill_tokens": 0, "decode_batch_builds": 0}
+                      "prefill_tokens": 0, "decode_batch_builds": 0,
+                      "decode_batch_joins": 0}
 
     @classmethod
     def from_config(cls, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None, cfg: EngineConfig,
@@ -272,7 +274,7 @@ class Engine:
         for s in self.active:
             self._release(s)
         self.active, self.waiting = [], deque()
-        self._dec, self._dec_seqs = None, []
+        self._dec, self._dec_rows = None, []
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
                       *, allow_special: bool = False, on_text: Callable[[int, str], None] | None = None) -> list[str]:
@@ -378,19 +380,23 @@ class Engine:
                 budget -= k
         for s in [s for s in self.active if s.finish_reason is not None]:
             events.append(self._finish(s))
-        sample: list[tuple[_Seq, torch.Tensor]] = []
+        seqs: list[_Seq] = []
+        logits: list[torch.Tensor] = []
         for group in (decode, prefill):
             if group:
-                sample.extend(self._forward(group, packed=group is prefill))
-        if sample:
-            self._sample(sample, events)
+                done, lg = self._forward(group, packed=group is prefill)
+                seqs += done
+                logits.append(lg)
+        if seqs:
+            self._sample(seqs, logits[0] if len(logits) == 1 else torch.cat(logits), events)
         elif not decode and not prefill and any(s.tool is not None for s in self.active):
             time.sleep(0.001)  # everyone waits for a tool
         return events
 
-    def _forward(self, group: list[tuple[_Seq, int]], packed: bool) -> list[tuple[_Seq, torch.Tensor]]:
-        segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
+    def _forward(self, group: list[tuple[_Seq, int]], packed: bool) -> tuple[list[_Seq], torch.Tensor]:
+        """Run one forward; the sequences whose pending tokens are all fed now, and their logits (rows)."""
         if packed:
+            segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
             rows, cols, col = [0] * len(group), [], 0
             for _, k in group:
                 col += k
@@ -399,55 +405,67 @@ class Engine:
             step = PagedStep(self.pool, [segs])
             self.stats["prefill_forwards"] += 1
             self.stats["prefill_tokens"] += col
-        else:
+        else:  # one row per sequence, in the order of the decode batch's rows
+            group = [(s, 1) for s in self._decode_batch([s for s, _ in group])]
+            segs = [Segment(s.pages, s.n_cached, 1) for s, _ in group]
             rows, cols = list(range(len(group))), [0] * len(group)
             tokens = torch.tensor([[s.tokens[s.n_cached]] for s, _ in group])
-            dec = self._decode_batch([s for s, _ in group], segs)
-            step = dec.step(segs) if dec is not None else PagedStep(self.pool, [[seg] for seg in segs])
+            step = self._dec.step(segs)
             self.stats["decode_forwards"] += 1
         self.stats["forwards"] += 1
         logits = self.runner.forward(tokens, step, rows, cols)
-        if not packed and dec is not None:
-            dec.lengths = [n + 1 for n in dec.lengths]
-        out = []
+        done, idx = [], []
         for i, (s, k) in enumerate(group):
             s.n_cached += k
             if packed and self.prefix is not None:
                 self.prefix.insert(s.tokens[:s.n_cached], s.pages)
             if s.n_cached == len(s.tokens):
-                out.append((s, logits[i]))
-        return out
+                done.append(s)
+                idx.append(i)
+        if len(idx) < len(group):
+            logits = logits[torch.tensor(idx, dtype=torch.long, device=logits.device)]
+        return done, logits
 
-    def _decode_batch(self, seqs: list[_Seq], segs: list[Segment]) -> DecodeBatch | None:
-        """The decode batch of these sequences: the previous step's when they are the same and it has room
-        (its surviving rows when some left), a fresh copy of their contexts from the pool when the same
-        sequences decoded at the previous step too, else None (a set that keeps changing, e.g. sequences
-        coming and going around tool calls, is gathered from the pages for one step instead)."""
-        dec, old = self._dec, self._dec_seqs
-        lengths = [s.n_cached for s in seqs]
-        ids = [id(s) for s in seqs]
-        stable, self._last_decode = ids == self._last_decode, ids
-        if dec is not None and max(lengths) < dec.capacity:
-            where = {id(s): i for i, s in enumerate(old)}
-            rows = [where.get(i, -1) for i in ids]
-            if -1 not in rows and [dec.lengths[r] for r in rows] == lengths:
-                if rows != list(range(len(old))):
-                    dec.select(rows)
-                self._dec_seqs = seqs
-                return dec
-        self._dec, self._dec_seqs = None, []  # free the old copy before making a new one
-        if not stable:
-            return None
-        capacity = -(-(max(lengths) + 64) // 64) * 64
-        self.stats["decode_batch_builds"] += 1
-        self._dec, self._dec_seqs = DecodeBatch(self.pool, segs, capacity), seqs
-        return self._dec
+    def _decode_batch(self, seqs: list[_Seq]) -> list[_Seq]:
+        """Make the decode batch's live rows exactly ``seqs`` (rows of sequences that left, or whose context
+        changed, e.g. after a preemption, are dropped; newcomers are copied in from their pages) and return
+        them in row order."""
+        dec, rows = self._dec, self._dec_rows
+        need = max(s.n_cached for s in seqs) + 1
+        # room for every sequence to reach its max_new_tokens (tool answers may still outgrow it: then it grows)
+        limit = min(self.runner.cfg.max_seq_len, self.pool.n_tokens)
+        capacity = min(limit, max(need, *(len(s.tokens) + s.params.max_new_tokens - s.n_sampled for s in seqs)))
+        capacity = max(need, -(-capacity // 16) * 16)
+        if dec is None:
+            self.stats["decode_batch_builds"] += 1
+            dec = self._dec = DecodeBatch(self.pool, self.max_batch, capacity)
+            rows = self._dec_rows = []
+        want = {id(s) for s in seqs}
+        for r in range(len(rows) - 1, -1, -1):  # from the end: the row moved into r was already checked
+            if id(rows[r]) not in want or dec.lengths[r] != rows[r].n_cached:
+                dec.remove(r)
+                rows[r] = rows[-1]
+                rows.pop()
+        if need > dec.capacity:
+            self.stats["decode_batch_builds"] += 1
+            dec.reserve(dec.rows, max(capacity, dec.capacity + 64))
+        have = {id(s) for s in rows}
+        for s in seqs:
+            if id(s) not in have:
+                dec.add(Segment(s.pages, s.n_cached, 1))
+                rows.append(s)
+                self.stats["decode_batch_joins"] += 1
+        return rows
 
-    def _sample(self, items: list[tuple[_Seq, torch.Tensor]], events: list[StreamEvent]) -> None:
-        sampler = Sampler([s.params for s, _ in items])
-        sampler.generators = [s.generator for s, _ in items]  # each request keeps its own stream of draws
-        toks = sampler(torch.stack([lg for _, lg in items])).tolist()
-        for (s, _), tok in zip(items, toks):
+    def _sample(self, items: list[_Seq], logits: torch.Tensor, events: list[StreamEvent]) -> None:
+        """Sample the next token of each sequence from its row of ``logits``."""
+        if all(s.params.greedy and not s.params.suppress_token_ids for s in items):
+            toks = logits.argmax(dim=-1).tolist()  # what the Sampler returns for such rows, without its setup
+        else:
+            sampler = Sampler([s.params for s in items])
+            sampler.generators = [s.generator for s in items]  # each request keeps its own stream of draws
+            toks = sampler(logits).tolist()
+        for s, tok in zip(items, toks):
             s.tokens.append(tok)
             s.n_sampled += 1
             events.append(StreamEvent(s.index, [tok]))
@@ -500,7 +518,7 @@ class Engine:
         if s in self.active:
             self.active.remove(s)
         if not self.active:
-            self._dec, self._dec_seqs = None, []
+            self._dec, self._dec_rows = None, []
         return StreamEvent(s.index, [], self._result(s))
 
     def _result(self, s: _Seq) -> Result:

@@ -26,6 +26,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,8 +53,8 @@ class PagePool:
                 raise ValueError(f"PagePool: {name} must be positive, got {val}")
         self.n_layers, self.n_pages, self.page_size = n_layers, n_pages, page_size
         shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         self.refcount = [0] * n_pages
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
 
@@ -113,6 +114,18 @@ class Segment:
     n: int
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """``torch.zeros``; on the CPU, backed by numpy's calloc (with huge pages): the pages come zeroed from the
+    kernel as they are first touched, instead of being written once by a fill (several times cheaper for the
+    tens of MB of a KV pool, allocated by every engine)."""
+    if torch.device(device).type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
 def _ints(xs: list[int]) -> torch.Tensor:
     """An int64 tensor from a list of ints, several times faster than torch.tensor for long lists."""
     return torch.frombuffer(array("q", xs), dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64)
@@ -125,7 +138,8 @@ class PagedStep:
     widest row (narrower rows are padded at the end). Row ``b``'s keys are the whole context (cached and
     new tokens) of each of its segments, concatenated; a new token sees only the keys of its own sequence
     at positions up to its own. Padding tokens write nothing and see one key, so that no softmax row is
-    empty. All planning happens on the host, from Python lists, per page and per new token.
+    empty. All planning happens on the host, from Python lists, per page and per new token. With one row
+    (packed prefill), ``blocks`` lets the model attend one segment at a time.
     """
 
     def __init__(self, pool: PagePool, rows: Sequence[Sequence[Segment]]) -> None:
@@ -172,6 +186,19 @@ class PagedStep:
         self._pages = _ints(k_page).to(dev)
         self._shape = (b, n_keys)
         self._src, self._dst = _ints(src).to(dev), _ints(dst).to(dev)
+        # one row (packed prefill): attention one sequence at a time, over its own keys only, instead of the
+        # dense (T, n_keys) block-diagonal mask (see AttentionCache.blocks); new sequences are plainly causal
+        self.blocks = None
+        if b == 1 and rows[0] and sum(seg.n for seg in rows[0]) == t:
+            self.blocks, col, kcol = [], 0, 0
+            for seg in rows[0]:
+                ctx = seg.start + seg.n
+                m = None
+                if seg.start:
+                    m = (torch.arange(ctx, device=dev) <= torch.arange(seg.start, ctx, device=dev)[:, None])
+                self.blocks.append((col, col + seg.n, kcol, kcol + ctx, m))
+                col += seg.n
+                kcol += -(-ctx // ps) * ps
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, T, D) keys/values of real tokens and gather each row's keys (B, H, S, D)."""
@@ -186,67 +213,121 @@ class PagedStep:
 
 
 class DecodeBatch:
-    """Contiguous keys/values of a fixed set of decoding sequences, kept from step to step.
+    """Contiguous keys/values of the decoding sequences, kept from step to step: a decode step's attention
+    reads each sequence's whole context on every layer, and gathering it from the pages every step costs more
+    than the attention itself.
 
-    Decoding reads each sequence's whole context on every layer; gathering it from the pages every step costs
-    more than the attention itself. While the set of decoding sequences stays the same, their contexts are
-    copied out of the pool once, into ``k``/``v`` of shape (n_layers, B, H, capacity, D), and each step appends
-    one token per row (it is still written to the pool as well, for the prefix cache and for later steps).
-    The engine rebuilds the batch when the set changes or a row outgrows the capacity.
+    ``k``/``v`` are (n_layers, rows, H, capacity, D), allocated once (and grown, rarely, by copying). Live rows
+    are always the first ``n``: a sequence joins by copying its context out of the pool into row ``n``
+    (:meth:`add`, a copy of that sequence only), and leaves by moving the last row into its place
+    (:meth:`remove`, a copy of one row), so the batch is never rebuilt when the set of decoding sequences
+    changes. Each step appends one token per row (:class:`DecodeStep`; it is written to the pool as well, for
+    the prefix cache and for sequences that leave and come back). Slots past a row's length hold finite
+    leftovers that the mask hides.
     """
 
-    def __init__(self, pool: PagePool, segs: Sequence[Segment], capacity: int) -> None:
-        ps = pool.page_size
-        self.pool, self.capacity = pool, capacity
-        self.lengths = [s.start for s in segs]
-        slots = []
-        for s in segs:
-            if len(s.pages) * ps < s.start:
-                raise ValueError(f"DecodeBatch: {len(s.pages)} pages cannot hold {s.start} tokens")
-            row = [p * ps + o for p in s.pages[: -(-s.start // ps)] for o in range(ps)][: s.start]
-            slots += row + [0] * (capacity - len(row))
-        b, (n_layers, _, h, d) = len(segs), pool.k.shape
-        idx = _ints(slots).to(pool.device)
-        # (L, B * cap, H, D) -> (L, B, H, cap, D): the layout SDPA reads fastest
-        self.k = pool.k.index_select(1, idx).view(n_layers, b, capacity, h, d).transpose(2, 3).contiguous()
-        self.v = pool.v.index_select(1, idx).view(n_layers, b, capacity, h, d).transpose(2, 3).contiguous()
+    def __init__(self, pool: PagePool, rows: int, capacity: int) -> None:
+        self.pool = pool
+        n_layers, _, h, d = pool.k.shape
+        self.k = _zeros((n_layers, rows, h, capacity, d), pool.k.dtype, pool.device)
+        self.v = _zeros((n_layers, rows, h, capacity, d), pool.k.dtype, pool.device)
+        self.lengths: list[int] = []  # tokens held by each live row
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only these rows, in this order (sequences that left the batch, or a new order)."""
-        idx = _ints(list(rows)).to(self.k.device)
-        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
-        self.lengths = [self.lengths[r] for r in rows]
+    @property
+    def n(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def _grow(self, rows: int, capacity: int) -> None:
+        n_layers, _, h, _, d = self.k.shape
+        new_k = _zeros((n_layers, rows, h, capacity, d), self.k.dtype, self.k.device)
+        new_v = _zeros((n_layers, rows, h, capacity, d), self.k.dtype, self.k.device)
+        n, c = self.n, min(self.capacity, capacity)
+        new_k[:, :n, :, :c] = self.k[:, :n, :, :c]
+        new_v[:, :n, :, :c] = self.v[:, :n, :, :c]
+        self.k, self.v = new_k, new_v
+
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Room for at least ``rows`` rows of ``capacity`` tokens (grows by copying when short)."""
+        if rows > self.rows or capacity > self.capacity:
+            self._grow(max(rows, self.rows), max(capacity, self.capacity))
+
+    def add(self, seg: Segment) -> int:
+        """Copy the first ``seg.start`` tokens of a sequence (page table ``seg.pages``) out of the pool into a new
+        last row; its index back. Call :meth:`reserve` first."""
+        ps, row = self.pool.page_size, self.n
+        if row >= self.rows or seg.start >= self.capacity:
+            raise ValueError(f"DecodeBatch: no room for a row of {seg.start} tokens ({self.n}/{self.rows} rows "
+                             f"of {self.capacity})")
+        if len(seg.pages) * ps < seg.start:
+            raise ValueError(f"DecodeBatch: {len(seg.pages)} pages cannot hold {seg.start} tokens")
+        n_pages = -(-seg.start // ps)
+        if n_pages:
+            pages = _ints(list(seg.pages[:n_pages])).to(self.pool.device)
+            n_layers, _, h, d = self.pool.k.shape
+            for src, dst in ((self.pool.k, self.k), (self.pool.v, self.v)):
+                ctx = src.view(n_layers, -1, ps, h, d).index_select(1, pages).view(n_layers, n_pages * ps, h, d)
+                dst[:, row, :, :seg.start] = ctx[:, :seg.start].transpose(1, 2)
+        self.lengths.append(seg.start)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop ``row``; the last row moves into its place (the caller renumbers that one)."""
+        last = self.n - 1
+        if row != last:
+            m = self.lengths[last]
+            self.k[:, row, :, :m] = self.k[:, last, :, :m]
+            self.v[:, row, :, :m] = self.v[:, last, :, :m]
+            self.lengths[row] = m
+        self.lengths.pop()
 
     def step(self, segs: Sequence[Segment]) -> DecodeStep:
-        """The cache view for one decode forward of these rows (each segment: one new token at ``start``)."""
+        """The cache view for one decode forward of rows ``0 .. len(segs) - 1`` (every live row, in order;
+        each segment: one new token at ``start``, which must be the row's length)."""
         return DecodeStep(self, segs)
 
 
 class DecodeStep:
     """One decode forward over a :class:`DecodeBatch` (the model's ``AttentionCache`` interface): row ``b`` has
     one new token at position ``lengths[b]``; it sees the row's keys ``0 .. lengths[b]``. Keys are views of
-    the batch's first S = max(lengths) + 1 slots."""
+    the batch's first S = max(lengths) + 1 slots. The lengths advance when the step is built."""
 
     def __init__(self, batch: DecodeBatch, segs: Sequence[Segment]) -> None:
         ps, dev = batch.pool.page_size, batch.pool.device
-        self.batch = batch
         lengths = batch.lengths
-        self._rows = torch.arange(len(segs), device=dev)
-        self._cols = _ints(lengths).to(dev)
+        if len(segs) != batch.n or any(s.start != n for s, n in zip(segs, lengths)):
+            raise ValueError("DecodeStep: the segments must be the batch's rows, each starting at its length")
+        if max(lengths) >= batch.capacity:
+            raise ValueError(f"DecodeStep: a row of {max(lengths)} tokens is full (capacity {batch.capacity})")
+        b, h, cap = len(segs), batch.k.shape[2], batch.capacity
+        self.batch = batch
+        cols = _ints(lengths)
+        # the new token of (row r, head j) goes to slot (r * H + j) * capacity + length[r] of a layer's rows
+        self._slot = ((torch.arange(b)[:, None] * h + torch.arange(h)) * cap + cols[:, None]).view(-1).to(dev)
         self._dst = _ints([s.pages[p // ps] * ps + p % ps for s, p in zip(segs, lengths)]).to(dev)
-        self.positions = self._cols[:, None]
+        cols = cols.to(dev)
+        self.positions = cols[:, None]
         self._n = max(lengths) + 1  # keys past the longest row are never read
-        self.mask = (torch.arange(self._n, device=dev) <= self._cols[:, None])[:, None, None, :]
+        self.mask = (torch.arange(self._n, device=dev) <= cols[:, None])[:, None, None, :]
+        batch.lengths = [n + 1 for n in lengths]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, 1, D) keys/values to the pool and the batch; the batch's (B, H, S, D) back, S the
         longest row's context."""
         batch = self.batch
         pk, pv = batch.pool.k[layer], batch.pool.v[layer]
-        k1, v1 = k[:, :, 0].to(pk.dtype), v[:, :, 0].to(pv.dtype)  # (B, H, D)
-        pk.index_copy_(0, self._dst, k1)
-        pv.index_copy_(0, self._dst, v1)
+        b, h, _, d = k.shape
+        k1, v1 = k.reshape(b * h, d).to(pk.dtype), v.reshape(b * h, d).to(pv.dtype)
+        pk.index_copy_(0, self._dst, k1.view(b, h, d))
+        pv.index_copy_(0, self._dst, v1.view(b, h, d))
         bk, bv = batch.k[layer], batch.v[layer]
-        bk[self._rows, :, self._cols] = k1
-        bv[self._rows, :, self._cols] = v1
-        return bk[:, :, :self._n].to(k.dtype), bv[:, :, :self._n].to(v.dtype)
+        bk.view(-1, d).index_copy_(0, self._slot, k1)
+        bv.view(-1, d).index_copy_(0, self._slot, v1)
+        return bk[:b, :, :self._n].to(k.dtype), bv[:b, :, :self._n].to(v.dtype)

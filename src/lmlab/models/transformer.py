@@ -53,6 +53,11 @@ class AttentionCache(Protocol):
     ``update`` returns; ``None`` means those keys are exactly the T new tokens, attended causally.
     ``update(layer, k, v)``: store the new keys/values (B, n_kv_heads, T, head_dim) of layer ``layer`` and
     return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
+    Optional ``blocks`` (a cache may leave it out, or set it to None): with one row (B = 1), a list of
+    ``(q0, q1, k0, k1, mask)``: queries ``q0:q1`` attend keys ``k0:k1`` only, under ``mask`` (boolean
+    (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
+    exactly one block, every key it may see in that block); it lets a packed row of several sequences run one
+    small attention per sequence instead of one dense block-diagonal one.
     """
 
     positions: torch.Tensor
@@ -95,9 +100,13 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        blocks = None
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
-        if mask is None:  # SDPA shares each key/value head across its query group without copying
+            blocks = getattr(cache, "blocks", None)
+        if blocks is not None:
+            y = self._blocks(q, k, v, blocks)
+        elif mask is None:  # SDPA shares each key/value head across its query group without copying
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             if self.n_kv_heads != self.n_heads:  # the masked CPU kernels need materialised heads
@@ -105,6 +114,18 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+    def _blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks) -> torch.Tensor:
+        """Attention of a one-row packed forward, one block (sequence) at a time (see AttentionCache.blocks)."""
+        if self.n_kv_heads != self.n_heads:  # the masked CPU kernels need materialised heads
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = torch.zeros_like(q) if len(blocks) == 0 else torch.empty_like(q)
+        for q0, q1, k0, k1, m in blocks:
+            y[:, :, q0:q1] = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
+                                                            attn_mask=m, is_causal=m is None)
+        return y
 
 
 class Block(nn.Module):

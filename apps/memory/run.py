@@ -1,0 +1,111 @@
+"""The in-weight vs in-tool experiment, end to end: data, training grid, recall with live SQL, results, report.
+
+For each grid point of the YAML (people x mode x model size x seed), builds the dataset the point names
+(``tags.data_dir``; built once, reused when its manifest matches), trains the model (``lmlab.launch.run_grid``:
+finished runs are skipped, unfinished ones resume), evaluates recall through the generation engine with the
+SQL tool live (during training and at the end, see ``evals.recall``), then writes ``results.csv``, the plots and
+``report.html`` beside the runs and prints the results table.
+
+Usage::
+
+    .venv/bin/python apps/memory/run.py                                   # the quickstart (~15 min on 2 cores)
+    .venv/bin/python apps/memory/run.py --grid apps/memory/reproduce.yaml --jobs 2   # the scaled paper grid
+    .venv/bin/python apps/memory/run.py --jobs 1 train.steps=100           # overrides apply to every run
+    .venv/bin/python apps/memory/run.py --report-only                      # redraw results from the run folders
+
+Tags the YAML must set (see quickstart.yaml): ``mode`` (weight | tool), ``people``, ``ood`` (OOD people in the
+database and the OOD eval set), ``data_seed``, ``data_dir``; optional ``alpha`` (dependent attributes, default 0)
+and ``paraphrases`` (dialogs per fact, default 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
+
+from lmlab.config import ConfigError, exit_on_config_error, load_grid  # noqa: E402
+from lmlab.launch import run_grid  # noqa: E402
+from memory.analyze import format_table, make_report  # noqa: E402
+from memory.build_data import build_dataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("memory")
+
+
+def dataset_args(tags: dict) -> dict:
+    """build_dataset's arguments from a run's tags (a ConfigError names a missing or bad tag)."""
+    try:
+        return {"out": str(tags["data_dir"]), "people": int(tags["people"]), "ood": int(tags["ood"]),
+                "seed": int(tags["data_seed"]), "alpha": float(tags.get("alpha", 0.0)),
+                "paraphrases": int(tags.get("paraphrases", 4))}
+    except KeyError as e:
+        raise ConfigError(f"tags.{e.args[0]}: the memory app needs this tag (see quickstart.yaml)") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tags: {e}") from None
+
+
+def ensure_dataset(args: dict) -> str:
+    """Build the dataset unless its folder already holds a complete one made with the same arguments."""
+    out = Path(args["out"])
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        counts = m.get("counts", {})
+        same = (m.get("seed") == args["seed"] and counts.get("people") == args["people"]
+                and counts.get("ood") == args["ood"] and float(m.get("alpha", 0.0)) == args["alpha"]
+                and m.get("paraphrases") == args["paraphrases"])
+        if same:
+            return "reused"
+    t0 = time.time()
+    build_dataset(**args)
+    return f"built in {time.time() - t0:.1f} s"
+
+
+@exit_on_config_error
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", default=str(HERE / "quickstart.yaml"), help="grid YAML (default: the quickstart)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (threads are split between them)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cpus // jobs)")
+    p.add_argument("--report-only", action="store_true", help="skip data and training; rebuild the report")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.time()
+    configs = load_grid(a.grid, a.overrides)
+    root = Path(configs[0].runs_dir) / configs[0].name.split("/")[0]
+    if len({c.name.split("/")[0] for c in configs}) != 1:
+        raise ConfigError(f"{a.grid}: every run of the grid must share the first part of its name")
+    if not a.report_only:
+        datasets = {}
+        for cfg in configs:
+            args = dataset_args(cfg.tags)
+            datasets.setdefault(args["out"], args)
+        for out, args in datasets.items():
+            log.info("dataset %s: %s", out, ensure_dataset(args))
+        outcomes = run_grid(configs, jobs=a.jobs, threads=a.threads)
+        failed = [o for o in outcomes if o.status == "failed"]
+    else:
+        failed = []
+    summary = make_report(root, root / "report")
+    print(format_table(summary["rows"]))
+    print(f"\n{len(configs)} runs in {time.time() - t0:.0f} s; results: {root / 'report' / 'results.csv'}, "
+          f"report: {root / 'report' / 'report.html'}")
+    for mode, fit in (summary.get("fit") or {}).items():
+        if fit.get("slope") is not None:
+            print(f"{mode}: smallest params reaching {summary['threshold']:.0%} recall ~ facts^{fit['slope']:.2f}, "
+                  f"median {fit['params_per_fact']:.3g} params/fact")
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(o.name for o in failed)} (see their train.log)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
