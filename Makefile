@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine (see README):
-#   make run   -- set up .venv and run the main job
+#   make run   -- set up .venv and run the main job (the in-weight vs in-tool quickstart, apps/memory)
+#   make shakespeare -- the Shakespeare demo (byte-level model, ~10 minutes)
 #   make test  -- set up .venv and run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run shakespeare test lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
+	$(BIN)/python apps/memory/run.py
+
+shakespeare: setup
 	$(BIN)/python apps/shakespeare/train.py
 
 test: setup

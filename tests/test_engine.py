@@ -11,16 +11,19 @@ from torch import nn
 
 from lmlab.config import EngineConfig, InitConfig, ModelConfig
 from lmlab.inference import (
+    DecodeBatch,
     Engine,
     PagedStep,
     PagePool,
     PrefixCache,
     Request,
+    Sampler,
     SamplingParams,
     Segment,
     filtered_probs,
     generate_reference,
 )
+from lmlab.inference.pool import _zeros
 from lmlab.models import build_model
 from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
 from lmlab.tools import CodeBlockTool
@@ -80,13 +83,66 @@ def test_decode_batch_is_kept_across_steps_and_outputs_stay_exact():
     prompts = prompts_of([9, 30, 4, 17, 22], seed=4)
     params = [SamplingParams(max_new_tokens=70, temperature=0)] + [SamplingParams(max_new_tokens=n, temperature=0)
                                                                     for n in (5, 40, 12, 66)]
-    # the batch is rebuilt only when its set changes (entries get dropped as requests finish) or a row
-    # outgrows its capacity (70 new tokens on top of 9 pass the first capacity of 64 + 9 rounded up)
+    # the batch is allocated once (sized for every request's max_new_tokens); sequences join by copying
+    # their own context in, and leave by moving the last row into their place: never a rebuild
     engine = Engine(model, pool_tokens=1024, page_size=8, max_batch=8, prefix_cache=False)
     res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
     assert [r.tokens for r in res] == generate_reference(model, prompts, params)
-    assert 1 <= engine.stats["decode_batch_builds"] <= 3 < engine.stats["decode_forwards"]
+    assert engine.stats["decode_batch_builds"] == 1 < engine.stats["decode_forwards"]
+    assert engine.stats["decode_batch_joins"] == len(prompts)
     check_pool_is_whole(engine)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2)], ids=["mha", "gqa"])
+def test_decode_batch_joins_leaves_and_growth_equal_the_page_gather(variant):
+    """The DecodeBatch fast path (rows joining, a middle row leaving, the batch growing) against the slow
+    reference: the same decode step through PagedStep, which gathers every row's context from the pages."""
+    model = small_model(**variant)
+    pool = PagePool.for_model(model, n_tokens=512, page_size=8)
+    prompts = prompts_of([13, 1, 30, 8, 21], seed=7)
+    tables = [pool.alloc(6) for _ in prompts]
+    for t, p in zip(tables, prompts):  # prefill every prompt into its pages
+        model(torch.tensor([p]), cache=PagedStep(pool, [[Segment(t, 0, len(p))]]))
+    lengths = [len(p) for p in prompts]
+    dec = DecodeBatch(pool, rows=5, capacity=32)
+    live = []
+    for i in (0, 1, 2, 3):
+        dec.add(Segment(tables[i], lengths[i], 1))
+        live.append(i)
+    dec.remove(1)  # the last row (sequence 3) moves into row 1
+    live[1] = live.pop()
+    dec.reserve(5, 48)  # grow by copying
+    dec.add(Segment(tables[4], lengths[4], 1))
+    live.append(4)
+    assert dec.lengths == [lengths[i] for i in live]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 97, (len(live), 1), generator=g)
+        segs = [Segment(tables[i], lengths[i], 1) for i in live]
+        with torch.no_grad():
+            slow = model(tokens, cache=PagedStep(pool, [[seg] for seg in segs]))
+            fast = model(tokens, cache=dec.step(segs))  # writes the same keys/values to the pool again
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        for i in live:
+            lengths[i] += 1
+    assert dec.lengths == [lengths[i] for i in live]
+    with pytest.raises(ValueError, match="must be the batch's rows"):
+        dec.step([Segment(tables[i], lengths[i] + 1, 1) for i in live])
+
+
+def test_greedy_fast_path_equals_the_sampler():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (16, 50), generator=g).float()  # many ties: the lowest id must win
+    greedy = Sampler([SamplingParams(temperature=0)] * 16)
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+
+
+def test_kv_buffers_start_zeroed():
+    z = _zeros((3, 5, 2), torch.float32, "cpu")
+    assert z.dtype == torch.float32 and z.shape == (3, 5, 2) and not z.any()
+    z[1] = 2.0
+    assert z.sum() == 20.0
+    assert _zeros((2, 2), torch.bfloat16, "cpu").dtype == torch.bfloat16
 
 
 def test_pool_is_allocated_once():
@@ -131,6 +187,27 @@ def test_packed_prefill_logits_equal_per_prompt_logits(variant):
     for p, ref in zip(prompts[1:], alone[1:]):
         torch.testing.assert_close(logits[col:col + len(p)], ref, atol=1e-5, rtol=1e-5)
         col += len(p)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2)], ids=["mha", "gqa"])
+def test_blockwise_packed_attention_equals_the_dense_block_diagonal_mask(variant):
+    """PagedStep.blocks (one attention per segment) against the dense block-diagonal mask it stands for."""
+    model = small_model(**variant)
+    prompts = prompts_of([13, 1, 30, 8])
+    tokens = torch.tensor([prompts[0][5:] + [t for p in prompts[1:] for t in p]])
+    out = {}
+    for blocks in (True, False):
+        pool = PagePool.for_model(model, n_tokens=128, page_size=8)
+        tables = [pool.alloc(-(-len(p) // 8)) for p in prompts]
+        model(torch.tensor([prompts[0][:5]]), cache=PagedStep(pool, [[Segment(tables[0], 0, 5)]]))
+        segs = [Segment(tables[0], 5, 8)] + [Segment(t, 0, len(p)) for t, p in zip(tables[1:], prompts[1:])]
+        step = PagedStep(pool, [segs])
+        assert step.blocks is not None and len(step.blocks) == 4 and step.blocks[0][4] is not None
+        if not blocks:
+            step.blocks = None
+        with torch.no_grad():
+            out[blocks] = model(tokens, cache=step)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_is_packed_into_one_forward():

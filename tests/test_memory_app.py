@@ -1,0 +1,76 @@
+"""The memory app's main job end to end at toy scale: datasets, a grid of in-weight and in-tool runs in
+subprocesses, recall with the live SQL tool, results CSV, plots and report; a rerun redoes nothing."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GRID = """
+name: toy
+runs_dir: {runs}
+seed: 0
+tags: {{mode: tool, people: 8, ood: 4, data_seed: "${{seed}}", paraphrases: 1,
+        data_dir: "{runs}/data/p${{tags.people}}_s${{tags.data_seed}}"}}
+model: {{dim: 32, n_layers: 1, n_heads: 2, max_seq_len: 512}}
+data: {{kind: dialog, train_files: ["${{tags.data_dir}}/${{tags.mode}}_train.jsonl"], val_fraction: 0,
+        seq_len: 256, batch_size: 4}}
+train: {{steps: 6, log_every: 3}}
+logging: {{progress: false}}
+evals:
+  recall: {{sets: ["${{tags.data_dir}}/eval_train.jsonl", "${{tags.data_dir}}/eval_ood.jsonl"],
+            db: "${{tags.data_dir}}/people.sqlite", every: 3, max_questions: 6, max_new_tokens: 24}}
+grid:
+  tags.people: [8, 12]
+  tags.mode: [weight, tool]
+"""
+
+
+@pytest.mark.slow
+def test_memory_main_job_toy(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format(runs=tmp_path / "runs"))
+    cmd = [sys.executable, str(ROOT / "apps" / "memory" / "run.py"), "--grid", str(grid), "--jobs", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    runs = tmp_path / "runs" / "toy"
+    names = ["people=8_mode=weight", "people=8_mode=tool", "people=12_mode=weight", "people=12_mode=tool"]
+    for name in names:
+        summary = json.loads((runs / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 6
+        for key in ("recall/train/correct", "recall/ood/correct", "recall/train/tool_call_rate",
+                    "recall/ood/valid_sql_rate"):
+            assert 0.0 <= summary[key] <= 1.0
+        assert summary["recall/train/n"] == 6
+        recall_rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()
+                       if "recall/train/correct" in x]
+        assert [r["step"] for r in recall_rows] == [3, 6]  # every 3 steps, and at the end
+        records = (runs / name / "recall" / "ood_step6.jsonl").read_text().splitlines()
+        assert len(records) == 6 and all("answer" in json.loads(r) for r in records)
+    for people in (8, 12):
+        manifest = json.loads((tmp_path / "runs" / "data" / f"p{people}_s0" / "manifest.json").read_text())
+        assert manifest["counts"]["people"] == people and manifest["counts"]["ood"] == 4
+    report = runs / "report"
+    with open(report / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in rows) == sorted(names)
+    assert {r["mode"] for r in rows} == {"weight", "tool"}
+    assert {int(r["facts"]) for r in rows} == {8 * 5, 12 * 5}
+    for png in ("recall_vs_facts.png", "min_params_vs_facts.png", "recall_vs_step.png", "ood_recall.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "people=12_mode=tool" in (report / "report.html").read_text()
+    assert "people=8_mode=weight" in out.stdout  # the printed table
+
+    # the same command again: datasets reused, every run skipped as done, same results
+    logs = {n: (runs / n / "train.log").stat().st_size for n in names}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reused" in again.stderr and "built" not in again.stderr
+    assert logs == {n: (runs / n / "train.log").stat().st_size for n in names}
+    with open(report / "results.csv") as f:
+        assert list(csv.DictReader(f)) == rows
