@@ -106,3 +106,10 @@ def test_saved_folder_loads_in_transformers_and_back(tmp_path):
         torch.testing.assert_close(back(x), ref, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_folder(tmp_path)
+
+
+def test_smeared_keys_are_refused_by_the_export():
+    from lmlab.hf import model_config_to_hf
+
+    with pytest.raises(ValueError, match="smear_keys"):
+        model_config_to_hf(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, smear_keys=True))

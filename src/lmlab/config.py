@@ -120,6 +120,8 @@ class ModelConfig:
     max_seq_len: int = F(2048, "longest sequence the rotary tables cover")
     tie_embeddings: bool = F(False, "share the token embedding with the output head")
     qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
+    smear_keys: bool = F(False, "mix each key with the previous token's key through a learned per-head gate "
+                         "(smeared keys: induction/copying forms much faster); not exportable to HF Llama")
     init: InitConfig = F(InitConfig(), "weight initialisation")
 
     def check(self) -> list[tuple[str, str]]:

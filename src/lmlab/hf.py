@@ -125,6 +125,8 @@ def permute_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``LlamaConfig`` as a plain dict (what config.json holds)."""
+    if cfg.smear_keys:
+        raise ValueError("model.smear_keys has no Hugging Face Llama equivalent; such a model cannot be exported")
     head_dim = cfg.dim // cfg.n_heads
     return {
         "architectures": ["LlamaForCausalLM"],

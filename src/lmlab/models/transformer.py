@@ -20,6 +20,13 @@ the rotary position of each new token and which keys each query may see, and eve
 hands it the new keys/values, getting back the keys/values to attend over. The model makes no
 assumption about how the cache stores them (one contiguous batch, pages, a shared prefix).
 
+Smeared keys (``cfg.smear_keys``, after Olsson et al. 2022, "In-context learning and induction heads"): each
+layer replaces key ``k_j`` by ``k_j + g * (k_{j-1} - k_j)`` with a learned gate ``g = sigmoid(s)`` per key/value
+head (``k_{-1} = 0`` at the first token of every sequence or packed document), so a single attention layer can
+match on the previous token and copy what follows it: copying tasks (a name from a question into a SQL query)
+are learned several times faster. The cache keeps the raw keys; the smear is applied to each sequence's keys as
+the cache returns them, so cached decoding equals full recomputation.
+
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
 ``lmlab.hf`` maps them to and from Hugging Face names.
 """
@@ -66,6 +73,9 @@ class AttentionCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+SMEAR_INIT = -1.0  # initial smear logit: gate sigmoid(-1) ~ 0.27
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
 
@@ -79,6 +89,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.smear = nn.Parameter(torch.empty(self.n_kv_heads)) if cfg.smear_keys else None
 
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -86,6 +97,17 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
+        if self.smear is not None:
+            nn.init.constant_(self.smear, SMEAR_INIT)
+
+    def _smear(self, k: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+        """Smeared keys over (B, H, T, D) ``k``; ``starts`` (B, 1, T, 1) marks keys that begin a sequence (the
+        first key always does)."""
+        prev = F.pad(k[:, :, :-1], (0, 0, 1, 0))
+        if starts is not None:
+            prev = prev.masked_fill(starts, 0.0)
+        gate = torch.sigmoid(self.smear).to(k.dtype).view(1, -1, 1, 1)
+        return k + gate * (prev - k)
 
     def forward(
         self,
@@ -104,6 +126,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
             blocks = getattr(cache, "blocks", None)
+            if self.smear is not None:  # each row (or block) holds one sequence's keys from its first token
+                starts = None
+                if blocks is not None:
+                    starts = torch.zeros(1, 1, k.shape[2], 1, dtype=torch.bool, device=k.device)
+                    for _, _, k0, _, _ in blocks:
+                        starts[0, 0, k0] = True
+                k = self._smear(k, starts)
+        elif self.smear is not None:  # packed documents: a key starts a document where it may not see its left
+            starts = None if mask is None else F.pad(~mask.diagonal(-1, -2, -1), (1, 0), value=True)[..., None]
+            k = self._smear(k, starts)
         if blocks is not None:
             y = self._blocks(q, k, v, blocks)
         elif mask is None:  # SDPA shares each key/value head across its query group without copying
