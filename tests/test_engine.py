@@ -23,7 +23,6 @@ from lmlab.inference import (
     filtered_probs,
     generate_reference,
 )
-from lmlab.inference.pool import _zeros
 from lmlab.models import build_model
 from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
 from lmlab.tools import CodeBlockTool
@@ -61,7 +60,7 @@ def check_pool_is_whole(engine):
 # ---- continuous batching against full recompute ------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=True)], ids=["mha", "gqa", "smear"])
 def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
     model = small_model(**variant)
     prompts = prompts_of(LENGTHS)
@@ -137,14 +136,6 @@ def test_greedy_fast_path_equals_the_sampler():
     assert torch.equal(greedy(logits), logits.argmax(dim=-1))
 
 
-def test_kv_buffers_start_zeroed():
-    z = _zeros((3, 5, 2), torch.float32, "cpu")
-    assert z.dtype == torch.float32 and z.shape == (3, 5, 2) and not z.any()
-    z[1] = 2.0
-    assert z.sum() == 20.0
-    assert _zeros((2, 2), torch.bfloat16, "cpu").dtype == torch.bfloat16
-
-
 def test_pool_is_allocated_once():
     model = small_model()
     engine = Engine.from_config(model, None, EngineConfig(pool_tokens=128, page_size=8, max_batch=4))
@@ -169,7 +160,8 @@ def test_preemption_keeps_outputs_exact():
 # ---- packed prefill ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=1, qkv_bias=True)], ids=["mha", "mqa_bias"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=1, qkv_bias=True), dict(smear_keys=True)],
+                         ids=["mha", "mqa_bias", "smear"])
 def test_packed_prefill_logits_equal_per_prompt_logits(variant):
     model = small_model(**variant)
     prompts = prompts_of([13, 1, 30, 8])
@@ -189,7 +181,7 @@ def test_packed_prefill_logits_equal_per_prompt_logits(variant):
         col += len(p)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=True)], ids=["mha", "gqa", "smear"])
 def test_blockwise_packed_attention_equals_the_dense_block_diagonal_mask(variant):
     """PagedStep.blocks (one attention per segment) against the dense block-diagonal mask it stands for."""
     model = small_model(**variant)
@@ -227,8 +219,9 @@ def shared_prefix_prompts(n, prefix_len=21, seed=0):
     return [systems[i % 2] + torch.randint(0, 97, (1 + i % 7,), generator=g).tolist() for i in range(n)]
 
 
-def test_prefix_cache_on_and_off_give_identical_outputs():
-    model = small_model()
+@pytest.mark.parametrize("variant", [dict(), dict(smear_keys=True)], ids=["mha", "smear"])
+def test_prefix_cache_on_and_off_give_identical_outputs(variant):
+    model = small_model(**variant)
     prompts = shared_prefix_prompts(12)
     reqs = [Request(prompt=p, params=GREEDY) for p in prompts]
     off = Engine(model, pool_tokens=1024, page_size=4, max_batch=4, prefix_cache=False).generate(reqs)

@@ -11,7 +11,7 @@ Usage::
 
 from lmlab.inference.engine import Engine, ModelRunner, Request, Result, StreamEvent
 from lmlab.inference.kv_cache import KVCache, KVCacheStep
-from lmlab.inference.pool import PagedStep, PagePool, Segment
+from lmlab.inference.pool import DecodeBatch, DecodeStep, PagedStep, PagePool, Segment
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import (
     Sampler,
@@ -24,6 +24,8 @@ from lmlab.inference.sampling import (
 )
 
 __all__ = [
+    "DecodeBatch",
+    "DecodeStep",
     "Engine",
     "ModelRunner",
     "PagePool",

@@ -12,9 +12,11 @@ cache, per-request sampling and stop conditions, and tool calls in token space.
   forwards: one decode forward with one row per sequence that needs one token, and one packed prefill
   forward in which up to ``prefill_chunk`` tokens of several prompts (or of tool answers) sit back to back
   in one row with a block-diagonal causal mask. Long prompts are prefilled in chunks over several steps.
-  While the same sequences keep decoding, their contexts stay in one contiguous
-  :class:`~lmlab.inference.pool.DecodeBatch` (copied from the pages once, one token appended per step)
-  instead of being gathered from the pages on every layer of every step.
+  Decoding sequences keep their contexts in one contiguous :class:`~lmlab.inference.pool.DecodeBatch`
+  (allocated once; a sequence's context is copied in from its pages when it starts decoding, one token is
+  appended per step, and a sequence that stops decoding gives its row to the last one) instead of being
+  gathered from the pages on every layer of every step. The packed prefill attends one prompt at a time
+  (``PagedStep.blocks``), not through one dense block-diagonal mask.
 * Prefix cache (:class:`~lmlab.inference.prefix_cache.PrefixCache`): a request whose prompt starts with
   cached full pages reuses them and prefills only the rest.
 * Tools (:class:`lmlab.tools.Tool`): when a sequence emits a tool's trigger token, the call is taken from the
@@ -165,8 +167,9 @@ class Engine:
     ``prefix_cache``: reuse cached prompt prefixes. ``tools``: tools the model may call.
     ``tool_timeout``: seconds a tool may take before its answer becomes an error.
 
-    One engine serves one stream at a time (it is not thread-safe); the pool and the prefix cache persist
-    from call to call. ``max_new_tokens`` counts sampled tokens only (tool answers are not counted).
+    One engine serves one stream at a time (it is not thread-safe); the pool, the prefix cache and the decode
+    batch's buffers persist from call to call. ``max_new_tokens`` counts sampled tokens only (tool answers are
+    not counted).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None = None, *,
@@ -274,7 +277,7 @@ class Engine:
         for s in self.active:
             self._release(s)
         self.active, self.waiting = [], deque()
-        self._dec, self._dec_rows = None, []
+        self._clear_decode_batch()
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
                       *, allow_special: bool = False, on_text: Callable[[int, str], None] | None = None) -> list[str]:
@@ -426,16 +429,25 @@ class Engine:
             logits = logits[torch.tensor(idx, dtype=torch.long, device=logits.device)]
         return done, logits
 
+    def _clear_decode_batch(self) -> None:
+        """Empty the decode batch; its buffers stay allocated (memory already touched) for the next call."""
+        if self._dec is not None:
+            self._dec.lengths = []
+        self._dec_rows = []
+
     def _decode_batch(self, seqs: list[_Seq]) -> list[_Seq]:
         """Make the decode batch's live rows exactly ``seqs`` (rows of sequences that left, or whose context
         changed, e.g. after a preemption, are dropped; newcomers are copied in from their pages) and return
         them in row order."""
         dec, rows = self._dec, self._dec_rows
         need = max(s.n_cached for s in seqs) + 1
-        # room for every sequence to reach its max_new_tokens (tool answers may still outgrow it: then it grows)
-        limit = min(self.runner.cfg.max_seq_len, self.pool.n_tokens)
-        capacity = min(limit, max(need, *(len(s.tokens) + s.params.max_new_tokens - s.n_sampled for s in seqs)))
-        capacity = max(need, -(-capacity // 16) * 16)
+        capacity = need
+        if dec is None or not rows or need > dec.capacity:
+            # room for every running and waiting sequence to reach its max_new_tokens, so that the batch is not
+            # regrown as they join (tool answers may still outgrow it)
+            limit = min(self.runner.cfg.max_seq_len, self.pool.n_tokens)
+            most = max(len(s.tokens) + s.params.max_new_tokens - s.n_sampled for s in (*self.active, *self.waiting))
+            capacity = max(need, min(limit, -(-most // 16) * 16))
         if dec is None:
             self.stats["decode_batch_builds"] += 1
             dec = self._dec = DecodeBatch(self.pool, self.max_batch, capacity)
@@ -446,9 +458,9 @@ class Engine:
                 dec.remove(r)
                 rows[r] = rows[-1]
                 rows.pop()
-        if need > dec.capacity:
+        if capacity > dec.capacity:
             self.stats["decode_batch_builds"] += 1
-            dec.reserve(dec.rows, max(capacity, dec.capacity + 64))
+            dec.reserve(dec.rows, capacity if not rows else max(capacity, dec.capacity + 64))
         have = {id(s) for s in rows}
         for s in seqs:
             if id(s) not in have:
@@ -518,7 +530,7 @@ class Engine:
         if s in self.active:
             self.active.remove(s)
         if not self.active:
-            self._dec, self._dec_rows = None, []
+            self._clear_decode_batch()
         return StreamEvent(s.index, [], self._result(s))
 
     def _result(self, s: _Seq) -> Result:

@@ -26,7 +26,6 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,8 +52,8 @@ class PagePool:
                 raise ValueError(f"PagePool: {name} must be positive, got {val}")
         self.n_layers, self.n_pages, self.page_size = n_layers, n_pages, page_size
         shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
-        self.k = _zeros(shape, dtype, device)
-        self.v = _zeros(shape, dtype, device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * n_pages
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
 
@@ -112,18 +111,6 @@ class Segment:
     pages: Sequence[int]
     start: int
     n: int
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """``torch.zeros``; on the CPU, backed by numpy's calloc (with huge pages): the pages come zeroed from the
-    kernel as they are first touched, instead of being written once by a fill (several times cheaper for the
-    tens of MB of a KV pool, allocated by every engine)."""
-    if torch.device(device).type == "cpu" and dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
 def _ints(xs: list[int]) -> torch.Tensor:
@@ -229,8 +216,9 @@ class DecodeBatch:
     def __init__(self, pool: PagePool, rows: int, capacity: int) -> None:
         self.pool = pool
         n_layers, _, h, d = pool.k.shape
-        self.k = _zeros((n_layers, rows, h, capacity, d), pool.k.dtype, pool.device)
-        self.v = _zeros((n_layers, rows, h, capacity, d), pool.k.dtype, pool.device)
+        # zeros, not empty: slots past a row's length are read (and masked out), so they must be finite
+        self.k = torch.zeros((n_layers, rows, h, capacity, d), dtype=pool.k.dtype, device=pool.device)
+        self.v = torch.zeros_like(self.k)
         self.lengths: list[int] = []  # tokens held by each live row
 
     @property
@@ -247,8 +235,8 @@ class DecodeBatch:
 
     def _grow(self, rows: int, capacity: int) -> None:
         n_layers, _, h, _, d = self.k.shape
-        new_k = _zeros((n_layers, rows, h, capacity, d), self.k.dtype, self.k.device)
-        new_v = _zeros((n_layers, rows, h, capacity, d), self.k.dtype, self.k.device)
+        new_k = torch.zeros((n_layers, rows, h, capacity, d), dtype=self.k.dtype, device=self.k.device)
+        new_v = torch.zeros_like(new_k)
         n, c = self.n, min(self.capacity, capacity)
         new_k[:, :n, :, :c] = self.k[:, :n, :, :c]
         new_v[:, :n, :, :c] = self.v[:, :n, :, :c]
