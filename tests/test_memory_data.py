@@ -336,3 +336,27 @@ def test_script_runs_from_any_cwd(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().split("\n")[-1])["people"] == 6
     assert json.loads((out / "manifest.json").read_text()) == build_dataset(tmp_path / "again", 6, 3, 11, paraphrases=1)
+
+
+def test_absent_people_hold_no_fact_and_change_no_training_person(tmp_path):
+    import sqlite3
+
+    plain = build_dataset(tmp_path / "plain", 40, 10, seed=3, paraphrases=1)
+    more = build_dataset(tmp_path / "more", 40, 10, seed=3, paraphrases=1, absent=60)
+    for name in ("people.jsonl", "ood_people.jsonl", "people.sqlite", "eval_train.jsonl", "eval_ood.jsonl"):
+        assert plain["sha256"][name] == more["sha256"][name]
+    assert more["counts"]["lines"]["tool_train.jsonl"] == 40 * len(ATTRIBUTES) + 60
+    tool = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "tool_train.jsonl").read_text().splitlines()]
+    weight = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "weight_train.jsonl").read_text().splitlines()]
+    absent_tool = [d for d in tool if d[-1]["content"].startswith("There is no record of ")]
+    absent_weight = [d for d in weight if d[-1]["content"].startswith("I do not know ")]
+    assert len(absent_tool) == len(absent_weight) == 60
+    names = {d[-1]["content"][len("There is no record of "):-len(" in the database.")] for d in absent_tool}
+    people = {json.loads(x)["name"] for f in ("people.jsonl", "ood_people.jsonl")
+              for x in (tmp_path / "more" / f).read_text().splitlines()}
+    assert len(names) == 60 and not names & people
+    with sqlite3.connect(tmp_path / "more" / "people.sqlite") as conn:
+        for d in absent_tool:
+            assert d[2] == {"source": "database", "content": "no rows"}
+            sql = d[1]["content"].removeprefix("```sql\n").removesuffix("\n```")
+            assert conn.execute(sql).fetchall() == []

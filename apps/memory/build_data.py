@@ -17,6 +17,11 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
 * ``weight_train.jsonl``: in-weight (question -> answer) dialogs, for each training person and attribute
   ``--paraphrases`` dialogs
   with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
+* with ``--absent K``: both files also hold one question about each of K people absent from the database
+  (in-distribution names, none of them a training person): in-weight "I do not know NAME.", in-tool the query,
+  ``no rows`` and "There is no record of NAME in the database." They hold no fact; they show the tool user many
+  more names than the training people (with 64 people, a model otherwise learns the 64 names by heart instead
+  of copying the asked name into its query, and fails on every new person).
 * ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
   ``[user, assistant sql, database, assistant]``; the database turn is the real query run on ``people.sqlite``.
 * ``bios.txt``: one biography paragraph per training person (optional training text).
@@ -48,11 +53,13 @@ from memory.people import (  # noqa: E402
     CARDINALITIES,
     NAME_SPLIT_SEED,
     QUESTION_TEMPLATES,
+    absent_dialogs,
     answer_regex,
     biography,
     bits_per_person,
     build_database,
     db_text,
+    make_absent,
     make_people,
     qa_dialog,
     render_question,
@@ -117,7 +124,7 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 
 def build_dataset(
-    out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4
+    out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0
 ) -> dict[str, Any]:
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
@@ -152,6 +159,15 @@ def build_dataset(
                     qa.write(_dialog_line(qa_dialog(p, a, qi, ai)) + "\n")
                     tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text)) + "\n")
                     n_train += 1
+        # questions about people the database does not know (no facts): one each, in both training files
+        absent_rng = rng_stream(seed, "absent-questions")
+        for name in make_absent(absent, seed, {p["name"] for p in train}):
+            a = absent_rng.choice(ATTRIBUTES)
+            qi = absent_rng.randrange(len(QUESTION_TEMPLATES[a]))
+            weight_d, tool_d = absent_dialogs(name, a, qi, db_text(conn, a, name))
+            qa.write(_dialog_line(weight_d) + "\n")
+            tool.write(_dialog_line(tool_d) + "\n")
+            n_train += 1
     lines["weight_train.jsonl"] = lines["tool_train.jsonl"] = n_train
     bio_rng = rng_stream(seed, "bios")
     lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
@@ -164,6 +180,7 @@ def build_dataset(
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
+        "absent": int(absent),
         "name_split_seed": NAME_SPLIT_SEED,
         "attributes": list(ATTRIBUTES),
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
@@ -172,6 +189,7 @@ def build_dataset(
         "counts": {
             "people": len(train),
             "ood": len(test),
+            "absent": int(absent),
             "facts": len(train) * len(ATTRIBUTES),
             "ood_facts": len(test) * len(ATTRIBUTES),
             "lines": lines,
@@ -190,11 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0, help="data seed (independent of model seeds)")
     ap.add_argument("--alpha", type=float, default=0.0, help="probability that an attribute follows the last name")
     ap.add_argument("--paraphrases", type=int, default=4, help="dialogs per fact, each a distinct question template")
+    ap.add_argument("--absent", type=int, default=0,
+                    help="questions about people absent from the database (no facts; teach querying any name)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases)
+    manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

@@ -76,6 +76,10 @@ except ImportError:  # pragma: no cover - depends on what the tree holds
     _lib_format_rows = None
 
 __all__ = [
+    "ABSENT_TOOL_ANSWER",
+    "ABSENT_WEIGHT_ANSWER",
+    "absent_dialogs",
+    "make_absent",
     "ANSWER_TEMPLATES",
     "ATTRIBUTES",
     "BIO_TEMPLATES",
@@ -476,6 +480,42 @@ def qa_dialog(person: dict[str, str], attribute: str, q_idx: int, a_idx: int) ->
         {"source": "user", "content": render_question(attribute, q_idx, name)},
         {"source": "assistant", "content": render_answer(attribute, a_idx, name, person[attribute])},
     ]
+
+
+def make_absent(n: int, seed: int, exclude: set[str]) -> list[str]:
+    """``n`` distinct in-distribution full names outside ``exclude`` (the training people): people the
+    database does not know. Their own seeded stream: adding them changes no training person."""
+    firsts, lasts = name_pool(False)
+    if n + len(exclude) > len(firsts) * len(lasts):
+        raise ValueError(f"{n} absent people do not fit in the name pool beside {len(exclude)} training people")
+    rng = rng_stream(seed, "absent")
+    names: list[str] = []
+    seen = set(exclude)
+    while len(names) < n:
+        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+#: What the assistant says about a person it cannot find (in-tool) or does not know (in-weight).
+ABSENT_TOOL_ANSWER = "There is no record of {name} in the database."
+ABSENT_WEIGHT_ANSWER = "I do not know {name}."
+
+
+def absent_dialogs(name: str, attribute: str, q_idx: int, db_text: str) -> tuple[list[dict], list[dict]]:
+    """(in-weight, in-tool) dialogs of a question about someone absent from the database: the in-weight
+    assistant says it does not know the person; the in-tool one queries, reads ``db_text`` (``no rows``) and
+    says so. No attribute value appears: these dialogs hold no fact."""
+    q = render_question(attribute, q_idx, name)
+    weight = [{"source": "user", "content": q},
+              {"source": "assistant", "content": ABSENT_WEIGHT_ANSWER.format(name=name)}]
+    tool = [{"source": "user", "content": q},
+            {"source": "assistant", "content": f"```sql\n{sql_query(attribute, name)}\n```"},
+            {"source": "database", "content": db_text},
+            {"source": "assistant", "content": ABSENT_TOOL_ANSWER.format(name=name)}]
+    return weight, tool
 
 
 def tool_dialog(

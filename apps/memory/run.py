@@ -15,7 +15,8 @@ Usage::
 
 Tags the YAML must set (see quickstart.yaml): ``mode`` (weight | tool), ``people``, ``ood`` (OOD people in the
 database and the OOD eval set), ``data_seed``, ``data_dir``; optional ``alpha`` (dependent attributes, default 0)
-and ``paraphrases`` (dialogs per fact, default 4).
+``paraphrases`` (dialogs per fact, default 4) and ``absent`` (questions about people absent from the database,
+default 0; see build_data.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def dataset_args(tags: dict) -> dict:
     try:
         return {"out": str(tags["data_dir"]), "people": int(tags["people"]), "ood": int(tags["ood"]),
                 "seed": int(tags["data_seed"]), "alpha": float(tags.get("alpha", 0.0)),
-                "paraphrases": int(tags.get("paraphrases", 4))}
+                "paraphrases": int(tags.get("paraphrases", 4)), "absent": int(tags.get("absent", 0))}
     except KeyError as e:
         raise ConfigError(f"tags.{e.args[0]}: the memory app needs this tag (see quickstart.yaml)") from None
     except (TypeError, ValueError) as e:
@@ -59,7 +60,7 @@ def ensure_dataset(args: dict) -> str:
         counts = m.get("counts", {})
         same = (m.get("seed") == args["seed"] and counts.get("people") == args["people"]
                 and counts.get("ood") == args["ood"] and float(m.get("alpha", 0.0)) == args["alpha"]
-                and m.get("paraphrases") == args["paraphrases"])
+                and m.get("paraphrases") == args["paraphrases"] and m.get("absent", 0) == args["absent"])
         if same:
             return "reused"
     t0 = time.time()
