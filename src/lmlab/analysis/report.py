@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmlab.analysis.runs import column_order
+
 __all__ = ["Section", "format_value", "plot_lines", "write_html_report"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,12 +53,7 @@ def format_value(v: Any) -> str:
 
 
 def _table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> str:
-    if columns is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            for k in row:
-                seen.setdefault(k, None)
-        columns = list(seen)
+    columns = list(columns) if columns is not None else column_order(rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(format_value(row.get(c)))}</td>" for c in columns) + "</tr>"

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -157,15 +157,15 @@ def load_runs(roots: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Ru
     return sorted(records.values(), key=lambda r: r.name)
 
 
+def column_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys of ``rows`` in order of first appearance."""
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
               columns: Sequence[str] | None = None) -> Path:
     """Write rows as CSV. Columns: ``columns`` if given, else the keys in order of first appearance."""
-    if columns is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            for k in row:
-                seen.setdefault(k, None)
-        columns = list(seen)
+    columns = list(columns) if columns is not None else column_order(rows)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("w", newline="", encoding="utf-8") as f:
