@@ -112,4 +112,4 @@ def test_smeared_keys_are_refused_by_the_export():
     from lmlab.hf import model_config_to_hf
 
     with pytest.raises(ValueError, match="smear_keys"):
-        model_config_to_hf(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, smear_keys=True))
+        model_config_to_hf(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, smear_keys=2))

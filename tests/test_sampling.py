@@ -25,7 +25,7 @@ VARIANTS = {
     "mha": dict(),
     "gqa": dict(n_kv_heads=2),
     "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
-    "smear_gqa": dict(n_kv_heads=2, smear_keys=True),
+    "smear_gqa": dict(n_kv_heads=2, smear_keys=2),
 }
 LENGTHS = [1, 40, 7, 23, 2, 31, 12, 40, 5, 17]  # ragged, 1..40
 

@@ -120,8 +120,8 @@ class ModelConfig:
     max_seq_len: int = F(2048, "longest sequence the rotary tables cover")
     tie_embeddings: bool = F(False, "share the token embedding with the output head")
     qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
-    smear_keys: bool = F(False, "mix each key with the previous token's key through a learned per-head gate "
-                         "(smeared keys: induction/copying forms much faster); not exportable to HF Llama")
+    smear_keys: int = F(0, "smeared keys: each key becomes a learned per-head mix of the keys of its token and the "
+                        "N tokens before it (induction/copying forms much faster); 0: off; not exportable to HF")
     init: InitConfig = F(InitConfig(), "weight initialisation")
 
     def check(self) -> list[tuple[str, str]]:
@@ -139,6 +139,8 @@ class ModelConfig:
             errs.append(("vocab_size", "must be positive or null"))
         if self.hidden_dim is not None and self.hidden_dim <= 0:
             errs.append(("hidden_dim", "must be positive or null"))
+        if self.smear_keys < 0:
+            errs.append(("smear_keys", "must be >= 0 (tokens mixed into each key; 0: off)"))
         return errs
 
 

@@ -169,6 +169,7 @@ class PagedStep:
         mask[:, :, 0] |= qs == -2  # padding queries see key 0, so that no softmax row is empty
         self.pool = pool
         self.positions = qp_t.to(dev)
+        self.key_positions = kp.to(dev)  # (B, 1, n_keys): each key's position in its own sequence
         self.mask = mask[:, None].to(dev)
         self._pages = _ints(k_page).to(dev)
         self._shape = (b, n_keys)

@@ -20,12 +20,13 @@ the rotary position of each new token and which keys each query may see, and eve
 hands it the new keys/values, getting back the keys/values to attend over. The model makes no
 assumption about how the cache stores them (one contiguous batch, pages, a shared prefix).
 
-Smeared keys (``cfg.smear_keys``, after Olsson et al. 2022, "In-context learning and induction heads"): each
-layer replaces key ``k_j`` by ``k_j + g * (k_{j-1} - k_j)`` with a learned gate ``g = sigmoid(s)`` per key/value
-head (``k_{-1} = 0`` at the first token of every sequence or packed document), so a single attention layer can
-match on the previous token and copy what follows it: copying tasks (a name from a question into a SQL query)
-are learned several times faster. The cache keeps the raw keys; the smear is applied to each sequence's keys as
-the cache returns them, so cached decoding equals full recomputation.
+Smeared keys (``cfg.smear_keys = N``, after the smeared-key model of Olsson et al. 2022, "In-context learning
+and induction heads"): each layer replaces key ``k_j`` by ``sum_d a_d k_{j-d}`` over ``d = 0..N``, with weights
+``a = softmax(s)`` learned per key/value head (keys before the first token of a sequence or packed document
+count as zero). A key then also says which tokens precede it, so one attention layer can find where the current
+context occurred before and copy what followed: copying tasks (a name from a question into a SQL query) are
+learned several times faster. The cache keeps the raw keys; the smear is applied to each sequence's keys as the
+cache returns them, so cached decoding equals full recomputation.
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
 ``lmlab.hf`` maps them to and from Hugging Face names.
@@ -60,6 +61,8 @@ class AttentionCache(Protocol):
     ``update`` returns; ``None`` means those keys are exactly the T new tokens, attended causally.
     ``update(layer, k, v)``: store the new keys/values (B, n_kv_heads, T, head_dim) of layer ``layer`` and
     return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
+    Optional ``key_positions`` (B or 1, 1, S): the position of each returned key within its own sequence, needed
+    by smeared keys when a row holds several sequences; without it, each row holds one sequence from position 0.
     Optional ``blocks`` (a cache may leave it out, or set it to None): with one row (B = 1), a list of
     ``(q0, q1, k0, k1, mask)``: queries ``q0:q1`` attend keys ``k0:k1`` only, under ``mask`` (boolean
     (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
@@ -73,7 +76,7 @@ class AttentionCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-SMEAR_INIT = -1.0  # initial smear logit: gate sigmoid(-1) ~ 0.27
+SMEAR_INIT = -1.0  # initial smear logit of each earlier token (the token's own: 0): weights 0.58/0.21/... for N=2
 
 
 class Attention(nn.Module):
@@ -89,7 +92,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.smear = nn.Parameter(torch.empty(self.n_kv_heads)) if cfg.smear_keys else None
+        self.smear = nn.Parameter(torch.empty(self.n_kv_heads, cfg.smear_keys + 1)) if cfg.smear_keys else None
 
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -98,16 +101,19 @@ class Attention(nn.Module):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
         if self.smear is not None:
-            nn.init.constant_(self.smear, SMEAR_INIT)
+            with torch.no_grad():
+                self.smear.fill_(SMEAR_INIT)
+                self.smear[:, 0] = 0.0
 
-    def _smear(self, k: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
-        """Smeared keys over (B, H, T, D) ``k``; ``starts`` (B, 1, T, 1) marks keys that begin a sequence (the
-        first key always does)."""
-        prev = F.pad(k[:, :, :-1], (0, 0, 1, 0))
-        if starts is not None:
-            prev = prev.masked_fill(starts, 0.0)
-        gate = torch.sigmoid(self.smear).to(k.dtype).view(1, -1, 1, 1)
-        return k + gate * (prev - k)
+    def _smear(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Smeared keys over (B, H, T, D) ``k``; ``pos`` (B or 1, 1, T): each key's position in its sequence
+        (a key ``d`` places back exists when ``pos >= d``)."""
+        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype)  # (H, N + 1)
+        out = k * weights[:, 0].view(1, -1, 1, 1)
+        for d in range(1, min(weights.shape[1], k.shape[2])):  # no key lies d >= T places back
+            shifted = F.pad(k[:, :, :-d], (0, 0, d, 0)) * (pos >= d).unsqueeze(-1).to(k.dtype)
+            out = out + shifted * weights[:, d].view(1, -1, 1, 1)
+        return out
 
     def forward(
         self,
@@ -126,16 +132,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
             blocks = getattr(cache, "blocks", None)
-            if self.smear is not None:  # each row (or block) holds one sequence's keys from its first token
-                starts = None
-                if blocks is not None:
-                    starts = torch.zeros(1, 1, k.shape[2], 1, dtype=torch.bool, device=k.device)
-                    for _, _, k0, _, _ in blocks:
-                        starts[0, 0, k0] = True
-                k = self._smear(k, starts)
-        elif self.smear is not None:  # packed documents: a key starts a document where it may not see its left
-            starts = None if mask is None else F.pad(~mask.diagonal(-1, -2, -1), (1, 0), value=True)[..., None]
-            k = self._smear(k, starts)
+            if self.smear is not None:  # without key_positions, each row holds one sequence from its first token
+                pos = getattr(cache, "key_positions", None)
+                k = self._smear(k, torch.arange(k.shape[2], device=k.device).view(1, 1, -1) if pos is None else pos)
+        elif self.smear is not None:  # packed documents: a key's position is the count of its document's keys
+            pos = torch.arange(t, device=k.device).view(1, 1, -1) if mask is None else mask.sum(-1) - 1
+            k = self._smear(k, pos)
         if blocks is not None:
             y = self._blocks(q, k, v, blocks)
         elif mask is None:  # SDPA shares each key/value head across its query group without copying
