@@ -11,7 +11,7 @@ the parameters per fact and bits per parameter it implies).
 
 Usage::
 
-    .venv/bin/python apps/memory/analyze.py runs/memory                 # table on stdout, files in runs/memory/report
+    .venv/bin/python apps/memory/analyze.py runs/memory/quick     # table on stdout, files in runs/memory/quick/report
     .venv/bin/python apps/memory/analyze.py runs/memory --out out/mem   # results.csv, *.png, report.html
 
     from memory.analyze import make_report

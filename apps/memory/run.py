@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     configs = load_grid(a.grid, a.overrides)
-    root = Path(configs[0].runs_dir) / configs[0].name.split("/")[0]
-    if len({c.name.split("/")[0] for c in configs}) != 1:
-        raise ConfigError(f"{a.grid}: every run of the grid must share the first part of its name")
+    root = configs[0].run_dir.parent  # the grid's folder: runs/memory/quick for memory/quick/people=64_mode=tool
+    if len({c.run_dir.parent for c in configs}) != 1:
+        raise ConfigError(f"{a.grid}: the runs of the grid must share one parent folder")
     if not a.report_only:
         datasets = {}
         for cfg in configs:
