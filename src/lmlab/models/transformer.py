@@ -143,18 +143,20 @@ class Attention(nn.Module):
         elif mask is None:  # SDPA shares each key/value head across its query group without copying
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            if self.n_kv_heads != self.n_heads:  # the masked CPU kernels need materialised heads
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v = self._expand_kv(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+    def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values repeated across each query group: the masked CPU SDPA kernels need materialised heads."""
+        if self.n_kv_heads == self.n_heads:
+            return k, v
+        rep = self.n_heads // self.n_kv_heads
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
     def _blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks) -> torch.Tensor:
         """Attention of a one-row packed forward, one block (sequence) at a time (see AttentionCache.blocks)."""
-        if self.n_kv_heads != self.n_heads:  # the masked CPU kernels need materialised heads
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = self._expand_kv(k, v)
         y = torch.zeros_like(q) if len(blocks) == 0 else torch.empty_like(q)
         for q0, q1, k0, k1, m in blocks:
             y[:, :, q0:q1] = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
