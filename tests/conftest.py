@@ -11,3 +11,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def randomize_smear(model, seed=0):
+    """Random smeared-key weights (they start equal across heads/channels), so that a head or channel mixed
+    up on some path shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            smear = layer.attention.smear
+            if smear is not None:
+                smear.copy_(torch.randn(smear.shape, generator=g))

@@ -318,25 +318,57 @@ def test_padded_dialog_rows(dialog_file, tok, dtok) -> None:
     loader = build_loader(cfg, tok, "train")  # a plain Tokenizer gets wrapped in a DialogTokenizer
     src = loader.source
     seen = []
+    widths = set()
     for _ in range(len(loader)):
         b = next(loader)
         assert set(b) == {"inputs", "targets"}
+        width = b["inputs"].shape[1]  # cut to the batch's longest dialog, rounded up to 8 columns
+        longest = 0
         for row in range(4):
             t = b["inputs"][row].tolist()
-            match = [i for i, (et, _) in enumerate(encoded) if et[:seq_len] == t[: len(et)]
-                     and t[len(et):] == [tok.pad_id] * (seq_len - len(et))]
+            match = [i for i, (et, _) in enumerate(encoded) if et[:width] == t[: len(et)]
+                     and t[len(et):] == [tok.pad_id] * (width - len(et))]
             assert len(match) == 1
             et, em = encoded[match[0]]
             n = len(et)
-            assert b["targets"][row, :n].tolist() == expected_targets(et, em)
-            assert b["targets"][row, n:].tolist() == [IGNORE] * (seq_len - n)
+            longest = max(longest, n)
+            assert b["targets"][row, :n].tolist() == expected_targets(et, em)[:width]
+            assert b["targets"][row, n:].tolist() == [IGNORE] * (width - n)
             seen.append(match[0])
+        assert width == min(seq_len, -(-(longest - 1) // 8) * 8) and width % 8 == 0 or width == seq_len
+        widths.add(width)
+    assert len(widths) > 1 and max(widths) <= seq_len  # batches of shorter dialogs are narrower
     assert len(seen) == len(set(seen)) == (len(src.corpus) // 4) * 4
     assert max(seen) < 30  # val is the tail quarter of the dialogs
     val = list(build_loader(cfg, tok, "val"))
     got = torch.cat([b["targets"][b["targets"] != IGNORE] for b in val]).tolist()
     exp = [x for et, em in encoded[30:] for x in expected_targets(et, em) if x != IGNORE]
     assert got == exp
+
+
+def test_cut_padded_batch_gives_the_full_width_loss(dialog_file, tok, dtok) -> None:
+    """Cutting a padded batch to its longest dialog drops padding only: the loss equals the full-width one."""
+    from lmlab.config import ModelConfig
+    from lmlab.models import build_model
+
+    path, _ = dialog_file
+    corpus = load_dialogs([str(path)], dtok, 200)
+    src = DialogRows(corpus, 200, 4, seed=1, pad_id=tok.pad_id, packing=False)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, max_seq_len=256,
+                                    smear_keys=2))
+    for k in range(2):
+        b = {key: torch.as_tensor(v) for key, v in src.batch(0, k).items()}
+        width = b["inputs"].shape[1]
+        assert width < 200
+        full_in = torch.nn.functional.pad(b["inputs"], (0, 200 - width), value=tok.pad_id)
+        full_tg = torch.nn.functional.pad(b["targets"], (0, 200 - width), value=IGNORE)
+        with torch.no_grad():
+            cut = torch.nn.functional.cross_entropy(model(b["inputs"]).flatten(0, 1), b["targets"].flatten(),
+                                                    ignore_index=IGNORE, reduction="sum")
+            full = torch.nn.functional.cross_entropy(model(full_in).flatten(0, 1), full_tg.flatten(),
+                                                     ignore_index=IGNORE, reduction="sum")
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-4)
 
 
 def test_packed_val_covers_every_loss_token_once_across_ranks(dialog_file, tok, dtok) -> None:
@@ -374,7 +406,13 @@ def test_packing_efficiency_value(tmp_path: Path, tok, dtok) -> None:
     # rows: [d, d] fills all 2n slots (2n-1 input positions), [d] leaves n-1 input positions of padding
     assert packed.packing_efficiency() == pytest.approx((3 * n - 1) / (2 * (2 * n - 1)))
     padded = DialogRows(corpus, 2 * n - 1, 1, shuffle=False, pad_id=tok.pad_id, packing=False)
-    assert padded.packing_efficiency() == pytest.approx(n / (2 * n - 1))
+    width = -(-(n - 1) // 8) * 8  # a padded batch is cut to its longest dialog, rounded up to 8 columns
+    assert width < 2 * n - 1
+    assert padded.packing_efficiency() == pytest.approx(min(n, width) / width)
+    b = [padded.batch(0, k) for k in range(padded.num_batches(0))]
+    assert {x["inputs"].shape[1] for x in b} == {width}
+    real = sum(int((x["inputs"] != tok.pad_id).sum()) for x in b)
+    assert real / sum(x["inputs"].size for x in b) == pytest.approx(padded.packing_efficiency())
     assert packing_efficiency([10, 3], 9) == pytest.approx(12 / 18)
     loader = DataLoader(packed)
     assert loader.packing_efficiency == packed.packing_efficiency()

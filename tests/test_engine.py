@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import randomize_smear
 from torch import nn
 
 from lmlab.config import EngineConfig, InitConfig, ModelConfig
@@ -35,7 +36,9 @@ def small_model(seed=0, **kw):
     base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=128,
                 init=InitConfig(scheme="normal", std=0.3))
     base.update(kw)
-    return build_model(ModelConfig(**base), seed=seed).eval()
+    model = build_model(ModelConfig(**base), seed=seed).eval()
+    randomize_smear(model, seed)
+    return model
 
 
 def prompts_of(lengths, vocab=97, seed=0):
@@ -60,7 +63,8 @@ def check_pool_is_whole(engine):
 # ---- continuous batching against full recompute ------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3)], ids=["mha", "gqa", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True)],
+                         ids=["mha", "gqa", "smear"])
 def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
     model = small_model(**variant)
     prompts = prompts_of(LENGTHS)
@@ -181,7 +185,8 @@ def test_packed_prefill_logits_equal_per_prompt_logits(variant):
         col += len(p)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3)], ids=["mha", "gqa", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True)],
+                         ids=["mha", "gqa", "smear"])
 def test_blockwise_packed_attention_equals_the_dense_block_diagonal_mask(variant):
     """PagedStep.blocks (one attention per segment) against the dense block-diagonal mask it stands for."""
     model = small_model(**variant)

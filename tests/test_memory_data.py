@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 from memory import names, people
-from memory.build_data import FILES, build_dataset
+from memory.build_data import FILES, FORMAT_VERSION, build_dataset
 from memory.people import (
+    ABSENT_TOOL_ANSWERS,
+    ABSENT_WEIGHT_ANSWERS,
     ANSWER_TEMPLATES,
     ATTRIBUTES,
     BIO_TEMPLATES,
@@ -238,7 +240,7 @@ def test_build_is_deterministic_and_seeded(tmp_path: Path) -> None:
 
 def test_manifest_matches_files(big: Path) -> None:
     m = json.loads((big / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["seed"] == 3 and m["alpha"] == 0.0 and m["paraphrases"] == 2
+    assert m["format_version"] == FORMAT_VERSION and m["seed"] == 3 and m["alpha"] == 0.0 and m["paraphrases"] == 2
     assert m["counts"]["people"] == 2000 and m["counts"]["ood"] == 300
     assert m["counts"]["facts"] == 2000 * len(ATTRIBUTES)
     assert m["bits_per_person"] == pytest.approx(bits_per_person())
@@ -348,10 +350,23 @@ def test_absent_people_hold_no_fact_and_change_no_training_person(tmp_path):
     assert more["counts"]["lines"]["tool_train.jsonl"] == 40 * len(ATTRIBUTES) + 60
     tool = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "tool_train.jsonl").read_text().splitlines()]
     weight = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "weight_train.jsonl").read_text().splitlines()]
-    absent_tool = [d for d in tool if d[-1]["content"].startswith("There is no record of ")]
-    absent_weight = [d for d in weight if d[-1]["content"].startswith("I do not know ")]
+    def absent_name(answer: str, templates: tuple[str, ...]) -> str | None:
+        for t in templates:
+            m = re.fullmatch(re.escape(t).replace(re.escape("{name}"), "(?P<name>.+)"), answer)
+            if m:
+                return m.group("name")
+        return None
+
+    absent_tool = [d for d in tool if absent_name(d[-1]["content"], ABSENT_TOOL_ANSWERS)]
+    absent_weight = [d for d in weight if absent_name(d[-1]["content"], ABSENT_WEIGHT_ANSWERS)]
     assert len(absent_tool) == len(absent_weight) == 60
-    names = {d[-1]["content"][len("There is no record of "):-len(" in the database.")] for d in absent_tool}
+    for answers in (ABSENT_TOOL_ANSWERS, ABSENT_WEIGHT_ANSWERS):  # every paraphrase is used
+        used = {next(i for i, t in enumerate(answers) if absent_name(d[-1]["content"], (t,)))
+                for d in (absent_tool if answers is ABSENT_TOOL_ANSWERS else absent_weight)}
+        assert used == set(range(len(answers)))
+    names = {absent_name(d[-1]["content"], ABSENT_TOOL_ANSWERS) for d in absent_tool}
+    assert names == {absent_name(d[-1]["content"], ABSENT_WEIGHT_ANSWERS) for d in absent_weight}
+    assert all(d[0] == w[0] for d, w in zip(absent_tool, absent_weight))  # the same question in both files
     people = {json.loads(x)["name"] for f in ("people.jsonl", "ood_people.jsonl")
               for x in (tmp_path / "more" / f).read_text().splitlines()}
     assert len(names) == 60 and not names & people

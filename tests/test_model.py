@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_smear
 
 from lmlab.config import InitConfig, ModelConfig
 from lmlab.hf import permute_half_to_interleaved, permute_interleaved_to_half
@@ -15,6 +16,7 @@ VARIANTS = {
     "gqa": dict(n_kv_heads=2),
     "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
     "smear_gqa": dict(n_kv_heads=2, smear_keys=2),
+    "smear_channels": dict(n_kv_heads=2, smear_keys=3, smear_channels=True),
 }
 
 
@@ -29,6 +31,7 @@ def small_cfg(**kw) -> ModelConfig:
 def test_changing_a_future_token_never_changes_an_earlier_logit(variant):
     torch.manual_seed(0)
     model = build_model(small_cfg(**VARIANTS[variant]), seed=1).eval()
+    randomize_smear(model)
     x = torch.randint(0, 97, (2, 33))
     with torch.no_grad():
         ref = model(x)
@@ -44,6 +47,7 @@ def test_changing_a_future_token_never_changes_an_earlier_logit(variant):
 def test_packed_forward_equals_each_document_alone(variant):
     torch.manual_seed(0)
     model = build_model(small_cfg(**VARIANTS[variant]), seed=2).eval()
+    randomize_smear(model)
     lengths = [5, 11, 1, 7]
     docs = [torch.randint(0, 97, (n,)) for n in lengths]
     pad = 4

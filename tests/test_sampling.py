@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_smear
 
 import lmlab.inference.sampling as sampling_mod
 from lmlab.config import InitConfig, ModelConfig, SampleConfig
@@ -26,6 +27,7 @@ VARIANTS = {
     "gqa": dict(n_kv_heads=2),
     "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
     "smear_gqa": dict(n_kv_heads=2, smear_keys=2),
+    "smear_channels": dict(smear_keys=3, smear_channels=True),
 }
 LENGTHS = [1, 40, 7, 23, 2, 31, 12, 40, 5, 17]  # ragged, 1..40
 
@@ -44,6 +46,7 @@ def small_model(seed=0, **kw):
             for layer in model.layers:
                 for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
                     lin.bias.normal_(0.0, 0.5)
+    randomize_smear(model, seed)
     return model
 
 

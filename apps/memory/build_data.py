@@ -18,8 +18,9 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
   ``--paraphrases`` dialogs
   with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
 * with ``--absent K``: both files also hold one question about each of K people absent from the database
-  (in-distribution names, none of them a training person): in-weight "I do not know NAME.", in-tool the query,
-  ``no rows`` and "There is no record of NAME in the database." They hold no fact; they show the tool user many
+  (in-distribution names, none of them a training person): in-weight "I do not know NAME." (or a paraphrase),
+  in-tool the query, ``no rows`` and "There is no record of NAME in the database." (or one of two paraphrases
+  that put the name first or last, as the fact answers do). They hold no fact; they show the tool user many
   more names than the training people (with 64 people, a model otherwise learns the 64 names by heart instead
   of copying the asked name into its query, and fails on every new person).
 * ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
@@ -48,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
 
 from memory.people import (  # noqa: E402
+    ABSENT_TOOL_ANSWERS,
     ANSWER_TEMPLATES,
     ATTRIBUTES,
     CARDINALITIES,
@@ -68,7 +70,7 @@ from memory.people import (  # noqa: E402
     tool_dialog,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: three answer paraphrases for absent people
 log = logging.getLogger("memory.build_data")
 
 FILES = (
@@ -164,7 +166,8 @@ def build_dataset(
         for name in make_absent(absent, seed, {p["name"] for p in train}):
             a = absent_rng.choice(ATTRIBUTES)
             qi = absent_rng.randrange(len(QUESTION_TEMPLATES[a]))
-            weight_d, tool_d = absent_dialogs(name, a, qi, db_text(conn, a, name))
+            ai = absent_rng.randrange(len(ABSENT_TOOL_ANSWERS))
+            weight_d, tool_d = absent_dialogs(name, a, qi, db_text(conn, a, name), ai)
             qa.write(_dialog_line(weight_d) + "\n")
             tool.write(_dialog_line(tool_d) + "\n")
             n_train += 1

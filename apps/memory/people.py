@@ -76,8 +76,8 @@ except ImportError:  # pragma: no cover - depends on what the tree holds
     _lib_format_rows = None
 
 __all__ = [
-    "ABSENT_TOOL_ANSWER",
-    "ABSENT_WEIGHT_ANSWER",
+    "ABSENT_TOOL_ANSWERS",
+    "ABSENT_WEIGHT_ANSWERS",
     "absent_dialogs",
     "make_absent",
     "ANSWER_TEMPLATES",
@@ -499,22 +499,33 @@ def make_absent(n: int, seed: int, exclude: set[str]) -> list[str]:
     return names
 
 
-#: What the assistant says about a person it cannot find (in-tool) or does not know (in-weight).
-ABSENT_TOOL_ANSWER = "There is no record of {name} in the database."
-ABSENT_WEIGHT_ANSWER = "I do not know {name}."
+#: What the assistant says about a person it cannot find (in-tool) or does not know (in-weight). The name
+#: stands first, inside and last, as in the fact answers, so that these answers teach copying a name into
+#: every place an answer puts it.
+ABSENT_TOOL_ANSWERS = (
+    "There is no record of {name} in the database.",
+    "{name} is not in the database.",
+    "The database has no entry for {name}.",
+)
+ABSENT_WEIGHT_ANSWERS = (
+    "I do not know {name}.",
+    "{name} is not someone I know.",
+    "I have no information about {name}.",
+)
 
 
-def absent_dialogs(name: str, attribute: str, q_idx: int, db_text: str) -> tuple[list[dict], list[dict]]:
+def absent_dialogs(name: str, attribute: str, q_idx: int, db_text: str, a_idx: int = 0
+                   ) -> tuple[list[dict], list[dict]]:
     """(in-weight, in-tool) dialogs of a question about someone absent from the database: the in-weight
     assistant says it does not know the person; the in-tool one queries, reads ``db_text`` (``no rows``) and
-    says so. No attribute value appears: these dialogs hold no fact."""
+    says so (answer paraphrase ``a_idx``). No attribute value appears: these dialogs hold no fact."""
     q = render_question(attribute, q_idx, name)
     weight = [{"source": "user", "content": q},
-              {"source": "assistant", "content": ABSENT_WEIGHT_ANSWER.format(name=name)}]
+              {"source": "assistant", "content": ABSENT_WEIGHT_ANSWERS[a_idx].format(name=name)}]
     tool = [{"source": "user", "content": q},
             {"source": "assistant", "content": f"```sql\n{sql_query(attribute, name)}\n```"},
             {"source": "database", "content": db_text},
-            {"source": "assistant", "content": ABSENT_TOOL_ANSWER.format(name=name)}]
+            {"source": "assistant", "content": ABSENT_TOOL_ANSWERS[a_idx].format(name=name)}]
     return weight, tool
 
 

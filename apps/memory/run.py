@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lmlab.config import ConfigError, exit_on_config_error, load_grid  # noqa: E402
 from lmlab.launch import run_grid  # noqa: E402
 from memory.analyze import format_table, make_report  # noqa: E402
-from memory.build_data import build_dataset  # noqa: E402
+from memory.build_data import FORMAT_VERSION, build_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("memory")
@@ -58,7 +58,8 @@ def ensure_dataset(args: dict) -> str:
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         counts = m.get("counts", {})
-        same = (m.get("seed") == args["seed"] and counts.get("people") == args["people"]
+        same = (m.get("format_version") == FORMAT_VERSION and m.get("seed") == args["seed"]
+                and counts.get("people") == args["people"]
                 and counts.get("ood") == args["ood"] and float(m.get("alpha", 0.0)) == args["alpha"]
                 and m.get("paraphrases") == args["paraphrases"] and m.get("absent", 0) == args["absent"])
         if same:

@@ -122,6 +122,8 @@ class ModelConfig:
     qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
     smear_keys: int = F(0, "smeared keys: each key becomes a learned per-head mix of the keys of its token and the "
                         "N tokens before it (induction/copying forms much faster); 0: off; not exportable to HF")
+    smear_channels: bool = F(False, "smeared keys with one mixing weight per key channel (a causal depthwise "
+                             "convolution of the keys) instead of one per head")
     init: InitConfig = F(InitConfig(), "weight initialisation")
 
     def check(self) -> list[tuple[str, str]]:

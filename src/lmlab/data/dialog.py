@@ -13,7 +13,10 @@ dialog (the last token of a dialog has target -100).
   dialog goes into the current row if it fits, else it starts a new row. Rows carry ``doc_ids`` (0, 1, ...
   per dialog; trailing padding gets the next id) and ``positions`` (restarting at 0 in each dialog) so the
   model uses a block-diagonal causal mask.
-* padded (``packing=False``): one dialog per row, padded with ``pad_id`` (targets -100).
+* padded (``packing=False``): one dialog per row, padded with ``pad_id`` (targets -100); a batch is cut to its
+  longest dialog (rounded up to 8 columns), so a batch of short dialogs costs what it holds. With the plain
+  causal attention this needs (no document mask), padded rows of short dialogs train faster than packed ones:
+  e.g. 1.9x the real tokens/s for dialogs of ~170 tokens on one CPU core (apps/memory).
 
 A dialog longer than ``seq_len + 1`` tokens is an error unless ``truncate=True`` cuts it.
 :func:`packing_efficiency` measures the fraction of input positions that hold a real token.
@@ -263,10 +266,22 @@ class DialogRows:
         return order[bounds[row] : bounds[row + 1]]
 
     def packing_efficiency(self, epoch: int = 0) -> float:
-        """Fraction of input positions holding a real token, over all rows of ``epoch`` (all ranks)."""
-        order, bounds, _ = self.plan(epoch)
+        """Fraction of input positions holding a real token, over all rows of ``epoch`` (all ranks; padded
+        rows: over this rank's batches, each as wide as :meth:`batch` cuts it)."""
+        order, bounds, rows = self.plan(epoch)
         csum = np.concatenate([[0], np.cumsum(self.corpus.lengths[order])])
-        return packing_efficiency(csum[bounds[1:]] - csum[bounds[:-1]], self.seq_len)
+        row_tokens = csum[bounds[1:]] - csum[bounds[:-1]]
+        if self.packing:
+            return packing_efficiency(row_tokens, self.seq_len)
+        lengths = np.where(rows >= 0, row_tokens[np.maximum(rows, 0)], 0)  # (num_batches, batch_size)
+        widths = np.array([self._width(int(n)) for n in lengths.max(1, initial=1)], dtype=np.int64)
+        real = np.minimum(lengths, widths[:, None]).sum()
+        return float(real / (widths.sum() * rows.shape[1])) if rows.size else 0.0
+
+    def _width(self, longest: int) -> int:
+        """Input width of a padded batch whose longest dialog has ``longest`` tokens: ``longest - 1`` rounded up
+        to a multiple of 8, at most ``seq_len`` (the columns past it would be padding only)."""
+        return min(self.seq_len, max(8, -(-(longest - 1) // 8) * 8))
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         _, _, rows = self.plan(epoch)
@@ -276,6 +291,7 @@ class DialogRows:
         msk = np.zeros((len(ids), slots), dtype=np.bool_)
         doc = np.zeros((len(ids), slots), dtype=np.int64)
         pos = np.zeros((len(ids), slots), dtype=np.int64)
+        longest = 1
         for b, r in enumerate(ids.tolist()):
             c = 0
             dialogs = self.row_dialogs(epoch, r) if r >= 0 else ()
@@ -287,6 +303,7 @@ class DialogRows:
                 doc[b, c : c + n] = j
                 pos[b, c : c + n] = np.arange(n)
                 c += n
+            longest = max(longest, c)
             doc[b, c:] = len(dialogs)  # trailing padding is a document of its own
             pos[b, c:] = np.arange(slots - c)
         same_doc = doc[:, 1:] == doc[:, :-1]
@@ -294,6 +311,9 @@ class DialogRows:
         if self.packing:
             out["doc_ids"] = doc[:, :-1]
             out["positions"] = pos[:, :-1]
+        else:  # one dialog per row, padding at its end: columns past the batch's longest dialog are all padding
+            width = self._width(longest)
+            out = {k: v[:, :width] for k, v in out.items()}
         return out
 
     def fingerprint(self) -> dict[str, Any]:

@@ -23,10 +23,12 @@ assumption about how the cache stores them (one contiguous batch, pages, a share
 Smeared keys (``cfg.smear_keys = N``, after the smeared-key model of Olsson et al. 2022, "In-context learning
 and induction heads"): each layer replaces key ``k_j`` by ``sum_d a_d k_{j-d}`` over ``d = 0..N``, with weights
 ``a = softmax(s)`` learned per key/value head (keys before the first token of a sequence or packed document
-count as zero). A key then also says which tokens precede it, so one attention layer can find where the current
-context occurred before and copy what followed: copying tasks (a name from a question into a SQL query) are
-learned several times faster. The cache keeps the raw keys; the smear is applied to each sequence's keys as the
-cache returns them, so cached decoding equals full recomputation.
+count as zero); with ``cfg.smear_channels`` the weights are learned per key channel (a causal depthwise
+convolution), so different channels of one key can hold different earlier tokens. A key then also says
+which tokens precede it, so one attention layer can find where the current context occurred before and copy
+what followed: copying tasks (a name from a question into a SQL query) are learned several times faster.
+The cache keeps the raw keys; the smear is applied to each sequence's keys as the cache returns them, so
+cached decoding equals full recomputation.
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
 ``lmlab.hf`` maps them to and from Hugging Face names.
@@ -92,7 +94,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.smear = nn.Parameter(torch.empty(self.n_kv_heads, cfg.smear_keys + 1)) if cfg.smear_keys else None
+        smear_shape = (self.n_kv_heads, self.head_dim) if cfg.smear_channels else (self.n_kv_heads, 1)
+        self.smear = nn.Parameter(torch.empty(*smear_shape, cfg.smear_keys + 1)) if cfg.smear_keys else None
 
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -103,16 +106,22 @@ class Attention(nn.Module):
         if self.smear is not None:
             with torch.no_grad():
                 self.smear.fill_(SMEAR_INIT)
-                self.smear[:, 0] = 0.0
+                self.smear[..., 0] = 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "smear"  # checkpoints before per-channel smearing stored the per-head weights as (H, N + 1)
+        if self.smear is not None and key in state_dict and state_dict[key].dim() == 2:
+            state_dict[key] = state_dict[key].unsqueeze(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _smear(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Smeared keys over (B, H, T, D) ``k``; ``pos`` (B or 1, 1, T): each key's position in its sequence
         (a key ``d`` places back exists when ``pos >= d``)."""
-        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype)  # (H, N + 1)
-        out = k * weights[:, 0].view(1, -1, 1, 1)
-        for d in range(1, min(weights.shape[1], k.shape[2])):  # no key lies d >= T places back
+        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype).unsqueeze(1)  # (H, 1, 1 or D, N + 1)
+        out = k * weights[..., 0]
+        for d in range(1, min(weights.shape[-1], k.shape[2])):  # no key lies d >= T places back
             shifted = F.pad(k[:, :, :-d], (0, 0, d, 0)) * (pos >= d).unsqueeze(-1).to(k.dtype)
-            out = out + shifted * weights[:, d].view(1, -1, 1, 1)
+            out = out + shifted * weights[..., d]
         return out
 
     def forward(
