@@ -14,11 +14,11 @@ def one_thread():
 
 
 def randomize_smear(model, seed=0):
-    """Random smeared-key weights (they start equal across heads/channels), so that a head or channel mixed
-    up on some path shows."""
+    """Random smeared-key and smeared-query weights (they start equal across heads / channels, or zero), so
+    that a head, channel or earlier token mixed up on some path shows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers:
-            smear = layer.attention.smear
-            if smear is not None:
-                smear.copy_(torch.randn(smear.shape, generator=g))
+            for smear in (layer.attention.smear, layer.attention.query_smear):
+                if smear is not None:
+                    smear.copy_(torch.randn(smear.shape, generator=g))

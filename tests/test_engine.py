@@ -63,8 +63,9 @@ def check_pool_is_whole(engine):
 # ---- continuous batching against full recompute ------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True)],
-                         ids=["mha", "gqa", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True),
+                                     dict(n_kv_heads=2, smear_keys=3, smear_channels=True, smear_queries=True)],
+                         ids=["mha", "gqa", "smear", "smear_queries"])
 def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
     model = small_model(**variant)
     prompts = prompts_of(LENGTHS)
@@ -164,8 +165,9 @@ def test_preemption_keeps_outputs_exact():
 # ---- packed prefill ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=1, qkv_bias=True), dict(smear_keys=2)],
-                         ids=["mha", "mqa_bias", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=1, qkv_bias=True), dict(smear_keys=2),
+                                     dict(smear_keys=2, smear_queries=True)],
+                         ids=["mha", "mqa_bias", "smear", "smear_queries"])
 def test_packed_prefill_logits_equal_per_prompt_logits(variant):
     model = small_model(**variant)
     prompts = prompts_of([13, 1, 30, 8])
@@ -185,8 +187,9 @@ def test_packed_prefill_logits_equal_per_prompt_logits(variant):
         col += len(p)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True)],
-                         ids=["mha", "gqa", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True),
+                                     dict(smear_keys=3, smear_queries=True)],
+                         ids=["mha", "gqa", "smear", "smear_queries"])
 def test_blockwise_packed_attention_equals_the_dense_block_diagonal_mask(variant):
     """PagedStep.blocks (one attention per segment) against the dense block-diagonal mask it stands for."""
     model = small_model(**variant)
@@ -224,7 +227,8 @@ def shared_prefix_prompts(n, prefix_len=21, seed=0):
     return [systems[i % 2] + torch.randint(0, 97, (1 + i % 7,), generator=g).tolist() for i in range(n)]
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(smear_keys=2)], ids=["mha", "smear"])
+@pytest.mark.parametrize("variant", [dict(), dict(smear_keys=2), dict(smear_keys=2, smear_queries=True)],
+                         ids=["mha", "smear", "smear_queries"])
 def test_prefix_cache_on_and_off_give_identical_outputs(variant):
     model = small_model(**variant)
     prompts = shared_prefix_prompts(12)

@@ -17,6 +17,7 @@ VARIANTS = {
     "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
     "smear_gqa": dict(n_kv_heads=2, smear_keys=2),
     "smear_channels": dict(n_kv_heads=2, smear_keys=3, smear_channels=True),
+    "smear_queries": dict(n_kv_heads=2, smear_keys=3, smear_channels=True, smear_queries=True),
 }
 
 

@@ -28,6 +28,7 @@ VARIANTS = {
     "mqa_tied_bias": dict(n_kv_heads=1, tie_embeddings=True, qkv_bias=True),
     "smear_gqa": dict(n_kv_heads=2, smear_keys=2),
     "smear_channels": dict(smear_keys=3, smear_channels=True),
+    "smear_queries": dict(n_kv_heads=2, smear_keys=3, smear_queries=True),
 }
 LENGTHS = [1, 40, 7, 23, 2, 31, 12, 40, 5, 17]  # ragged, 1..40
 

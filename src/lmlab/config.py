@@ -124,6 +124,8 @@ class ModelConfig:
                         "N tokens before it (induction/copying forms much faster); 0: off; not exportable to HF")
     smear_channels: bool = F(False, "smeared keys with one mixing weight per key channel (a causal depthwise "
                              "convolution of the keys) instead of one per head")
+    smear_queries: bool = F(False, "with smeared keys: add to each query a learned per-channel mix of the (raw) keys "
+                            "of the smear_keys tokens before it, so that a query also says which tokens precede it")
     init: InitConfig = F(InitConfig(), "weight initialisation")
 
     def check(self) -> list[tuple[str, str]]:
@@ -143,6 +145,8 @@ class ModelConfig:
             errs.append(("hidden_dim", "must be positive or null"))
         if self.smear_keys < 0:
             errs.append(("smear_keys", "must be >= 0 (tokens mixed into each key; 0: off)"))
+        if self.smear_queries and self.smear_keys <= 0:
+            errs.append(("smear_queries", "needs smear_keys > 0 (the number of earlier tokens mixed in)"))
         return errs
 
 

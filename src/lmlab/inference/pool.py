@@ -137,7 +137,7 @@ class PagedStep:
         # page and per new token, never per cached token: per page its id, segment and first position; per
         # query its segment and position (segment -1 marks padding pages, -2 padding queries).
         n_pages = max(1, max(sum(-(-(s.start + s.n) // ps) for s in row) for row in rows))
-        k_page, k_seg, k_base, q_seg, q_pos, src, dst = [], [], [], [], [], [], []
+        k_page, k_seg, k_base, q_seg, q_pos, q_key, src, dst = [], [], [], [], [], [], [], []
         for r, row in enumerate(rows):
             col = used = 0
             for j, seg in enumerate(row):
@@ -150,6 +150,7 @@ class PagedStep:
                 k_base += range(0, m * ps, ps)
                 q_seg += [j] * seg.n
                 q_pos += range(seg.start, ctx)
+                q_key += range(used * ps + seg.start, used * ps + ctx)  # where each new token's own key lands
                 src += range(r * t + col, r * t + col + seg.n)
                 dst += [seg.pages[p // ps] * ps + p % ps for p in range(seg.start, ctx)]
                 col += seg.n
@@ -159,6 +160,7 @@ class PagedStep:
             k_base += [0] * (n_pages - used)
             q_seg += [-2] * (t - col)
             q_pos += [0] * (t - col)
+            q_key += [0] * (t - col)
         dev = pool.device
         b, n_keys = len(rows), n_pages * ps
         offsets = torch.arange(ps)
@@ -170,6 +172,7 @@ class PagedStep:
         self.pool = pool
         self.positions = qp_t.to(dev)
         self.key_positions = kp.to(dev)  # (B, 1, n_keys): each key's position in its own sequence
+        self.query_key_index = _ints(q_key).view(b, t).to(dev)  # (B, T): each new token's own key among them
         self.mask = mask[:, None].to(dev)
         self._pages = _ints(k_page).to(dev)
         self._shape = (b, n_keys)

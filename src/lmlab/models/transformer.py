@@ -65,6 +65,8 @@ class AttentionCache(Protocol):
     return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
     Optional ``key_positions`` (B or 1, 1, S): the position of each returned key within its own sequence, needed
     by smeared keys when a row holds several sequences; without it, each row holds one sequence from position 0.
+    Optional ``query_key_index`` (B, T): where each new token's own key lies among the S returned keys, needed by
+    smeared queries when a row holds several sequences; without it, a token's key lies at its position.
     Optional ``blocks`` (a cache may leave it out, or set it to None): with one row (B = 1), a list of
     ``(q0, q1, k0, k1, mask)``: queries ``q0:q1`` attend keys ``k0:k1`` only, under ``mask`` (boolean
     (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
@@ -96,6 +98,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
         smear_shape = (self.n_kv_heads, self.head_dim) if cfg.smear_channels else (self.n_kv_heads, 1)
         self.smear = nn.Parameter(torch.empty(*smear_shape, cfg.smear_keys + 1)) if cfg.smear_keys else None
+        self.query_smear = (nn.Parameter(torch.empty(self.n_heads, self.head_dim, cfg.smear_keys))
+                            if cfg.smear_queries and cfg.smear_keys else None)
 
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -107,6 +111,8 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.smear.fill_(SMEAR_INIT)
                 self.smear[..., 0] = 0.0
+        if self.query_smear is not None:
+            nn.init.zeros_(self.query_smear)  # queries start as plain queries
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "smear"  # checkpoints before per-channel smearing stored the per-head weights as (H, N + 1)
@@ -123,6 +129,31 @@ class Attention(nn.Module):
             shifted = F.pad(k[:, :, :-d], (0, 0, d, 0)) * (pos >= d).unsqueeze(-1).to(k.dtype)
             out = out + shifted * weights[..., d]
         return out
+
+    def _query_context(self, k: torch.Tensor, index: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        """What smeared queries add to the (B, n_heads, T, D) queries: ``sum_d w_d * k_{j-d}`` over ``d = 1..N``,
+        ``k_j`` the raw key of the query's own token. ``k``: the (B, n_kv_heads, S, D) raw keys the queries
+        attend over; ``index`` (B or 1, T): where each query's own key lies among them (None: key ``t`` is query
+        ``t``'s); ``pos`` (B or 1, T): each query's position in its sequence (earlier keys exist for ``pos >= d``)."""
+        b, t = k.shape[0], pos.shape[-1]
+        w = self.query_smear.to(k.dtype)  # (n_heads, D, N)
+        rep = self.n_heads // self.n_kv_heads
+        out = None
+        for d in range(1, w.shape[-1] + 1):
+            if index is None:
+                if d >= k.shape[2]:
+                    break
+                prev = F.pad(k[:, :, :-d], (0, 0, d, 0))
+            else:
+                j = (index - d).clamp(min=0).expand(b, t)
+                prev = k.gather(2, j[:, None, :, None].expand(b, k.shape[1], t, k.shape[3]))
+            prev = prev * (pos >= d).to(k.dtype)[:, None, :, None]
+            if rep > 1:
+                prev = prev.repeat_interleave(rep, dim=1)
+            term = prev * w[None, :, None, :, d - 1]
+            out = term if out is None else out + term
+        return out if out is not None else torch.zeros(b, self.n_heads, t, k.shape[3], dtype=k.dtype,
+                                                        device=k.device)
 
     def forward(
         self,
@@ -141,11 +172,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
             blocks = getattr(cache, "blocks", None)
+            if self.query_smear is not None:  # a query's own key: at its position unless the cache says where
+                index = getattr(cache, "query_key_index", None)
+                q = q + self._query_context(k, cache.positions if index is None else index, cache.positions)
             if self.smear is not None:  # without key_positions, each row holds one sequence from its first token
                 pos = getattr(cache, "key_positions", None)
                 k = self._smear(k, torch.arange(k.shape[2], device=k.device).view(1, 1, -1) if pos is None else pos)
         elif self.smear is not None:  # packed documents: a key's position is the count of its document's keys
             pos = torch.arange(t, device=k.device).view(1, 1, -1) if mask is None else mask.sum(-1) - 1
+            if self.query_smear is not None:
+                q = q + self._query_context(k, None, pos[:, 0])
             k = self._smear(k, pos)
         if blocks is not None:
             y = self._blocks(q, k, v, blocks)
