@@ -83,3 +83,14 @@ def test_memory_main_job_toy(tmp_path):
     assert logs == {n: (runs / n / "train.log").stat().st_size for n in names}
     with open(report / "results.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def test_runs_that_share_a_data_dir_but_need_different_datasets_are_refused(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    text = GRID.format(runs=tmp_path / "runs").replace("tags.people: [8, 12]", "tags.absent_in_weight: [false, true]")
+    grid.write_text(text)
+    cmd = [sys.executable, str(ROOT / "apps" / "memory" / "run.py"), "--grid", str(grid)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "config error:" in out.stderr and "is shared by runs that need different datasets" in out.stderr
+    assert not (tmp_path / "runs" / "toy").exists()  # nothing trained

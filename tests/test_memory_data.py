@@ -344,10 +344,16 @@ def test_absent_people_hold_no_fact_and_change_no_training_person(tmp_path):
     import sqlite3
 
     plain = build_dataset(tmp_path / "plain", 40, 10, seed=3, paraphrases=1)
-    more = build_dataset(tmp_path / "more", 40, 10, seed=3, paraphrases=1, absent=60)
+    more = build_dataset(tmp_path / "more", 40, 10, seed=3, paraphrases=1, absent=60, absent_in_weight=True)
+    tool_only = build_dataset(tmp_path / "tool_only", 40, 10, seed=3, paraphrases=1, absent=60)
     for name in ("people.jsonl", "ood_people.jsonl", "people.sqlite", "eval_train.jsonl", "eval_ood.jsonl"):
-        assert plain["sha256"][name] == more["sha256"][name]
+        assert plain["sha256"][name] == more["sha256"][name] == tool_only["sha256"][name]
     assert more["counts"]["lines"]["tool_train.jsonl"] == 40 * len(ATTRIBUTES) + 60
+    # by default the absent questions go to the in-tool file only; the in-weight file holds the facts alone
+    assert tool_only["sha256"]["tool_train.jsonl"] == more["sha256"]["tool_train.jsonl"]
+    assert tool_only["sha256"]["weight_train.jsonl"] == plain["sha256"]["weight_train.jsonl"]
+    assert tool_only["counts"]["lines"]["weight_train.jsonl"] == 40 * len(ATTRIBUTES)
+    assert tool_only["absent_in_weight"] is False and more["absent_in_weight"] is True
     tool = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "tool_train.jsonl").read_text().splitlines()]
     weight = [json.loads(x)["dialog"] for x in (tmp_path / "more" / "weight_train.jsonl").read_text().splitlines()]
     def absent_name(answer: str, templates: tuple[str, ...]) -> str | None:

@@ -215,11 +215,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_
     return "\n".join(lines)
 
 
-def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = 0.95) -> dict[str, Any]:
-    """Write results.csv, four PNGs and report.html under ``out_dir``; return a summary dict (with the fits)."""
+def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = 0.95,
+                runs: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
+    """Write results.csv, four PNGs and report.html under ``out_dir``; return a summary dict (with the fits).
+    The runs are every run folder under ``root``, or only the folders ``runs`` (e.g. one grid's runs, so that
+    older runs left in the same folder stay out)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = load_runs(root)
+    records = load_runs(root if runs is None else [r for r in runs if Path(r, "config.yaml").is_file()])
     rows = results_rows(records, threshold)
     notes: list[str] = []
     if not rows:

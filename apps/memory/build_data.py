@@ -17,12 +17,14 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
 * ``weight_train.jsonl``: in-weight (question -> answer) dialogs, for each training person and attribute
   ``--paraphrases`` dialogs
   with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
-* with ``--absent K``: both files also hold one question about each of K people absent from the database
-  (in-distribution names, none of them a training person): in-weight "I do not know NAME." (or a paraphrase),
-  in-tool the query, ``no rows`` and "There is no record of NAME in the database." (or one of two paraphrases
-  that put the name first or last, as the fact answers do). They hold no fact; they show the tool user many
-  more names than the training people (with 64 people, a model otherwise learns the 64 names by heart instead
-  of copying the asked name into its query, and fails on every new person).
+* with ``--absent K``: the in-tool file also holds one question about each of K people absent from the
+  database (in-distribution names, none of them a training person): the query, ``no rows`` and "There is no
+  record of NAME in the database." (or one of two paraphrases that put the name first or last, as the fact
+  answers do). They hold no fact; they show the tool user many more names than the training people (with 64
+  people, a model otherwise learns the 64 names by heart instead of copying the asked name into its query, and
+  fails on every new person). With ``--absent-in-weight`` the in-weight file gets the same questions, answered
+  "I do not know NAME." (or a paraphrase); by default it holds facts only, so that an in-weight run spends
+  all its steps on facts (with 4,096 absent questions and 64 people they would be 76% of its dialogs).
 * ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
   ``[user, assistant sql, database, assistant]``; the database turn is the real query run on ``people.sqlite``.
 * ``bios.txt``: one biography paragraph per training person (optional training text).
@@ -70,7 +72,7 @@ from memory.people import (  # noqa: E402
     tool_dialog,
 )
 
-FORMAT_VERSION = 2  # 2: three answer paraphrases for absent people
+FORMAT_VERSION = 3  # 2: three answer paraphrases for absent people; 3: absent questions in-tool only by default
 log = logging.getLogger("memory.build_data")
 
 FILES = (
@@ -126,9 +128,11 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 
 def build_dataset(
-    out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0
+    out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
+    absent_in_weight: bool = False,
 ) -> dict[str, Any]:
-    """Write every file of the dataset into ``out`` (created if missing) and return the manifest."""
+    """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
+    questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
     if not 1 <= paraphrases <= n_q:
         raise ValueError(f"paraphrases must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}")
@@ -161,17 +165,20 @@ def build_dataset(
                     qa.write(_dialog_line(qa_dialog(p, a, qi, ai)) + "\n")
                     tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text)) + "\n")
                     n_train += 1
-        # questions about people the database does not know (no facts): one each, in both training files
+        # questions about people the database does not know (no facts): one each, in the in-tool file (and the
+        # in-weight one when asked)
         absent_rng = rng_stream(seed, "absent-questions")
-        for name in make_absent(absent, seed, {p["name"] for p in train}):
+        absent_names = make_absent(absent, seed, {p["name"] for p in train})
+        for name in absent_names:
             a = absent_rng.choice(ATTRIBUTES)
             qi = absent_rng.randrange(len(QUESTION_TEMPLATES[a]))
             ai = absent_rng.randrange(len(ABSENT_TOOL_ANSWERS))
             weight_d, tool_d = absent_dialogs(name, a, qi, db_text(conn, a, name), ai)
-            qa.write(_dialog_line(weight_d) + "\n")
+            if absent_in_weight:
+                qa.write(_dialog_line(weight_d) + "\n")
             tool.write(_dialog_line(tool_d) + "\n")
-            n_train += 1
-    lines["weight_train.jsonl"] = lines["tool_train.jsonl"] = n_train
+    lines["tool_train.jsonl"] = n_train + len(absent_names)
+    lines["weight_train.jsonl"] = n_train + (len(absent_names) if absent_in_weight else 0)
     bio_rng = rng_stream(seed, "bios")
     lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
     lines["eval_train.jsonl"] = _write_lines(out / "eval_train.jsonl", _eval_lines(train, seed, "train"))
@@ -184,6 +191,7 @@ def build_dataset(
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
         "absent": int(absent),
+        "absent_in_weight": bool(absent_in_weight),
         "name_split_seed": NAME_SPLIT_SEED,
         "attributes": list(ATTRIBUTES),
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
@@ -213,11 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--paraphrases", type=int, default=4, help="dialogs per fact, each a distinct question template")
     ap.add_argument("--absent", type=int, default=0,
                     help="questions about people absent from the database (no facts; teach querying any name)")
+    ap.add_argument("--absent-in-weight", action="store_true",
+                    help="put the absent-people questions into the in-weight file too (default: in-tool only)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent)
+    manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,
+                             args.absent_in_weight)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

@@ -44,7 +44,8 @@ def dataset_args(tags: dict) -> dict:
     try:
         return {"out": str(tags["data_dir"]), "people": int(tags["people"]), "ood": int(tags["ood"]),
                 "seed": int(tags["data_seed"]), "alpha": float(tags.get("alpha", 0.0)),
-                "paraphrases": int(tags.get("paraphrases", 4)), "absent": int(tags.get("absent", 0))}
+                "paraphrases": int(tags.get("paraphrases", 4)), "absent": int(tags.get("absent", 0)),
+                "absent_in_weight": bool(tags.get("absent_in_weight", False))}
     except KeyError as e:
         raise ConfigError(f"tags.{e.args[0]}: the memory app needs this tag (see quickstart.yaml)") from None
     except (TypeError, ValueError) as e:
@@ -61,7 +62,8 @@ def ensure_dataset(args: dict) -> str:
         same = (m.get("format_version") == FORMAT_VERSION and m.get("seed") == args["seed"]
                 and counts.get("people") == args["people"]
                 and counts.get("ood") == args["ood"] and float(m.get("alpha", 0.0)) == args["alpha"]
-                and m.get("paraphrases") == args["paraphrases"] and m.get("absent", 0) == args["absent"])
+                and m.get("paraphrases") == args["paraphrases"] and m.get("absent", 0) == args["absent"]
+                and m.get("absent_in_weight", False) == args["absent_in_weight"])
         if same:
             return "reused"
     t0 = time.time()
@@ -88,14 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         datasets = {}
         for cfg in configs:
             args = dataset_args(cfg.tags)
-            datasets.setdefault(args["out"], args)
+            if datasets.setdefault(args["out"], args) != args:
+                raise ConfigError(f"{cfg.name}: tags.data_dir {args['out']} is shared by runs that need different "
+                                  f"datasets ({datasets[args['out']]} vs {args}); name every tag that differs in it")
         for out, args in datasets.items():
             log.info("dataset %s: %s", out, ensure_dataset(args))
         outcomes = run_grid(configs, jobs=a.jobs, threads=a.threads)
         failed = [o for o in outcomes if o.status == "failed"]
     else:
         failed = []
-    summary = make_report(root, root / "report")
+    summary = make_report(root, root / "report", runs=[c.run_dir for c in configs])
     print(format_table(summary["rows"]))
     print(f"\n{len(configs)} runs in {time.time() - t0:.0f} s; results: {root / 'report' / 'results.csv'}, "
           f"report: {root / 'report' / 'report.html'}")

@@ -27,7 +27,10 @@ count as zero); with ``cfg.smear_channels`` the weights are learned per key chan
 convolution), so different channels of one key can hold different earlier tokens. A key then also says
 which tokens precede it, so one attention layer can find where the current context occurred before and copy
 what followed: copying tasks (a name from a question into a SQL query) are learned several times faster.
-The cache keeps the raw keys; the smear is applied to each sequence's keys as the cache returns them, so
+With ``cfg.smear_queries``, each query also gets ``sum_d w_d * k_{j-d}`` over ``d = 1..N`` (learned per query
+channel, zero at first) from the raw keys of the tokens before it, so that a query says which tokens precede it
+too and the match is on a context on both sides (copying "Svetlana" without jumping from its first "a" to the
+second). The cache keeps the raw keys; the smear is applied to each sequence's keys as the cache returns them, so
 cached decoding equals full recomputation.
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
