@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        smear_shape = (self.n_kv_heads, self.head_dim) if cfg.smear_channels else (self.n_kv_heads, 1)
+        smear_shape = (self.n_kv_heads, self.head_dim) if cfg.smear_channels else (self.n_kv_heads,)
         self.smear = nn.Parameter(torch.empty(*smear_shape, cfg.smear_keys + 1)) if cfg.smear_keys else None
         self.query_smear = (nn.Parameter(torch.empty(self.n_heads, self.head_dim, cfg.smear_keys))
                             if cfg.smear_queries and cfg.smear_keys else None)
@@ -117,16 +117,11 @@ class Attention(nn.Module):
         if self.query_smear is not None:
             nn.init.zeros_(self.query_smear)  # queries start as plain queries
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "smear"  # checkpoints before per-channel smearing stored the per-head weights as (H, N + 1)
-        if self.smear is not None and key in state_dict and state_dict[key].dim() == 2:
-            state_dict[key] = state_dict[key].unsqueeze(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _smear(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Smeared keys over (B, H, T, D) ``k``; ``pos`` (B or 1, 1, T): each key's position in its sequence
         (a key ``d`` places back exists when ``pos >= d``)."""
-        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype).unsqueeze(1)  # (H, 1, 1 or D, N + 1)
+        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype)  # (H, N + 1) or per channel (H, D, N + 1)
+        weights = weights.view(weights.shape[0], 1, -1 if weights.dim() == 3 else 1, weights.shape[-1])
         out = k * weights[..., 0]
         for d in range(1, min(weights.shape[-1], k.shape[2])):  # no key lies d >= T places back
             shifted = F.pad(k[:, :, :-d], (0, 0, d, 0)) * (pos >= d).unsqueeze(-1).to(k.dtype)
