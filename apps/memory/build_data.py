@@ -127,6 +127,14 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
             )
 
 
+def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
+               absent_in_weight: bool = False) -> dict[str, Any]:
+    """The arguments that decide a dataset's content, as the manifest records them (``build_args``): a folder
+    whose manifest holds the same ones (and the same ``format_version``) holds the same files."""
+    return {"people": int(people), "ood": int(ood), "seed": int(seed), "alpha": float(alpha),
+            "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight)}
+
+
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
     absent_in_weight: bool = False,
@@ -187,6 +195,7 @@ def build_dataset(
     bits = bits_per_person()
     manifest = {
         "format_version": FORMAT_VERSION,
+        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight),
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),

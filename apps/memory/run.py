@@ -15,8 +15,8 @@ Usage::
 
 Tags the YAML must set (see quickstart.yaml): ``mode`` (weight | tool), ``people``, ``ood`` (OOD people in the
 database and the OOD eval set), ``data_seed``, ``data_dir``; optional ``alpha`` (dependent attributes, default 0)
-``paraphrases`` (dialogs per fact, default 4) and ``absent`` (questions about people absent from the database,
-default 0; see build_data.py).
+``paraphrases`` (dialogs per fact, default 4), ``absent`` (questions about people absent from the database,
+default 0) and ``absent_in_weight`` (put them in the in-weight file too, default false); see build_data.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lmlab.config import ConfigError, exit_on_config_error, load_grid  # noqa: E402
 from lmlab.launch import run_grid  # noqa: E402
 from memory.analyze import format_table, make_report  # noqa: E402
-from memory.build_data import FORMAT_VERSION, build_dataset  # noqa: E402
+from memory.build_data import FORMAT_VERSION, build_args, build_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("memory")
@@ -58,13 +58,8 @@ def ensure_dataset(args: dict) -> str:
     manifest = out / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        counts = m.get("counts", {})
-        same = (m.get("format_version") == FORMAT_VERSION and m.get("seed") == args["seed"]
-                and counts.get("people") == args["people"]
-                and counts.get("ood") == args["ood"] and float(m.get("alpha", 0.0)) == args["alpha"]
-                and m.get("paraphrases") == args["paraphrases"] and m.get("absent", 0) == args["absent"]
-                and m.get("absent_in_weight", False) == args["absent_in_weight"])
-        if same:
+        wanted = build_args(**{k: v for k, v in args.items() if k != "out"})
+        if m.get("format_version") == FORMAT_VERSION and m.get("build_args") == wanted:
             return "reused"
     t0 = time.time()
     build_dataset(**args)
