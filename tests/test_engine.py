@@ -25,6 +25,7 @@ from lmlab.inference import (
     generate_reference,
 )
 from lmlab.models import build_model
+from lmlab.models.transformer import cascade_attention
 from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
 from lmlab.tools import CodeBlockTool
 
@@ -245,6 +246,59 @@ def test_prefix_cache_on_and_off_give_identical_outputs(variant):
     check_pool_is_whole(engine)
 
 
+def test_cascade_attention_equals_masked_attention():
+    g = torch.Generator().manual_seed(0)
+    b, h, s_keys, d, shared = 5, 3, 19, 8, 8
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = torch.randn(b, h, s_keys, d, generator=g), torch.randn(b, h, s_keys, d, generator=g)
+    k[:, :, :shared], v[:, :, :shared] = k[:1, :, :shared], v[:1, :, :shared]  # the shared prefix
+    lengths = torch.tensor([9, 19, 12, 15, 10])
+    mask = (torch.arange(s_keys) < lengths[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(cascade_attention(q, k, v, mask, shared), want)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True),
+                                     dict(n_kv_heads=2, smear_keys=3, smear_queries=True)],
+                         ids=["mha", "gqa", "smear", "smear_queries"])
+def test_decode_with_a_shared_system_prompt_uses_cascade_attention_and_stays_exact(variant):
+    """Every decoding sequence starts with the same cached pages (one system prompt): decode attends them once
+    for the batch. Outputs equal the full-recompute reference, on the first call (pages shared as they are
+    cached) and on a second one (all cached), while rows join and leave (max_batch 4 of 10 requests)."""
+    model = small_model(**variant)
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(0, 97, (37,), generator=g).tolist()
+    prompts = [system + torch.randint(0, 97, (1 + i % 7,), generator=g).tolist() for i in range(10)]
+    params = greedy_params(len(prompts))
+    want = generate_reference(model, prompts, params)
+    engine = Engine(model, pool_tokens=1024, page_size=4, max_batch=4, cascade_min=8)
+    for _ in range(2):
+        res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+        assert [r.tokens for r in res] == want
+    assert engine.stats["cascade_forwards"] > 0.5 * engine.stats["decode_forwards"]
+    check_pool_is_whole(engine)
+    off = Engine(model, pool_tokens=1024, page_size=4, max_batch=4, cascade_min=0)
+    assert [r.tokens for r in off.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])] == want
+    assert off.stats["cascade_forwards"] == 0
+
+
+@pytest.mark.parametrize("prefill_chunk", [512, 16])  # 16: the shared prompt itself takes several steps
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(prefill_chunk):
+    """Requests admitted together that share a prompt prefix: one prefills it, the others wait a step and take
+    its pages from the prefix cache (instead of all computing it in the same forward)."""
+    model = small_model()
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(0, 97, (40,), generator=g).tolist()
+    prompts = [system + torch.randint(0, 97, (2 + i % 6,), generator=g).tolist() for i in range(9)]
+    params = greedy_params(len(prompts))
+    engine = Engine(model, pool_tokens=1024, page_size=4, max_batch=6, prefill_chunk=prefill_chunk)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert [r.tokens for r in res] == generate_reference(model, prompts, params)
+    assert [r.cached_tokens for r in res] == [0] + [40] * 8
+    assert engine.stats["prefill_tokens"] == sum(len(p) for p in prompts) - 40 * 8
+    check_pool_is_whole(engine)
+
+
 def test_eviction_under_a_tiny_pool_keeps_outputs_identical():
     model = small_model(seed=2)
     prompts = shared_prefix_prompts(16, prefix_len=13, seed=5) + prompts_of([20, 9, 25], seed=9)
@@ -286,6 +340,28 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
     alone = Engine(model, pool_tokens=128, page_size=8).generate([Request(prompt=prompts[4], params=params[4])])
     assert alone[0].tokens == want[4]
     assert len(set(map(tuple, want))) == len(want)
+
+
+@pytest.mark.parametrize("max_batch", [3, 8])  # 8 (no prefix cache): the second call's rows are the first call's
+def test_suppressed_ids_per_request_equal_the_reference_across_calls(max_batch):
+    """The engine masks suppressed ids itself (a mask kept while the decode rows stay the same sequences): each
+    request's own set, greedy or sampled, through continuous batching and a second call on the same engine
+    whose requests reuse the first call's indices with other sets."""
+    model = small_model()
+    prompts = prompts_of([3, 11, 25, 7, 16, 2, 9])
+    engine = Engine(model, pool_tokens=256, page_size=8, max_batch=max_batch, prefix_cache=max_batch < 8)
+    for call in range(2):
+        params = [SamplingParams(max_new_tokens=10, temperature=0.0 if (i + call) % 2 else 0.8, seed=7 + i,
+                                 suppress_token_ids=list(range((i * 13 + call * 40) % 97, 97, 2 + i % 3))
+                                 if (i + call) % 3 else ())
+                  for i in range(len(prompts))]
+        want = generate_reference(model, prompts, params)
+        res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+        assert [r.tokens for r in res] == want
+        for r, q in zip(res, params):
+            assert not set(r.tokens) & set(q.suppress_token_ids)
+    with pytest.raises(ValueError, match="request 0: suppress_token_ids covers every token id"):
+        engine.generate([Request(prompt=[1], params=SamplingParams(max_new_tokens=4, suppress_token_ids=list(range(97))))])
 
 
 def test_min_p_keeps_ids_at_least_min_p_times_the_top_probability():

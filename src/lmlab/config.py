@@ -287,6 +287,8 @@ class EngineConfig:
     prefill_chunk: int = F(512, "prompt tokens prefilled per step; longer prompts are prefilled in chunks")
     prefix_cache: bool = F(True, "reuse the KV pages of cached prompt prefixes (radix tree, LRU eviction)")
     tool_timeout: float = F(10.0, "seconds a tool call may run before its answer becomes an error")
+    cascade_min: int = F(64, "decode reads a prompt prefix that every decoding sequence shares (prefix cache) once "
+                             "for the batch (cascade attention) when it holds at least this many tokens; 0: never")
 
 
 @dataclass

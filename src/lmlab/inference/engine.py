@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections import deque
@@ -143,15 +144,22 @@ class _ToolCall:
 
 
 class _Seq:
+    _serial = itertools.count()
+
     def __init__(self, index: int, req: Request, prompt: list[int], params: SamplingParams, stops: set[int]) -> None:
         self.index, self.req, self.params, self.stops = index, req, params, stops
+        self.uid = next(_Seq._serial)  # unique for the life of the process (index repeats across calls)
         self.prompt = prompt
         self.tokens = list(prompt)  # prompt + everything after it
         self.n_cached = 0  # tokens whose keys/values are in the pool
         self.pages: list[int] = []
         self.n_sampled = 0
         self.cached_tokens = -1  # prompt tokens from the prefix cache at first admission
+        self.admissions = 0
+        self.fresh = False  # admitted, and not fed to the model since: it may still take newly cached pages
         self.generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
+        self.suppress: torch.Tensor | None = None  # the params' suppressed ids inside the vocabulary (int64)
+        self.sample_params = params  # what the Sampler sees: suppression is applied by the engine
         self.tool: _ToolCall | None = None
         self.tool_calls: list[tuple[str | None, str]] = []
         self.finish_reason: str | None = None
@@ -165,7 +173,9 @@ class Engine:
     ``page_size``: tokens per page (the prefix cache shares whole pages). ``max_batch``: sequences running at
     once. ``prefill_chunk``: prompt tokens prefilled per step (longer prompts take several steps).
     ``prefix_cache``: reuse cached prompt prefixes. ``tools``: tools the model may call.
-    ``tool_timeout``: seconds a tool may take before its answer becomes an error.
+    ``tool_timeout``: seconds a tool may take before its answer becomes an error. ``cascade_min``: when the
+    decoding sequences all start with the same cached pages (a shared system prompt, sibling branches) of at
+    least this many tokens, decode attends them once for the batch (cascade attention); 0 turns it off.
 
     One engine serves one stream at a time (it is not thread-safe); the pool, the prefix cache and the decode
     batch's buffers persist from call to call. ``max_new_tokens`` counts sampled tokens only (tool answers are
@@ -174,13 +184,17 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None = None, *,
                  pool_tokens: int = 8192, page_size: int = 16, max_batch: int = 32, prefill_chunk: int = 512,
-                 prefix_cache: bool = True, tools: Sequence[Any] = (), tool_timeout: float = 10.0) -> None:
+                 prefix_cache: bool = True, tools: Sequence[Any] = (), tool_timeout: float = 10.0,
+                 cascade_min: int = 64) -> None:
         if max_batch <= 0 or prefill_chunk <= 0:
             raise ValueError(f"Engine: max_batch and prefill_chunk must be positive, got {max_batch}, {prefill_chunk}")
         self.runner = ModelRunner(model)
         self.pool = PagePool.for_model(model, pool_tokens, page_size)
         self.prefix = PrefixCache(self.pool) if prefix_cache else None
         self.max_batch, self.prefill_chunk, self.tool_timeout = max_batch, prefill_chunk, tool_timeout
+        if cascade_min < 0:
+            raise ValueError(f"Engine: cascade_min must be >= 0, got {cascade_min}")
+        self.cascade_min = cascade_min
         if isinstance(tokenizer, DialogTokenizer):
             self.dialog_tokenizer, self.tokenizer = tokenizer, tokenizer.tokenizer
         else:
@@ -200,9 +214,12 @@ class Engine:
         self.active: list[_Seq] = []
         self._dec: DecodeBatch | None = None  # contiguous contexts of the decoding sequences, kept across steps
         self._dec_rows: list[_Seq] = []  # the sequence of each live row of self._dec
+        self._suppress_key: tuple[int, ...] | None = None  # the rows (sequence uids) of _suppress_rows
+        self._suppress_rows: torch.Tensor | None = None
         self.stats = {"forwards": 0, "prefill_forwards": 0, "decode_forwards": 0, "preemptions": 0,
-                      "prefill_tokens": 0, "decode_batch_builds": 0,
-                      "decode_batch_joins": 0}
+                      "prefill_tokens": 0, "decode_batch_builds": 0, "decode_batch_joins": 0, "cascade_forwards": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0}  # wall time of the forwards, planning included (on CUDA,
+        # where kernels run asynchronously, the split between the two is approximate)
 
     @classmethod
     def from_config(cls, model: nn.Module, tokenizer: Tokenizer | DialogTokenizer | None, cfg: EngineConfig,
@@ -212,7 +229,7 @@ class Engine:
         pool = min(cfg.pool_tokens, model.cfg.max_seq_len * cfg.max_batch)
         return cls(model, tokenizer, pool_tokens=pool, page_size=cfg.page_size, max_batch=cfg.max_batch,
                    prefill_chunk=cfg.prefill_chunk, prefix_cache=cfg.prefix_cache, tools=tools,
-                   tool_timeout=cfg.tool_timeout)
+                   tool_timeout=cfg.tool_timeout, cascade_min=cfg.cascade_min)
 
     # ---- requests ------------------------------------------------------------------------------------
     def _make_seq(self, index: int, req: Request | Sequence[int]) -> _Seq:
@@ -247,7 +264,14 @@ class Engine:
             stops = tuple(specials[s] for s in (END_OF_DIALOG, EOS) if s in specials)
         if p.seed is None and not p.greedy:
             p = dataclasses.replace(p, seed=int(torch.randint(0, 2**62, ())))
-        return _Seq(index, req, prompt, p, set(stops or ()))
+        seq = _Seq(index, req, prompt, p, set(stops or ()))
+        if p.suppress_token_ids:
+            ids = sorted({t for t in p.suppress_token_ids if 0 <= t < cfg.vocab_size})
+            if len(ids) == cfg.vocab_size:
+                raise ValueError(f"request {index}: suppress_token_ids covers every token id")
+            seq.suppress = torch.tensor(ids, dtype=torch.long)
+            seq.sample_params = dataclasses.replace(p, suppress_token_ids=())
+        return seq
 
     def generate(self, requests: Sequence[Request | Sequence[int]]) -> list[Result]:
         """Run every request to completion; results in request order."""
@@ -328,6 +352,31 @@ class Engine:
         self.pool.decref(s.pages)
         s.pages, s.n_cached = [], 0
 
+    def _rematch(self, s: _Seq) -> None:
+        """Before its first forward, a sequence takes a longer cached prefix if one appeared since it was admitted
+        (pages that earlier prefill steps of this burst of requests inserted, e.g. a shared system prompt)."""
+        pages, n = self.prefix.match(s.tokens, len(s.tokens) - 1)
+        if n <= s.n_cached:
+            self.pool.decref(pages)
+            return
+        self.pool.decref(s.pages)
+        s.pages, s.n_cached = pages, n
+        if s.admissions == 1:
+            s.cached_tokens = n
+
+    def _shares_prefill(self, s: _Seq, prefill: list[tuple[_Seq, int]]) -> bool:
+        """Whether a sequence prefilled in this step computes at least one full page more of ``s``'s prompt than
+        ``s`` holds: then ``s`` waits a step and takes those pages from the prefix cache instead."""
+        ps = self.pool.page_size
+        want = s.n_cached // ps * ps + ps  # s gains only with a full page past what it has
+        limit = len(s.tokens) - 1
+        if want > limit:
+            return False
+        for o, k in prefill:
+            if o.n_cached + k >= want and o.tokens[:want] == s.tokens[:want]:
+                return True
+        return False
+
     def _preempt(self, s: _Seq) -> None:
         self._release(s)  # its full pages stay in the prefix cache, so it may not prefill them again
         self.active.remove(s)
@@ -348,6 +397,8 @@ class Engine:
                 return
             self.waiting.popleft()
             self.active.append(s)
+            s.admissions += 1
+            s.fresh = True
 
     # ---- one step ------------------------------------------------------------------------------------
     def _step(self) -> list[StreamEvent]:
@@ -360,6 +411,10 @@ class Engine:
         for s in list(self.active):
             if s not in self.active or s.tool is not None:
                 continue
+            if s.fresh and self.prefix is not None:
+                self._rematch(s)
+                if self._shares_prefill(s, prefill):
+                    continue  # next step, it takes the pages that this step's prefill computes
             pending = len(s.tokens) - s.n_cached
             k = 1 if pending == 1 else min(pending, budget)
             if k <= 0:
@@ -398,6 +453,7 @@ class Engine:
 
     def _forward(self, group: list[tuple[_Seq, int]], packed: bool) -> tuple[list[_Seq], torch.Tensor]:
         """Run one forward; the sequences whose pending tokens are all fed now, and their logits (rows)."""
+        t0 = time.perf_counter()
         if packed:
             segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
             rows, cols, col = [0] * len(group), [], 0
@@ -415,11 +471,14 @@ class Engine:
             tokens = torch.tensor([[s.tokens[s.n_cached]] for s, _ in group])
             step = self._dec.step(segs)
             self.stats["decode_forwards"] += 1
+            self.stats["cascade_forwards"] += step.shared_keys > 0
         self.stats["forwards"] += 1
         logits = self.runner.forward(tokens, step, rows, cols)
+        self.stats["prefill_s" if packed else "decode_s"] += time.perf_counter() - t0
         done, idx = [], []
         for i, (s, k) in enumerate(group):
             s.n_cached += k
+            s.fresh = False
             if packed and self.prefix is not None:
                 self.prefix.insert(s.tokens[:s.n_cached], s.pages)
             if s.n_cached == len(s.tokens):
@@ -432,7 +491,7 @@ class Engine:
     def _clear_decode_batch(self) -> None:
         """Empty the decode batch; its buffers stay allocated (memory already touched) for the next call."""
         if self._dec is not None:
-            self._dec.lengths = []
+            self._dec.clear()
         self._dec_rows = []
 
     def _decode_batch(self, seqs: list[_Seq]) -> list[_Seq]:
@@ -450,7 +509,7 @@ class Engine:
             capacity = max(need, min(limit, -(-most // 16) * 16))
         if dec is None:
             self.stats["decode_batch_builds"] += 1
-            dec = self._dec = DecodeBatch(self.pool, self.max_batch, capacity)
+            dec = self._dec = DecodeBatch(self.pool, self.max_batch, capacity, self.cascade_min)
             rows = self._dec_rows = []
         want = {id(s) for s in seqs}
         for r in range(len(rows) - 1, -1, -1):  # from the end: the row moved into r was already checked
@@ -471,10 +530,12 @@ class Engine:
 
     def _sample(self, items: list[_Seq], logits: torch.Tensor, events: list[StreamEvent]) -> None:
         """Sample the next token of each sequence from its row of ``logits``."""
-        if all(s.params.greedy and not s.params.suppress_token_ids for s in items):
+        if any(s.suppress is not None for s in items):
+            logits = logits.masked_fill(self._suppress_mask(items, logits), float("-inf"))
+        if all(s.params.greedy for s in items):
             toks = logits.argmax(dim=-1).tolist()  # what the Sampler returns for such rows, without its setup
         else:
-            sampler = Sampler([s.params for s in items])
+            sampler = Sampler([s.sample_params for s in items])
             sampler.generators = [s.generator for s in items]  # each request keeps its own stream of draws
             toks = sampler(logits).tolist()
         for s, tok in zip(items, toks):
@@ -491,6 +552,17 @@ class Engine:
                 s.tool = _ToolCall(self.tools[tok], self.tools[tok].extract(self._message(s)), self.tool_timeout)
             if s.finish_reason is not None:
                 events.append(self._finish(s))
+
+    def _suppress_mask(self, items: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) bool: the suppressed ids of each row; kept while the rows stay the same sequences (decoding)."""
+        key = tuple(s.uid for s in items)
+        if self._suppress_key != key:
+            rows = [torch.full((len(s.suppress),), i, dtype=torch.long) for i, s in enumerate(items)
+                    if s.suppress is not None]
+            mask = torch.zeros(logits.shape, dtype=torch.bool)
+            mask[torch.cat(rows), torch.cat([s.suppress for s in items if s.suppress is not None])] = True
+            self._suppress_key, self._suppress_rows = key, mask.to(logits.device)
+        return self._suppress_rows
 
     # ---- stop strings, tools, results ------------------------------------------------------------------
     def _hit_stop_string(self, s: _Seq) -> bool:

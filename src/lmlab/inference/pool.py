@@ -215,10 +215,18 @@ class DecodeBatch:
     changes. Each step appends one token per row (:class:`DecodeStep`; it is written to the pool as well, for
     the prefix cache and for sequences that leave and come back). Slots past a row's length hold finite
     leftovers that the mask hides.
+
+    Cascade attention: when every live row's sequence starts with the same pool pages (a prompt prefix shared
+    through the prefix cache, e.g. a system prompt), those ``shared_keys`` keys are attended once for the whole
+    batch (see :func:`lmlab.models.transformer.cascade_attention`) when there are at least ``cascade_min`` of
+    them (0: never).
     """
 
-    def __init__(self, pool: PagePool, rows: int, capacity: int) -> None:
+    def __init__(self, pool: PagePool, rows: int, capacity: int, cascade_min: int = 0) -> None:
         self.pool = pool
+        self.cascade_min = cascade_min
+        self.tables: list[tuple[int, ...]] = []  # each live row's full pages when it joined
+        self._shared: int | None = 0  # keys shared by every live row (None: to recompute)
         n_layers, _, h, d = pool.k.shape
         # zeros, not empty: slots past a row's length are read (and masked out), so they must be finite
         self.k = torch.zeros((n_layers, rows, h, capacity, d), dtype=pool.k.dtype, device=pool.device)
@@ -236,6 +244,10 @@ class DecodeBatch:
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
+
+    def clear(self) -> None:
+        """Drop every row (the buffers stay allocated)."""
+        self.lengths, self.tables, self._shared = [], [], 0
 
     def _grow(self, rows: int, capacity: int) -> None:
         n_layers, _, h, _, d = self.k.shape
@@ -268,7 +280,22 @@ class DecodeBatch:
                 ctx = src.view(n_layers, -1, ps, h, d).index_select(1, pages).view(n_layers, n_pages * ps, h, d)
                 dst[:, row, :, :seg.start] = ctx[:, :seg.start].transpose(1, 2)
         self.lengths.append(seg.start)
+        self.tables.append(tuple(seg.pages[:seg.start // ps]))
+        self._shared = None
         return row
+
+    @property
+    def shared_keys(self) -> int:
+        """Keys at the start of every live row that come from the same pool pages (0 with fewer than 2 rows)."""
+        if self._shared is None:
+            n = 0
+            if len(self.tables) >= 2:
+                first = self.tables[0]
+                n = min(len(t) for t in self.tables)
+                for t in self.tables[1:]:
+                    n = next((i for i in range(n) if t[i] != first[i]), n)
+            self._shared = n * self.pool.page_size
+        return self._shared
 
     def remove(self, row: int) -> None:
         """Drop ``row``; the last row moves into its place (the caller renumbers that one)."""
@@ -278,7 +305,10 @@ class DecodeBatch:
             self.k[:, row, :, :m] = self.k[:, last, :, :m]
             self.v[:, row, :, :m] = self.v[:, last, :, :m]
             self.lengths[row] = m
+            self.tables[row] = self.tables[last]
         self.lengths.pop()
+        self.tables.pop()
+        self._shared = None
 
     def step(self, segs: Sequence[Segment]) -> DecodeStep:
         """The cache view for one decode forward of rows ``0 .. len(segs) - 1`` (every live row, in order;
@@ -308,6 +338,8 @@ class DecodeStep:
         self.positions = cols[:, None]
         self._n = max(lengths) + 1  # keys past the longest row are never read
         self.mask = (torch.arange(self._n, device=dev) <= cols[:, None])[:, None, None, :]
+        shared = batch.shared_keys
+        self.shared_keys = shared if batch.cascade_min and shared >= batch.cascade_min else 0
         batch.lengths = [n + 1 for n in lengths]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

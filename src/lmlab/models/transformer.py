@@ -75,6 +75,9 @@ class AttentionCache(Protocol):
     (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
     exactly one block, every key it may see in that block); it lets a packed row of several sequences run one
     small attention per sequence instead of one dense block-diagonal one.
+    Optional ``shared_keys`` (an int, 0 or absent when unused): the first ``shared_keys`` keys of every row are
+    the same (a prompt prefix that every row's sequence shares, e.g. a system prompt) and every query may see
+    them; attention then reads them once for the whole batch (cascade attention) instead of once per row.
     """
 
     positions: torch.Tensor
@@ -181,8 +184,12 @@ class Attention(nn.Module):
             if self.query_smear is not None:
                 q = q + self._query_context(k, None, pos[:, 0])
             k = self._smear(k, pos)
+        shared = getattr(cache, "shared_keys", 0) if cache is not None else 0
         if blocks is not None:
             y = self._blocks(q, k, v, blocks)
+        elif shared:
+            k, v = self._expand_kv(k, v)
+            y = cascade_attention(q, k, v, mask, shared)
         elif mask is None:  # SDPA shares each key/value head across its query group without copying
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
@@ -205,6 +212,24 @@ class Attention(nn.Module):
             y[:, :, q0:q1] = F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
                                                             attn_mask=m, is_causal=m is None)
         return y
+
+
+def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      shared: int) -> torch.Tensor:
+    """Softmax attention of queries (B, H, T, D) over keys/values (B, H, S, D) under a boolean ``mask``
+    (B, 1, T, S), where keys ``:shared`` are the same in every row and visible to every query: they are read
+    once, from row 0, in one matmul for all B * T queries; each row's own keys ``shared:`` are read per row.
+    Both parts share one softmax (the scores are concatenated), so it equals plain attention up to rounding."""
+    b, h, t, d = q.shape
+    scale = d ** -0.5
+    qs = q.transpose(0, 1).reshape(h, b * t, d)  # every query of head j against the shared keys of head j
+    s_shared = torch.matmul(qs, k[0, :, :shared].transpose(-1, -2)).view(h, b, t, shared).transpose(0, 1)
+    s_own = torch.matmul(q, k[:, :, shared:].transpose(-1, -2))
+    scores = torch.cat([s_shared, s_own.masked_fill(~mask[..., shared:], float("-inf"))], dim=-1) * scale
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    p_shared = p[..., :shared].transpose(0, 1).reshape(h, b * t, shared)
+    y = torch.matmul(p_shared, v[0, :, :shared]).view(h, b, t, d).transpose(0, 1)
+    return y + torch.matmul(p[..., shared:], v[:, :, shared:])
 
 
 class Block(nn.Module):
