@@ -361,7 +361,8 @@ def test_suppressed_ids_per_request_equal_the_reference_across_calls(max_batch):
         for r, q in zip(res, params):
             assert not set(r.tokens) & set(q.suppress_token_ids)
     with pytest.raises(ValueError, match="request 0: suppress_token_ids covers every token id"):
-        engine.generate([Request(prompt=[1], params=SamplingParams(max_new_tokens=4, suppress_token_ids=list(range(97))))])
+        every = SamplingParams(max_new_tokens=4, suppress_token_ids=list(range(97)))
+        engine.generate([Request(prompt=[1], params=every)])
 
 
 def test_min_p_keeps_ids_at_least_min_p_times_the_top_probability():
