@@ -107,3 +107,22 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
         assert ensure_dataset({**args, key: value}).startswith("built"), key
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["build_args"]["alpha"] == 0.5 and manifest["build_args"]["seed"] == 1
+
+
+@pytest.mark.parametrize("preset, runs", [("quickstart.yaml", 6), ("reproduce.yaml", 80)])
+def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, runs):
+    """`make run` and the reproduce command start from these files: every grid point validates, the datasets its
+    runs name parse as build arguments, and runs that share a data folder ask for the same dataset."""
+    from memory.run import dataset_args
+
+    from lmlab.config import load_grid
+
+    configs = load_grid(ROOT / "apps" / "memory" / preset)
+    assert len(configs) == runs
+    by_dir = {}
+    for cfg in configs:
+        args = dataset_args(cfg.tags)
+        assert by_dir.setdefault(args["out"], args) == args
+        assert cfg.data.train_files == [f"{args['out']}/{cfg.tags['mode']}_train.jsonl"]
+        assert cfg.evals.recall.db == f"{args['out']}/people.sqlite"
+    assert {c.tags["mode"] for c in configs} == {"weight", "tool"}
