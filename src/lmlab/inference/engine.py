@@ -154,8 +154,7 @@ class _Seq:
         self.n_cached = 0  # tokens whose keys/values are in the pool
         self.pages: list[int] = []
         self.n_sampled = 0
-        self.cached_tokens = -1  # prompt tokens from the prefix cache at first admission
-        self.admissions = 0
+        self.cached_tokens = -1  # prompt tokens from the prefix cache when it was first fed
         self.fresh = False  # admitted, and not fed to the model since: it may still take newly cached pages
         self.generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
         self.suppress: torch.Tensor | None = None  # the params' suppressed ids inside the vocabulary (int64)
@@ -361,8 +360,6 @@ class Engine:
             return
         self.pool.decref(s.pages)
         s.pages, s.n_cached = pages, n
-        if s.admissions == 1:
-            s.cached_tokens = n
 
     def _shares_prefill(self, s: _Seq, prefill: list[tuple[_Seq, int]]) -> bool:
         """Whether a sequence prefilled in this step computes at least one full page more of ``s``'s prompt than
@@ -388,8 +385,6 @@ class Engine:
             s = self.waiting[0]
             if self.prefix is not None:  # at least one token must be fed, to get the next token's logits
                 s.pages, s.n_cached = self.prefix.match(s.tokens, len(s.tokens) - 1)
-            if s.cached_tokens < 0:
-                s.cached_tokens = s.n_cached
             first = min(len(s.tokens) - s.n_cached, self.prefill_chunk)
             if not self._ensure_pages(s, s.n_cached + first) and self.active:
                 self.pool.decref(s.pages)
@@ -397,7 +392,6 @@ class Engine:
                 return
             self.waiting.popleft()
             self.active.append(s)
-            s.admissions += 1
             s.fresh = True
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -477,6 +471,8 @@ class Engine:
         self.stats["prefill_s" if packed else "decode_s"] += time.perf_counter() - t0
         done, idx = [], []
         for i, (s, k) in enumerate(group):
+            if s.cached_tokens < 0:
+                s.cached_tokens = s.n_cached
             s.n_cached += k
             s.fresh = False
             if packed and self.prefix is not None:
