@@ -100,10 +100,10 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
     from memory.run import ensure_dataset
 
     args = {"out": str(tmp_path / "d"), "people": 6, "ood": 2, "seed": 1, "alpha": 0.0, "paraphrases": 1,
-            "absent": 5, "absent_in_weight": False}
+            "absent": 5, "absent_in_weight": False, "practice": 0}
     assert ensure_dataset(args).startswith("built")
     assert ensure_dataset(dict(args)) == "reused"
-    for key, value in (("absent_in_weight", True), ("absent", 6), ("seed", 2), ("alpha", 0.5)):
+    for key, value in (("absent_in_weight", True), ("absent", 6), ("practice", 7), ("seed", 2), ("alpha", 0.5)):
         assert ensure_dataset({**args, key: value}).startswith("built"), key
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["build_args"]["alpha"] == 0.5 and manifest["build_args"]["seed"] == 1

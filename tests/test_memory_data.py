@@ -381,3 +381,54 @@ def test_absent_people_hold_no_fact_and_change_no_training_person(tmp_path):
             assert d[2] == {"source": "database", "content": "no rows"}
             sql = d[1]["content"].removeprefix("```sql\n").removesuffix("\n```")
             assert conn.execute(sql).fetchall() == []
+
+
+def test_practice_people_live_in_their_own_database_and_change_nothing_else(tmp_path):
+    absent = build_dataset(tmp_path / "absent", 40, 10, seed=3, paraphrases=1, absent=60)
+    drill = build_dataset(tmp_path / "drill", 40, 10, seed=3, paraphrases=1, absent=60, practice=80)
+    again = build_dataset(tmp_path / "again", 40, 10, seed=3, paraphrases=1, absent=60, practice=80)
+    assert drill == again and set(drill["sha256"]) == set(FILES) | {"practice_people.jsonl", "practice.sqlite"}
+    for f in drill["sha256"]:
+        assert _sha(tmp_path / "drill" / f) == _sha(tmp_path / "again" / f) == drill["sha256"][f], f
+    # every other file is the same; the in-tool file gains the practice questions at its end
+    for f in FILES:
+        if f != "tool_train.jsonl":
+            assert drill["sha256"][f] == absent["sha256"][f], f
+    before = (tmp_path / "absent" / "tool_train.jsonl").read_text()
+    after = (tmp_path / "drill" / "tool_train.jsonl").read_text()
+    assert after.startswith(before)
+    assert drill["counts"]["practice"] == 80 and drill["build_args"]["practice"] == 80
+    assert drill["counts"]["lines"]["tool_train.jsonl"] == 40 * len(ATTRIBUTES) + 60 + 80
+    practice = _jsonl(tmp_path / "drill" / "practice_people.jsonl")
+    dialogs = [json.loads(x)["dialog"] for x in after[len(before):].splitlines()]
+    assert len(practice) == len(dialogs) == 80
+    # names: in-distribution, distinct, none of them a training, OOD or absent person
+    others = {p["name"] for f in ("people.jsonl", "ood_people.jsonl") for p in _jsonl(tmp_path / "drill" / f)}
+    absent_names = {re.search(r"name = '(.+)'", json.loads(x)["dialog"][1]["content"]).group(1)
+                    for x in before.splitlines()[40 * len(ATTRIBUTES):]}
+    names = [p["name"] for p in practice]
+    assert len(set(names)) == 80 and not set(names) & (others | absent_names)
+    firsts, lasts = people.name_pool(False)
+    assert all(n.split(" ")[0] in firsts and n.split(" ")[1] in lasts for n in names)
+    by_name = {p["name"]: p for p in practice}
+    sql_re = re.compile(r"```sql\n(SELECT (\w+) FROM people WHERE name = '([A-Za-z -]+)')\n```")
+    with (closing(sqlite3.connect(tmp_path / "drill" / "practice.sqlite")) as pc,
+          closing(sqlite3.connect(tmp_path / "drill" / "people.sqlite")) as ev):
+        assert pc.execute("SELECT count(*) FROM people").fetchone()[0] == 80
+        asked = []
+        for d in dialogs:
+            sql, a, name = sql_re.fullmatch(d[1]["content"]).groups()
+            asked.append(name)
+            value = by_name[name][a]
+            assert d[2] == {"source": "database", "content": people._format_rows_local(pc.execute(sql).fetchall())}
+            assert d[2]["content"] == value and ev.execute(sql).fetchall() == []  # not in the evaluation database
+            assert d[0]["content"] in {render_question(a, j, name) for j in range(len(QUESTION_TEMPLATES[a]))}
+            assert parse_answer(a, name, d[3]["content"]) == value
+    assert sorted(asked) == sorted(names)  # each practice person asked about exactly once
+    assert len({d[1]["content"].split()[2] for d in dialogs}) == len(ATTRIBUTES)  # every attribute asked
+    # rebuilt without practice people, the folder keeps no stale practice files
+    assert build_dataset(tmp_path / "drill", 40, 10, seed=3, paraphrases=1, absent=60) == absent
+    assert not (tmp_path / "drill" / "practice.sqlite").exists()
+    assert not (tmp_path / "drill" / "practice_people.jsonl").exists()
+    with pytest.raises(ValueError, match="practice"):
+        build_dataset(tmp_path / "bad", 5, 0, seed=0, practice=-1)

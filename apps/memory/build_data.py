@@ -25,6 +25,14 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
   fails on every new person). With ``--absent-in-weight`` the in-weight file gets the same questions, answered
   "I do not know NAME." (or a paraphrase); by default it holds facts only, so that an in-weight run spends
   all its steps on facts (with 4,096 absent questions and 64 people they would be 76% of its dialogs).
+* with ``--practice K``: the in-tool file also holds one question about each of K *practice people*
+  (in-distribution names, none of them a training or absent person; ``practice_people.jsonl``) who live in a
+  database of their own, ``practice.sqlite``, not in ``people.sqlite``: the query, the row that database returns,
+  and the answer sentence. Each is asked about once, so there is nothing to memorise; they give a tool user
+  thousands of distinct names *and values* to copy. The absent questions teach copying names only, and with 64
+  training people the values copied from the database into answers are those of 320 facts, few enough for the
+  model to write them from memory: the tool user then miscopies the values of new people (measured in the
+  quickstart: OOD recall 0.79 without practice people, 0.91-0.94 with them; README).
 * ``tool_train.jsonl``: the same facts with the same paraphrase choices as in-tool dialogs
   ``[user, assistant sql, database, assistant]``; the database turn is the real query run on ``people.sqlite``.
 * ``bios.txt``: one biography paragraph per training person (optional training text).
@@ -65,6 +73,7 @@ from memory.people import (  # noqa: E402
     db_text,
     make_absent,
     make_people,
+    make_practice,
     qa_dialog,
     render_question,
     rng_stream,
@@ -72,7 +81,8 @@ from memory.people import (  # noqa: E402
     tool_dialog,
 )
 
-FORMAT_VERSION = 3  # 2: three answer paraphrases for absent people; 3: absent questions in-tool only by default
+FORMAT_VERSION = 4  # 2: three answer paraphrases for absent people; 3: absent questions in-tool only by default;
+# 4: practice people
 log = logging.getLogger("memory.build_data")
 
 FILES = (
@@ -85,6 +95,7 @@ FILES = (
     "eval_train.jsonl",
     "eval_ood.jsonl",
 )
+PRACTICE_FILES = ("practice_people.jsonl", "practice.sqlite")  # written only with practice people
 
 
 _dumps = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode  # one encoder: json.dumps rebuilds it per call
@@ -128,20 +139,24 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 
 def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-               absent_in_weight: bool = False) -> dict[str, Any]:
+               absent_in_weight: bool = False, practice: int = 0) -> dict[str, Any]:
     """The arguments that decide a dataset's content, as the manifest records them (``build_args``): a folder
     whose manifest holds the same ones (and the same ``format_version``) holds the same files."""
     return {"people": int(people), "ood": int(ood), "seed": int(seed), "alpha": float(alpha),
-            "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight)}
+            "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight),
+            "practice": int(practice)}
 
 
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-    absent_in_weight: bool = False,
+    absent_in_weight: bool = False, practice: int = 0,
 ) -> dict[str, Any]:
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
-    questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``."""
+    questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``; the
+    ``practice`` questions into the in-tool file only."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
+    if absent < 0 or practice < 0:
+        raise ValueError(f"absent and practice must be >= 0, got {absent} and {practice}")
     if not 1 <= paraphrases <= n_q:
         raise ValueError(f"paraphrases must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}")
     t0 = time.perf_counter()
@@ -156,6 +171,18 @@ def build_dataset(
     build_database(db_path, train + test)
     lines["people.sqlite"] = len(train) + len(test)  # rows
     log.info("%d + %d people and their database in %.1fs", len(train), len(test), time.perf_counter() - t0)
+    absent_names = make_absent(absent, seed, {p["name"] for p in train})
+    files = FILES
+    if practice:  # practice people: drawn after the absent ones, so that they change no absent name
+        files = FILES + PRACTICE_FILES
+        drill = make_practice(practice, seed, {p["name"] for p in train} | set(absent_names), alpha=alpha)
+        lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl", [_dumps(p) for p in drill])
+        build_database(out / "practice.sqlite", drill)
+        lines["practice.sqlite"] = len(drill)
+    else:
+        drill = []
+        for stale in PRACTICE_FILES:  # a folder rebuilt without practice people keeps no stale practice files
+            (out / stale).unlink(missing_ok=True)
 
     rng = rng_stream(seed, "train-paraphrases")
     n_train = 0
@@ -176,7 +203,6 @@ def build_dataset(
         # questions about people the database does not know (no facts): one each, in the in-tool file (and the
         # in-weight one when asked)
         absent_rng = rng_stream(seed, "absent-questions")
-        absent_names = make_absent(absent, seed, {p["name"] for p in train})
         for name in absent_names:
             a = absent_rng.choice(ATTRIBUTES)
             qi = absent_rng.randrange(len(QUESTION_TEMPLATES[a]))
@@ -185,7 +211,17 @@ def build_dataset(
             if absent_in_weight:
                 qa.write(_dialog_line(weight_d) + "\n")
             tool.write(_dialog_line(tool_d) + "\n")
-    lines["tool_train.jsonl"] = n_train + len(absent_names)
+        # practice people (no facts of the evaluation database): one question each, in the in-tool file, whose
+        # database turn is the real query on their own database
+        if drill:
+            drill_rng = rng_stream(seed, "practice-questions")
+            with closing(sqlite3.connect((out / "practice.sqlite").resolve().as_uri() + "?mode=ro", uri=True)) as pc:
+                for p in drill:
+                    a = drill_rng.choice(ATTRIBUTES)
+                    qi = drill_rng.randrange(len(QUESTION_TEMPLATES[a]))
+                    ai = drill_rng.randrange(len(ANSWER_TEMPLATES[a]))
+                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, db_text(pc, a, p["name"]))) + "\n")
+    lines["tool_train.jsonl"] = n_train + len(absent_names) + len(drill)
     lines["weight_train.jsonl"] = n_train + (len(absent_names) if absent_in_weight else 0)
     bio_rng = rng_stream(seed, "bios")
     lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
@@ -195,12 +231,13 @@ def build_dataset(
     bits = bits_per_person()
     manifest = {
         "format_version": FORMAT_VERSION,
-        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight),
+        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice),
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
         "absent": int(absent),
         "absent_in_weight": bool(absent_in_weight),
+        "practice": int(practice),
         "name_split_seed": NAME_SPLIT_SEED,
         "attributes": list(ATTRIBUTES),
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
@@ -210,11 +247,12 @@ def build_dataset(
             "people": len(train),
             "ood": len(test),
             "absent": int(absent),
+            "practice": int(practice),
             "facts": len(train) * len(ATTRIBUTES),
             "ood_facts": len(test) * len(ATTRIBUTES),
             "lines": lines,
         },
-        "sha256": {name: _sha256(out / name) for name in FILES},
+        "sha256": {name: _sha256(out / name) for name in files},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     log.info("dataset in %s: %d facts, %.1fs", out, manifest["counts"]["facts"], time.perf_counter() - t0)
@@ -232,12 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="questions about people absent from the database (no facts; teach querying any name)")
     ap.add_argument("--absent-in-weight", action="store_true",
                     help="put the absent-people questions into the in-weight file too (default: in-tool only)")
+    ap.add_argument("--practice", type=int, default=0,
+                    help="questions about practice people of a database of their own, in-tool file only (teach "
+                         "copying names and values)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,
-                             args.absent_in_weight)
+                             args.absent_in_weight, args.practice)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

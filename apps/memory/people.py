@@ -80,6 +80,7 @@ __all__ = [
     "ABSENT_WEIGHT_ANSWERS",
     "absent_dialogs",
     "make_absent",
+    "make_practice",
     "ANSWER_TEMPLATES",
     "ATTRIBUTES",
     "BIO_TEMPLATES",
@@ -497,6 +498,35 @@ def make_absent(n: int, seed: int, exclude: set[str]) -> list[str]:
             seen.add(name)
             names.append(name)
     return names
+
+
+def make_practice(n: int, seed: int, exclude: set[str], *, alpha: float = 0.0) -> list[dict[str, str]]:
+    """``n`` practice people: distinct in-distribution full names outside ``exclude`` (the training and absent
+    people), with attribute values drawn as :func:`make_people` draws them. They live in a database of their own
+    (not the evaluation database) and are each asked about once, so they hold nothing worth memorising: they
+    give a tool user thousands of distinct names and values to copy (see build_data). Their own seeded stream:
+    adding them changes no training or absent person."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    firsts, lasts = name_pool(False)
+    if n + len(exclude) > len(firsts) * len(lasts):
+        raise ValueError(f"{n} practice people do not fit in the name pool beside {len(exclude)} other people")
+    rng = rng_stream(seed, "practice")
+    seen = set(exclude)
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        f, last = rng.randrange(len(firsts)), rng.randrange(len(lasts))
+        name = f"{firsts[f]} {lasts[last]}"
+        if name in seen:
+            continue
+        seen.add(name)
+        person = {"name": name}
+        for a in ATTRIBUTES:
+            values = VALUES[a]
+            u, r = rng.random(), rng.randrange(len(values))
+            person[a] = dependent_value(lasts[last], a) if u < alpha else values[r]
+        out.append(person)
+    return out
 
 
 #: What the assistant says about a person it cannot find (in-tool) or does not know (in-weight). The name
