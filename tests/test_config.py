@@ -11,6 +11,7 @@ from lmlab.config import (
     Config,
     ConfigError,
     ModelConfig,
+    config_diff,
     config_to_dict,
     describe,
     load_config,
@@ -221,3 +222,13 @@ def test_grid_bundle_axis(tmp_path):
     path.write_text("grid:\n  size: [1, 2]\n")
     with pytest.raises(ConfigError, match="unknown key 'size'"):
         load_grid(path)
+
+
+def test_config_diff_lists_changed_added_and_removed_keys_sorted():
+    old = {"model": {"dim": 64, "n_layers": 2}, "optim": {"lr": 0.003}, "name": "a", "gone": 1}
+    new = {"model": {"dim": 128, "n_layers": 2}, "optim": {"lr": 0.003, "wd": 0.1}, "name": "a"}
+    assert config_diff(old, new) == ["gone: 1 -> None", "model.dim: 64 -> 128", "optim.wd: None -> 0.1"]
+    assert config_diff(new, new) == []
+    base = load_config()
+    assert config_diff(config_to_dict(base), config_to_dict(load_config(None, ["model.dim=96"]))) == [
+        f"model.dim: {base.model.dim!r} -> 96"]

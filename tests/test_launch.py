@@ -1,6 +1,7 @@
 """Grid runner: real training subprocesses in parallel, skipping finished runs, resuming partial ones,
 reporting failures without stopping the others, and forwarding SIGTERM to the children."""
 
+import copy
 import json
 import os
 import signal
@@ -75,7 +76,15 @@ def test_grid_runs_resumes_skips_and_survives_a_failure(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["grid", str(grid), "--run"]) == 0  # everything done: nothing to train, exit 0
-    assert "g/seed=0: already finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "g/seed=0: already finished" in out and "differs" not in out
+    # a finished run whose preset was edited since is still skipped, but the log says what changed
+    edited = copy.deepcopy(new)
+    edited.optim.lr = edited.optim.lr * 2
+    lines = []
+    assert [o.status for o in run_grid([edited], jobs=1, threads=1, log=lines.append)] == ["done"]
+    assert "already finished; its config.yaml differs" in lines[0] and "optim.lr:" in lines[0], lines
+    assert str(edited.run_dir) in lines[0] and "train.threads" not in lines[0]
 
 
 class FakeHandle:

@@ -8,7 +8,7 @@ SQL tool live (during training and at the end, see ``evals.recall``), then write
 
 Usage::
 
-    .venv/bin/python apps/memory/run.py                                   # the quickstart (~15 min on 2 cores)
+    .venv/bin/python apps/memory/run.py                                   # the quickstart (~12 min on 2 cores)
     .venv/bin/python apps/memory/run.py --grid apps/memory/reproduce.yaml --jobs 2   # the scaled paper grid
     .venv/bin/python apps/memory/run.py --jobs 1 train.steps=100           # overrides apply to every run
     .venv/bin/python apps/memory/run.py --report-only                      # redraw results from the run folders
@@ -16,7 +16,8 @@ Usage::
 Tags the YAML must set (see quickstart.yaml): ``mode`` (weight | tool), ``people``, ``ood`` (OOD people in the
 database and the OOD eval set), ``data_seed``, ``data_dir``; optional ``alpha`` (dependent attributes, default 0)
 ``paraphrases`` (dialogs per fact, default 4), ``absent`` (questions about people absent from the database,
-default 0) and ``absent_in_weight`` (put them in the in-weight file too, default false); see build_data.py.
+default 0), ``absent_in_weight`` (put them in the in-weight file too, default false) and ``practice`` (questions
+about practice people of a database of their own, in-tool file only, default 0); see build_data.py.
 """
 
 from __future__ import annotations

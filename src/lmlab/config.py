@@ -49,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "ModelConfig",
     "TokenizerConfig",
+    "config_diff",
     "config_from_dict",
     "config_to_dict",
     "describe",
@@ -616,6 +617,18 @@ def _interpolate(cfg: T) -> T:
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested mapping of a config (what config.yaml holds)."""
     return dataclasses.asdict(cfg)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings, as ``"key: old -> new"``, sorted."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def _flatten_grid(grid: Any, prefix: str = "") -> list[tuple[str, list]]:

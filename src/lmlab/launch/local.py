@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from lmlab.config import save_config
+from lmlab.config import config_diff, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,20 @@ def is_finished(run_dir: str | os.PathLike, steps: int | None = None) -> bool:
         done = summary.get("step")
         return steps is None or not isinstance(done, int) or done >= steps
     return status.startswith("stopped")
+
+
+def changed_since(cfg: Any) -> list[str]:
+    """What differs between ``cfg`` and the config its run folder's run trained with (``config.yaml``), as
+    :func:`lmlab.config.config_diff` lines; the thread count, which the launcher sets per launch, is left out.
+    Empty when the folder holds no config; one line saying so when it cannot be read."""
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        old = config_to_dict(load_config(saved, schema=type(cfg)))
+    except Exception as e:  # noqa: BLE001 - an old or foreign config: report it, never fail the grid over it
+        return [f"{saved} unreadable ({e})"]
+    return [c for c in config_diff(old, config_to_dict(cfg)) if not c.startswith("train.threads:")]
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -186,7 +200,13 @@ def run_grid(
     for i, cfg in enumerate(configs):
         if is_finished(cfg.run_dir, cfg.train.steps):
             outcomes[i] = RunOutcome(cfg.name, "done", None, 0.0, Path(cfg.run_dir))
-            log(f"[skip] {cfg.name}: already finished")
+            changed = changed_since(cfg)
+            note = ""
+            if changed:  # finished under another config (e.g. an edited preset): its results are the old config's
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+                note = (f"; its config.yaml differs from this one: {'; '.join(changed[:3])}{more} (delete "
+                        f"{cfg.run_dir} to train it again)")
+            log(f"[skip] {cfg.name}: already finished{note}")
         else:
             pending.append(i)
     total = len(pending)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmlab.config import Config, config_to_dict, load_config, save_config
+from lmlab.config import Config, config_diff, config_to_dict, load_config, save_config
 from lmlab.data import build_loader, check_vocab
 from lmlab.models import build_model, materialize, resolve_vocab
 from lmlab.monitor.metrics import build_sinks
@@ -239,7 +239,7 @@ class Trainer:
             log.warning("%s could not be read (%s); it is replaced", saved, e)
             return
         new = config_to_dict(self.cfg)
-        changed = sorted(_diff(old, new))
+        changed = config_diff(old, new)
         if changed:
             log.warning("the config differs from the run folder's: %s", ", ".join(changed))
 
@@ -343,12 +343,3 @@ class Trainer:
             tmp.replace(self.run_dir / "summary.json")
         log.info("%s at step %d; checkpoint %s", status, self.step, path)
         return summary
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> Iterator[str]:
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            yield from _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            yield f"{prefix}{k}: {a!r} -> {b!r}"
