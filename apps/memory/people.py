@@ -199,6 +199,16 @@ def dependent_value(last_name: str, attribute: str) -> str:
     return values[h % len(values)]
 
 
+def _draw_values(rng: random.Random, last_name: str, alpha: float) -> dict[str, str]:
+    """One person's attribute values: each follows the last name with probability ``alpha``, else is uniform."""
+    person = {}
+    for a in ATTRIBUTES:
+        values = VALUES[a]
+        u, r = rng.random(), rng.randrange(len(values))  # both drawn always: alpha changes no other draw
+        person[a] = dependent_value(last_name, a) if u < alpha else values[r]
+    return person
+
+
 def make_people(n: int, seed: int, *, ood: bool = False, alpha: float = 0.0) -> list[dict[str, str]]:
     """``n`` people with distinct full names, deterministic given the arguments.
 
@@ -218,12 +228,7 @@ def make_people(n: int, seed: int, *, ood: bool = False, alpha: float = 0.0) -> 
     people = []
     for k in picks:
         f, last = divmod(k, len(lasts))
-        person = {"name": f"{firsts[f]} {lasts[last]}"}
-        for a in ATTRIBUTES:
-            values = VALUES[a]
-            u, r = rng.random(), rng.randrange(len(values))  # both drawn always: alpha changes no other draw
-            person[a] = dependent_value(lasts[last], a) if u < alpha else values[r]
-        people.append(person)
+        people.append({"name": f"{firsts[f]} {lasts[last]}", **_draw_values(rng, lasts[last], alpha)})
     return people
 
 
@@ -520,12 +525,7 @@ def make_practice(n: int, seed: int, exclude: set[str], *, alpha: float = 0.0) -
         if name in seen:
             continue
         seen.add(name)
-        person = {"name": name}
-        for a in ATTRIBUTES:
-            values = VALUES[a]
-            u, r = rng.random(), rng.randrange(len(values))
-            person[a] = dependent_value(lasts[last], a) if u < alpha else values[r]
-        out.append(person)
+        out.append({"name": name, **_draw_values(rng, lasts[last], alpha)})
     return out
 
 
