@@ -248,6 +248,18 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
             notes.append(f"{MODE_LABEL[m]}: no model size reaches {pct} train recall; no curve of minimum parameters")
             continue
         series[f"{MODE_LABEL[m]} (min params for {pct})"] = ([r["facts"] for r in pts], [r["params"] for r in pts])
+    for m in MODES:  # numbers of facts that no size reached: a lower bound, drawn at the largest size tried
+        reached = {r["facts"] for r in mins if r["mode"] == m}
+        largest: dict[int, int] = {}
+        for r in rows:
+            if r.get("mode") == m and r.get("facts") is not None and r.get("params") is not None \
+                    and r["facts"] not in reached:
+                largest[r["facts"]] = max(largest.get(r["facts"], 0), r["params"])
+        if largest:
+            label = f"{MODE_LABEL[m]}: not reached (needs more than the largest size)"
+            series[label] = (sorted(largest), [largest[f] for f in sorted(largest)])
+            styles[label] = {"linestyle": "none", "marker": "^", "markersize": 7, "fillstyle": "none",
+                             "color": "C0" if m == "weight" else "C1"}
     w = fits["weight"]
     if w["slope"] is not None:
         xs = sorted({r["facts"] for r in mins if r["mode"] == "weight"})

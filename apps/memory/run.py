@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
     summary = make_report(root, root / "report", runs=[c.run_dir for c in configs])
     print(format_table(summary["rows"]))
-    print(f"\n{len(configs)} runs in {time.time() - t0:.0f} s; results: {root / 'report' / 'results.csv'}, "
+    print(f"\n{len(summary['rows'])} of {len(configs)} runs have results ({time.time() - t0:.0f} s); "
+          f"results: {root / 'report' / 'results.csv'}, "
           f"report: {root / 'report' / 'report.html'}")
     for mode, fit in (summary.get("fit") or {}).items():
         if fit.get("slope") is not None:
