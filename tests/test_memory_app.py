@@ -66,14 +66,18 @@ def test_memory_main_job_toy(tmp_path):
     assert "people=12_mode=tool" in (report / "report.html").read_text()
     assert "people=8_mode=weight" in out.stdout  # the printed table
 
-    # standalone recall of a checkpoint (lmlab eval): the run's own sets and tool, all questions
+    # standalone recall of a checkpoint (lmlab eval): the run's own sets and tool, all questions, in a folder of
+    # its own (the training-time verdicts of the same step stay as they were)
+    recall = runs / "people=8_mode=tool" / "recall"
+    during = {p.name: p.read_bytes() for p in recall.iterdir() if p.is_file()}
     ev = subprocess.run([sys.executable, "-m", "lmlab.cli", "eval", str(runs / "people=8_mode=tool"),
                          "--max-questions", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    metrics = json.loads((runs / "people=8_mode=tool" / "recall" / "metrics_step6.json").read_text())
+    assert {p.name: p.read_bytes() for p in recall.iterdir() if p.is_file()} == during
+    metrics = json.loads((recall / "eval" / "metrics_step6.json").read_text())
     assert metrics["step"] == 6 and metrics["recall/train/n"] == 8 * 5 and metrics["recall/ood/n"] == 4 * 5
     assert "recall/ood/valid_sql_rate" in ev.stdout
-    assert len((runs / "people=8_mode=tool" / "recall" / "train_step6.jsonl").read_text().splitlines()) == 40
+    assert len((recall / "eval" / "train_step6.jsonl").read_text().splitlines()) == 40
 
     # the same command again: datasets reused, every run skipped as done, same results
     logs = {n: (runs / n / "train.log").stat().st_size for n in names}

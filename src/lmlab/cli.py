@@ -112,10 +112,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print("error: no recall sets: the run's config has no evals.recall.sets; pass --set FILE", file=sys.stderr)
         return 1
     step = args.step if args.step is not None else step_of(CheckpointManager(args.run).latest())
-    metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=Path(args.run) / "recall", step=step)
+    # a folder of its own: the training-time evaluation of the same step (other sets, fewer questions) is kept
+    folder = Path(args.run) / "recall" / "eval"
+    metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=folder, step=step)
     for key, value in metrics.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
-    out = Path(args.run) / "recall" / f"metrics_step{step}.json"
+    out = folder / f"metrics_step{step}.json"
     out.write_text(json.dumps({"step": step, **metrics}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}")
     return 0
@@ -186,7 +188,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_generate)
-    p = sub.add_parser("eval", help="recall evaluation (lmlab.evals.recall) of a run's checkpoint, tool live")
+    p = sub.add_parser("eval", help="recall evaluation (lmlab.evals.recall) of a run's checkpoint, tool live; "
+                                    "writes RUN/recall/eval/")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("--set", action="append", help="a JSONL recall set (repeatable; default: the run's evals.recall)")
     p.add_argument("--db", help="SQLite database for the SQL tool (default: the run's evals.recall.db)")
