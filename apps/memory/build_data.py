@@ -175,12 +175,13 @@ def build_dataset(
     files = FILES
     if practice:  # practice people: drawn after the absent ones, so that they change no absent name
         files = FILES + PRACTICE_FILES
-        drill = make_practice(practice, seed, {p["name"] for p in train} | set(absent_names), alpha=alpha)
-        lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl", [_dumps(p) for p in drill])
-        build_database(out / "practice.sqlite", drill)
-        lines["practice.sqlite"] = len(drill)
+        practice_people = make_practice(practice, seed, {p["name"] for p in train} | set(absent_names), alpha=alpha)
+        lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl",
+                                                      [_dumps(p) for p in practice_people])
+        build_database(out / "practice.sqlite", practice_people)
+        lines["practice.sqlite"] = len(practice_people)
     else:
-        drill = []
+        practice_people = []
         for stale in PRACTICE_FILES:  # a folder rebuilt without practice people keeps no stale practice files
             (out / stale).unlink(missing_ok=True)
 
@@ -213,15 +214,15 @@ def build_dataset(
             tool.write(_dialog_line(tool_d) + "\n")
         # practice people (no facts of the evaluation database): one question each, in the in-tool file, whose
         # database turn is the real query on their own database
-        if drill:
-            drill_rng = rng_stream(seed, "practice-questions")
+        if practice_people:
+            practice_rng = rng_stream(seed, "practice-questions")
             with closing(sqlite3.connect((out / "practice.sqlite").resolve().as_uri() + "?mode=ro", uri=True)) as pc:
-                for p in drill:
-                    a = drill_rng.choice(ATTRIBUTES)
-                    qi = drill_rng.randrange(len(QUESTION_TEMPLATES[a]))
-                    ai = drill_rng.randrange(len(ANSWER_TEMPLATES[a]))
+                for p in practice_people:
+                    a = practice_rng.choice(ATTRIBUTES)
+                    qi = practice_rng.randrange(len(QUESTION_TEMPLATES[a]))
+                    ai = practice_rng.randrange(len(ANSWER_TEMPLATES[a]))
                     tool.write(_dialog_line(tool_dialog(p, a, qi, ai, db_text(pc, a, p["name"]))) + "\n")
-    lines["tool_train.jsonl"] = n_train + len(absent_names) + len(drill)
+    lines["tool_train.jsonl"] = n_train + len(absent_names) + len(practice_people)
     lines["weight_train.jsonl"] = n_train + (len(absent_names) if absent_in_weight else 0)
     bio_rng = rng_stream(seed, "bios")
     lines["bios.txt"] = _write_lines(out / "bios.txt", [biography(p, bio_rng) for p in train])
