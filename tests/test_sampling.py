@@ -9,6 +9,7 @@ from conftest import randomize_smear
 
 import lmlab.inference.sampling as sampling_mod
 from lmlab.config import InitConfig, ModelConfig, SampleConfig
+from lmlab.data import DataError
 from lmlab.inference import (
     KVCache,
     Sampler,
@@ -363,5 +364,11 @@ def test_read_prompts(tmp_path):
     (tmp_path / "bad.jsonl").write_text('"ok"\n{"text": 1}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_prompts(tmp_path / "bad.jsonl")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt"):
         read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "bin.txt").write_bytes(b"ok\n\xff\xfe\x00")
+    with pytest.raises(DataError, match=r"bin\.txt: not valid UTF-8"):
+        read_prompts(tmp_path / "bin.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no prompt"):
+        read_prompts(tmp_path / "blank.txt")

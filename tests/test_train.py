@@ -91,12 +91,16 @@ def test_keep_last_and_corrupt_checkpoint(tmp_path, corpus):
     manager = CheckpointManager(cfg.run_dir)
     assert [p.name for p in manager.complete()] == ["step_00000005", "step_00000006"]
     (manager.latest() / "meta.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"step_00000006/meta.json: unreadable"):
-        Trainer(cfg).resume()
+    refuse = make_cfg(tmp_path, corpus, "train.steps=6", "train.ckpt_fallback=false")
+    with pytest.raises(CheckpointError, match=r"step_00000006/meta.json: unreadable.*step_00000005 loads"):
+        Trainer(refuse).resume()
+    trainer = Trainer(cfg)
+    assert trainer.resume() and trainer.step == 5  # falls back, and sets the damaged one aside
+    assert sorted(p.name for p in manager.dir.iterdir()) == ["step_00000005", "step_00000006.damaged"]
     for f in manager.complete()[0].glob("*.distcp"):
         f.write_bytes(b"garbage")
     model = Trainer(cfg).model
-    with pytest.raises(CheckpointError, match="step_00000005: cannot load"):
+    with pytest.raises(CheckpointError, match=r"step_00000005: damaged: __0_0.distcp has 7 bytes"):
         ckpt_mod.load_checkpoint(manager.complete()[0], model)
 
 

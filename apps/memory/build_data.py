@@ -147,6 +147,23 @@ def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases
             "practice": int(practice)}
 
 
+def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice: int,
+                 alpha: float = 0.0) -> list[tuple[str, str]]:
+    """What is wrong with these build arguments, as ``(name, message)`` pairs (checked before anything is written)."""
+    n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
+    errs = []
+    if people < 1:
+        errs.append(("people", f"must be >= 1 (people whose facts are learnt), got {people}"))
+    for key, value in (("ood", ood), ("absent", absent), ("practice", practice)):
+        if value < 0:
+            errs.append((key, f"must be >= 0, got {value}"))
+    if not 1 <= paraphrases <= n_q:
+        errs.append(("paraphrases", f"must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}"))
+    if not 0.0 <= alpha <= 1.0:
+        errs.append(("alpha", f"must be a probability in [0, 1], got {alpha}"))
+    return errs
+
+
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
     absent_in_weight: bool = False, practice: int = 0,
@@ -154,13 +171,12 @@ def build_dataset(
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
     questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``; the
     ``practice`` questions into the in-tool file only."""
-    n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
-    if absent < 0 or practice < 0:
-        raise ValueError(f"absent and practice must be >= 0, got {absent} and {practice}")
-    if not 1 <= paraphrases <= n_q:
-        raise ValueError(f"paraphrases must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}")
+    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha):
+        raise ValueError(f"{key} {value}")
     t0 = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     train = make_people(people, seed, alpha=alpha)
     test = make_people(ood, seed, ood=True, alpha=alpha)
@@ -276,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "copying names and values)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
+    for key, msg in build_errors(args.people, args.ood, args.paraphrases, args.absent, args.practice, args.alpha):
+        ap.error(f"--{key}: {msg}")  # one line, exit status 2, before anything is written
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out: {args.out} exists and is not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,

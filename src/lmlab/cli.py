@@ -22,13 +22,18 @@ run stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 import yaml
 
 from lmlab.config import config_to_dict, describe, exit_on_config_error, load_config, load_grid
+
+log = logging.getLogger("lmlab")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -75,16 +80,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.inference.sampling import SamplingParams, read_prompts
     from lmlab.train.checkpoint import load_run
 
-    cfg, model, tokenizer = load_run(args.run, step=args.step)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)
+    cfg, model, tokenizer = load_run(args.run, step=args.step)
     if not prompts:
-        prompts = list(cfg.sample.prompts) or [""]
-    overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
-                                   ("top_k", args.top_k), ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
-    params = SamplingParams.from_config(cfg.sample, cfg.seed, **overrides)
+        prompts = list(cfg.sample.prompts)
+    if not prompts:
+        raise UsageError("no prompt: pass --prompt TEXT or --prompts-file FILE (the run's sample.prompts is empty)")
+    given = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                               ("top_k", args.top_k), ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
+    params = _checked(lambda: SamplingParams.from_config(cfg.sample, cfg.seed, **given))
     engine = Engine.from_config(model, tokenizer, cfg.engine)
+    if args.max_new_tokens is None:  # the run's default may not fit after a long prompt: cap it, and say so
+        room = engine.context_limit - max(len(tokenizer.encode(p)) for p in prompts)
+        if 0 < room < params.max_new_tokens:
+            log.info("sample.max_new_tokens=%d capped to %d: the longest prompt leaves %d of the model's %d "
+                     "tokens of context (--max-new-tokens N to choose)", params.max_new_tokens, room, room,
+                     engine.context_limit)
+            params = dataclasses.replace(params, max_new_tokens=room)
+    _checked(lambda: engine.text_requests(prompts, params))  # every prompt fits, before any output
     if len(prompts) == 1:  # stream one completion as it is generated
         sys.stdout.write(prompts[0])
         engine.generate_text(prompts, params, on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -95,23 +110,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked(make):
+    """``make()``, with a ValueError (a bad sampling setting or prompt) turned into a usage error."""
+    try:
+        return make()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
-    from pathlib import Path
 
     from lmlab.evals.recall import run_recall_sets
-    from lmlab.train.checkpoint import CheckpointManager, load_run, step_of
+    from lmlab.train.checkpoint import load_run, step_of
 
-    cfg, model, tokenizer = load_run(args.run, step=args.step)
-    rc = cfg.evals.recall
+    cfg, model, tokenizer, path = load_run(args.run, step=args.step, with_path=True)
     changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions))
                if v is not None}
-    rc = dataclasses.replace(rc, **changes)
+    rc = dataclasses.replace(cfg.evals.recall, **changes)
+    for key, msg in rc.check():
+        raise UsageError(f"--{key.replace('_', '-')}: {msg}")
     if not rc.sets:
-        print("error: no recall sets: the run's config has no evals.recall.sets; pass --set FILE", file=sys.stderr)
-        return 1
-    step = args.step if args.step is not None else step_of(CheckpointManager(args.run).latest())
+        raise UsageError("no recall sets: the run's config has no evals.recall.sets; pass --set FILE")
+    step = step_of(path)
     # a folder of its own: the training-time evaluation of the same step (other sets, fewer questions) is kept
     folder = Path(args.run) / "recall" / "eval"
     metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=folder, step=step)
@@ -138,12 +159,27 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit status: 0 done; 1 bad data or state (a data file, a checkpoint, a non-finite loss), one line on
+stderr; 2 bad usage or config (an unknown key, a wrong value), one line on stderr."""
+TRAIN_EPILOG = """The run folder is RUNS_DIR/NAME (the config's runs_dir and name; default runs/run): config.yaml,
+metrics.jsonl, checkpoints/, summary.json. Running the same command again resumes from the newest checkpoint,
+or only says so when the run is finished; a changed model or tokenizer is refused before anything is written.
+
+""" + EXIT_CODES + """
+128 + N: stopped by signal N (SIGINT, SIGTERM) after saving a checkpoint; run it again to go on."""
+
+
+class UsageError(Exception):
+    """A command used wrongly (a bad option value, a prompt that does not fit): one line, exit status 2."""
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from lmlab.data import DataError
+    from lmlab.hf import ExportError
     from lmlab.train import TrainingError
     from lmlab.train.checkpoint import CheckpointError
 
-    return DataError, TrainingError, CheckpointError, FileNotFoundError
+    return DataError, TrainingError, CheckpointError, ExportError, FileNotFoundError
 
 
 @exit_on_config_error
@@ -151,9 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`lmlab describe | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not fail again
+        return 128 + signal.SIGPIPE
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -164,41 +207,52 @@ def _main(argv: list[str] | None = None) -> int:
         return shards_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (
-        ("train", _cmd_train, "train a model (resumes from the run folder's newest checkpoint)"),
-        ("config", _cmd_config, "print the resolved config of a YAML file with overrides"),
-        ("grid", _cmd_grid, "list a grid's runs and their state (done / partial / new); --run trains them"),
+    fmt = argparse.RawDescriptionHelpFormatter
+    for name, fn, help_, epilog in (
+        ("train", _cmd_train, "train a model (resumes from the run folder's newest checkpoint)", TRAIN_EPILOG),
+        ("config", _cmd_config, "print the resolved config of a YAML file with overrides", None),
+        ("grid", _cmd_grid, "list a grid's runs and their state (done / partial / new); --run trains them", None),
     ):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=fmt)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides (`lmlab describe` lists the keys)")
         p.set_defaults(fn=fn)
         if name == "grid":
             p.add_argument("--run", action="store_true", help="train every unfinished run (resuming partial ones)")
             p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
             p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default cores // jobs)")
-    p = sub.add_parser("generate", help="sample from a run's checkpoint with the generation engine")
+    p = sub.add_parser("generate", help="sample from a run's checkpoint with the generation engine",
+                       description="Sample from a run's checkpoint with the generation engine. Unset options take "
+                                   "the run's sample: section (config.yaml).", epilog=EXIT_CODES, formatter_class=fmt)
     p.add_argument("run", help="run folder (runs/NAME)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="prompts, one per line (or a .jsonl of strings / {prompt: ...})")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the run's sample.prompts)")
+    p.add_argument("--prompts-file", help="prompts, one per line (or a .jsonl of strings / {prompt: ...}), "
+                   "after any --prompt (default: none)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt at most (default: the run's "
+                   "sample.max_new_tokens, capped to what fits in model.max_seq_len after the prompt)")
+    p.add_argument("--temperature", type=float, help="softmax temperature, >= 0; 0 = greedy (default: the run's "
+                   "sample.temperature)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = all (default: the run's "
+                   "sample.top_k)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off (default: the run's "
+                   "sample.top_p)")
+    p.add_argument("--seed", type=int, help="sampling seed; prompt i uses seed + i (default: sample.seed, else "
+                   "the run's seed)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_generate)
     p = sub.add_parser("eval", help="recall evaluation (lmlab.evals.recall) of a run's checkpoint, tool live; "
-                                    "writes RUN/recall/eval/")
+                                    "writes RUN/recall/eval/", epilog=EXIT_CODES, formatter_class=fmt)
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("--set", action="append", help="a JSONL recall set (repeatable; default: the run's evals.recall)")
     p.add_argument("--db", help="SQLite database for the SQL tool (default: the run's evals.recall.db)")
-    p.add_argument("--max-questions", type=int, help="questions per set (0: all)")
+    p.add_argument("--max-questions", type=int, help="questions per set, >= 0; 0: all (default: the run's "
+                   "evals.recall.max_questions)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_eval)
-    p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint")
+    p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint", epilog=EXIT_CODES,
+                       formatter_class=fmt)
     p.add_argument("run", help="run folder (runs/NAME)")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (created; config.json and model.safetensors are written into it)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("describe", help="list every config key with its type, default and help")

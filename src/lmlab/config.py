@@ -57,6 +57,8 @@ __all__ = [
     "expand_grid",
     "load_config",
     "load_grid",
+    "run_name_error",
+    "sampling_errors",
     "save_config",
 ]
 
@@ -243,6 +245,8 @@ class TrainConfig:
     ckpt_every: int = F(0, "save a checkpoint every this many steps; 0: only at the end")
     keep_last: int = F(2, "checkpoints kept in the run folder (older ones are deleted)")
     resume: bool = F(True, "resume from the newest checkpoint in the run folder when there is one")
+    ckpt_fallback: bool = F(True, "when the newest checkpoint is damaged, resume from the newest one that loads "
+                            "(with a warning; the damaged one is renamed step_N.damaged); false: refuse")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -266,16 +270,38 @@ class LoggingConfig:
     tensorboard: bool = F(False, "also write TensorBoard event files under runs/NAME/tb")
 
 
+def sampling_errors(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    min_p: float = 0.0) -> list[tuple[str, str]]:
+    """What is wrong with these sampling settings, as ``(name, message)`` pairs: the one check that the
+    ``sample:`` config section, :class:`lmlab.inference.SamplingParams` and ``lmlab generate`` share."""
+    errs = []
+    if max_new_tokens < 0:
+        errs.append(("max_new_tokens", f"must be >= 0, got {max_new_tokens}"))
+    if not 0.0 <= temperature < float("inf"):  # also refuses NaN
+        errs.append(("temperature", f"must be finite and >= 0 (0 = greedy), got {temperature}"))
+    if top_k < 0:
+        errs.append(("top_k", f"must be >= 0 (0 disables), got {top_k}"))
+    if not 0.0 < top_p <= 1.0:
+        errs.append(("top_p", f"must be in (0, 1] (1 disables), got {top_p}"))
+    if not 0.0 <= min_p <= 1.0:
+        errs.append(("min_p", f"must be in [0, 1] (0 disables), got {min_p}"))
+    return errs
+
+
 @dataclass
 class SampleConfig:
     """Sampling defaults (end-of-training samples and `lmlab generate`)."""
 
     prompts: list[str] = F([], "prompts sampled at the end of training")
-    max_new_tokens: int = F(200, "tokens generated per prompt at most")
+    max_new_tokens: int = F(200, "tokens generated per prompt at most (`lmlab generate` caps this default to "
+                            "what fits in model.max_seq_len after the prompt)")
     temperature: float = F(0.8, "softmax temperature; 0 means greedy")
     top_k: int = F(0, "keep the k most likely tokens; 0 disables")
     top_p: float = F(1.0, "nucleus sampling: smallest set with this much probability; 1 disables")
     seed: int | None = F(None, "sampling seed; null: the run seed")
+
+    def check(self) -> list[tuple[str, str]]:
+        return sampling_errors(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass
@@ -343,6 +369,35 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        bad_name = run_name_error(self.name)
+        if bad_name:
+            errs.append(("name", bad_name))
+        if self.data.seq_len > self.model.max_seq_len:
+            errs.append(("data.seq_len", f"{self.data.seq_len} is longer than model.max_seq_len="
+                         f"{self.model.max_seq_len} (the positions the rotary tables cover): lower data.seq_len "
+                         "or raise model.max_seq_len"))
+        if not _DEVICE.fullmatch(self.train.device):
+            errs.append(("train.device", f"{self.train.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"))
+        return errs
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def run_name_error(name: str) -> str:
+    """Why ``name`` cannot name a run folder under ``runs_dir`` ('' when it can): it must be a relative path of
+    one or more plain parts (grid runs are ``grid/point``), none empty, ``.`` or ``..``."""
+    if not name.strip():
+        return "is empty: a run needs a name (its folder is runs_dir/name)"
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return f"{name!r} is an absolute path: a run name is a folder inside runs_dir (set runs_dir to move it)"
+    parts = re.split(r"[/\\]", name)
+    if any(part in ("", ".", "..") for part in parts):
+        return f"{name!r} has an empty, '.' or '..' part: the run folder must be a folder inside runs_dir"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,10 +123,16 @@ def permute_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(out, *rest)
 
 
+class ExportError(ValueError):
+    """A model or an output path that cannot be written as a Hugging Face folder; nothing was written."""
+
+
 def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A ``LlamaConfig`` as a plain dict (what config.json holds)."""
+    """A ``LlamaConfig`` as a plain dict (what config.json holds); :class:`ExportError` for a model with a
+    feature Hugging Face Llama has no equivalent for."""
     if cfg.smear_keys:
-        raise ValueError("model.smear_keys has no Hugging Face Llama equivalent; such a model cannot be exported")
+        raise ExportError(f"model.smear_keys={cfg.smear_keys} (smeared keys) has no Hugging Face Llama "
+                          "equivalent: this model cannot be exported")
     head_dim = cfg.dim // cfg.n_heads
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -184,15 +190,26 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
 
 
 def save_hf_folder(model: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Everything is checked before anything is written (:class:`ExportError`), and each file is written under a
+    temporary name and renamed into place, so a failed export leaves no folder or half-written file behind.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder: give a new or existing folder to write into")
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    hf_config = model_config_to_hf(cfg)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model_config_to_hf(cfg), indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"model.safetensors": lambda p: save_file(sd, str(p), metadata={"format": "pt"}),
+             "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n")}
+    for name, write in files.items():
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        tmp.replace(out / name)
     return out
 
 

@@ -225,6 +225,12 @@ class DialogRows:
         too_long = np.nonzero(corpus.lengths > self.seq_len + 1)[0]
         if len(too_long):
             raise DataError(f"{corpus.where[too_long[0]]}: the dialog is longer than seq_len+1={self.seq_len + 1}")
+        targets = corpus.mask.copy()
+        targets[corpus.offsets[:-1]] = False  # a dialog's first token is never a target
+        if not targets.any():
+            files = sorted({w.rsplit(":", 1)[0] for w in corpus.where})
+            raise DataError(f"{name} has no token to train on: none of its {len(corpus)} dialogs ({', '.join(files)}) "
+                            "has an assistant turn, and the loss covers only what the assistant says")
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._checksum = zlib.crc32(corpus.offsets.tobytes()) ^ sample_checksum(corpus.tokens)
         if train and self.num_batches(0) == 0:

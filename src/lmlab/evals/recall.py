@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,10 @@ def build_tool(db: str) -> Any:
 
     if not Path(db).is_file():
         raise DataError(f"recall: database not found: {db}")
-    return SqlTool(db)
+    try:
+        return SqlTool(db)
+    except sqlite3.Error as e:
+        raise DataError(f"recall: {db} cannot be read as a SQLite database ({e})") from None
 
 
 def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfig,

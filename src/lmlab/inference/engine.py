@@ -231,6 +231,11 @@ class Engine:
                    tool_timeout=cfg.tool_timeout, cascade_min=cfg.cascade_min)
 
     # ---- requests ------------------------------------------------------------------------------------
+    @property
+    def context_limit(self) -> int:
+        """Tokens one sequence may hold at most, prompt and generated tokens together."""
+        return min(self.runner.cfg.max_seq_len, self.pool.n_tokens)
+
     def _make_seq(self, index: int, req: Request | Sequence[int]) -> _Seq:
         if not isinstance(req, Request):
             req = Request(prompt=req)
@@ -252,7 +257,11 @@ class Engine:
         if req.stop_strings and self.tokenizer is None:
             raise ValueError(f"request {index}: stop strings need a tokenizer")
         p = req.params
-        limit = min(cfg.max_seq_len, self.pool.n_tokens)
+        limit = self.context_limit
+        if len(prompt) + min(p.max_new_tokens, 1) > limit:
+            raise ValueError(f"request {index}: the prompt has {len(prompt)} tokens, more than the {limit} the context "
+                             f"holds with room to generate (min of model.max_seq_len={cfg.max_seq_len} and the "
+                             f"pool's {self.pool.n_tokens} tokens)")
         if len(prompt) + p.max_new_tokens > limit:
             raise ValueError(f"request {index}: {len(prompt)} prompt tokens + max_new_tokens={p.max_new_tokens} exceed "
                              f"{limit} (min of model.max_seq_len={cfg.max_seq_len} and the pool's "
@@ -307,19 +316,12 @@ class Engine:
         """Completions of text prompts, as :func:`lmlab.inference.sampling.generate_text` (same stops, same
         suppressed ids, same seeds: row ``i`` of a single params is seeded ``seed + i``), on this engine.
         ``on_text(row, piece)`` receives each row's text as it grows."""
-        if self.tokenizer is None:
-            raise ValueError("Engine.generate_text needs a tokenizer")
-        params = SamplingParams() if params is None else params
-        rows = _row_params(params, len(prompts))
-        rows = [_text_params(p, self.tokenizer, self.runner.cfg.vocab_size, allow_special) for p in rows]
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        for i, x in enumerate(ids):
-            if not x:
-                raise ValueError(f"prompt {i} encodes to no tokens: give at least one character of text")
+        requests = self.text_requests(prompts, params, allow_special=allow_special)
+        rows = [r.params for r in requests]
         stream = _TextStream(self.tokenizer, len(prompts), on_text) if on_text is not None else None
         new: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
-        for ev in self.stream([Request(prompt=x, params=p) for x, p in zip(ids, rows)]):
+        for ev in self.stream(requests):
             if ev.result is not None:
                 toks = ev.result.tokens
                 if ev.result.finish_reason == "stop":
@@ -332,6 +334,25 @@ class Engine:
                 if new[ev.index][-1] not in rows[ev.index].stop_token_ids:
                     stream.push(ev.index, new[ev.index])
         return texts
+
+    def text_requests(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      *, allow_special: bool = False) -> list[Request]:
+        """The requests :meth:`generate_text` runs for these prompts, each checked as :meth:`generate` would
+        (ValueError naming the first bad prompt: empty, longer than the context with its max_new_tokens, ...),
+        before anything is generated."""
+        if self.tokenizer is None:
+            raise ValueError("Engine.generate_text needs a tokenizer")
+        params = SamplingParams() if params is None else params
+        rows = _row_params(params, len(prompts))
+        rows = [_text_params(p, self.tokenizer, self.runner.cfg.vocab_size, allow_special) for p in rows]
+        requests = []
+        for i, (text, p) in enumerate(zip(prompts, rows)):
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise ValueError(f"prompt {i} encodes to no tokens: give at least one character of text")
+            requests.append(Request(prompt=ids, params=p))
+            self._make_seq(i, requests[-1])
+        return requests
 
     # ---- memory --------------------------------------------------------------------------------------
     def _ensure_pages(self, s: _Seq, n_tokens: int) -> bool:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmlab.config import SampleConfig
+from lmlab.config import SampleConfig, sampling_errors
 from lmlab.inference.kv_cache import KVCache
 from lmlab.jsonl import iter_jsonl
 from lmlab.tokenizers import END_OF_DIALOG, EOS, Tokenizer
@@ -72,16 +72,9 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"SamplingParams: max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"SamplingParams: temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams: top_k must be >= 0 (0 disables), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams: top_p must be in (0, 1] (1 disables), got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"SamplingParams: min_p must be in [0, 1] (0 disables), got {self.min_p}")
+        errs = sampling_errors(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.min_p)
+        if errs:
+            raise ValueError("SamplingParams: " + "; ".join(f"{k} {msg}" for k, msg in errs))
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
         object.__setattr__(self, "suppress_token_ids", tuple(int(i) for i in self.suppress_token_ids))
@@ -392,16 +385,23 @@ def generate_text(
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: ``.jsonl``: one JSON string or ``{"prompt": ...}`` per line (for prompts with
     newlines); any other file: one prompt per non-empty line."""
+    from lmlab.data.errors import DataError
+    from lmlab.data.text import read_text
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
+        raise DataError(f"prompts file {path} does not exist")
+    text = read_text(path)  # DataError naming the file for an unreadable, binary or empty file
     if path.suffix != ".jsonl":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = []
-    for no, item in iter_jsonl(path):
-        if isinstance(item, dict):
-            item = item.get("prompt")
-        if not isinstance(item, str):
-            raise ValueError(f'{path}:{no}: expected a JSON string or an object with a "prompt" string')
-        prompts.append(item)
+        prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for no, item in iter_jsonl(path, text, DataError):
+            if isinstance(item, dict):
+                item = item.get("prompt")
+            if not isinstance(item, str):
+                raise DataError(f'{path}:{no}: expected a JSON string or an object with a "prompt" string')
+            prompts.append(item)
+    if not prompts:
+        raise DataError(f"prompts file {path} holds no prompt")
     return prompts

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,20 @@ from lmlab.tools import CodeBlockTool
 __all__ = ["SqlError", "SqlTool", "format_rows"]
 
 log = logging.getLogger(__name__)
+
+
+class _QuietWhileParsing(logging.Filter):
+    """Drops sqlglot's own log records (e.g. "contains unsupported syntax. Falling back to parsing as a
+    'Command'") while this thread is validating a model's query: a refusal is the tool's answer to the model,
+    not something for the user's terminal. sqlglot used elsewhere in the process keeps its warnings."""
+
+    state = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.state, "on", False)
+
+
+logging.getLogger("sqlglot").addFilter(_QuietWhileParsing())
 
 MAX_SQL_CHARS = 10_000  # model queries are short; this bounds the parser's work
 
@@ -182,6 +197,7 @@ class SqlTool:
         if len(sql) > MAX_SQL_CHARS:
             raise SqlError(f"query longer than {MAX_SQL_CHARS} characters")
         try:
+            _QuietWhileParsing.state.on = True
             statements = [s for s in sqlglot.parse(sql, read="sqlite") if s is not None]
         except sqlglot.errors.ParseError as e:
             err = e.errors[0] if e.errors else {}
@@ -190,6 +206,8 @@ class SqlTool:
             raise SqlError(f"could not parse SQL: {_short(what, 120)}{near}") from None
         except Exception as e:  # noqa: BLE001 - any parser failure on untrusted text is a refused query
             raise SqlError(f"could not parse SQL: {_short(e) or type(e).__name__}") from None
+        finally:
+            _QuietWhileParsing.state.on = False
         if not statements:
             raise SqlError("empty query")
         if len(statements) > 1:

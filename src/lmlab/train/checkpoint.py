@@ -18,6 +18,11 @@ Usage::
     ckpt.save(step, model, optimizer, meta={"tokens": n}, rank_state={"data": loader.state_dict()})
     path = ckpt.latest()                                   # newest complete checkpoint or None
     meta, rank_state = ckpt.load(path, model, optimizer)   # restores model and optimizer in place
+    loaded = ckpt.load_latest(model, optimizer)            # newest loadable one; damaged newer ones skipped
+
+meta.json records the size of every file of the checkpoint, so a damaged one (a truncated or missing file) is
+named as such before anything is read from it; :meth:`CheckpointManager.load_latest` then falls back to the
+newest checkpoint that loads, and says which ones it skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +147,9 @@ class CheckpointManager:
         _write_rank_state({"rng": rng_state(), **(rank_state or {})}, tmp / f"rank_{self.rank}.pt")
         _barrier()
         if self.rank == 0:
+            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
             info = {"format": FORMAT, "step": step, "world_size": self.world_size, "time": time.time(),
-                    "has_optimizer": optimizer is not None, **(meta or {})}
+                    "has_optimizer": optimizer is not None, "files": files, **(meta or {})}
             (tmp / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
             if final.exists():  # saving the same step again: replace the old folder
                 old = final.with_name(final.name + ".old.tmp")
@@ -167,6 +174,67 @@ class CheckpointManager:
         """Restore model (and optimizer) in place from ``path``; return (meta, this rank's state)."""
         return load_checkpoint(path, model, optimizer, self.rank)
 
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, fallback: bool = True
+    ) -> Loaded | None:
+        """Restore the newest checkpoint that loads; None when there is no checkpoint at all.
+
+        A newer checkpoint that fails to load while an older one loads was damaged (a model or optimizer that
+        does not fit would fail on every checkpoint): with ``fallback`` it is skipped with a warning naming it
+        (``Loaded.damaged``); without, CheckpointError names it and the older one that would be used. When none
+        loads, the newest one's error is raised.
+        """
+        done = self.complete()
+        failed: list[tuple[Path, CheckpointError]] = []
+        for path in reversed(done):
+            try:
+                meta, state = self.load(path, model, optimizer)
+            except CheckpointError as e:
+                failed.append((path, e))
+                continue
+            if failed and not fallback:
+                raise CheckpointError(
+                    f"the newest checkpoint is damaged ({failed[0][1]}); {path} loads: set train.ckpt_fallback=true "
+                    f"to resume from it, or move the damaged one away") from None
+            for bad, err in failed:
+                log.warning("checkpoint %s is damaged and was skipped (%s); using %s", bad, err, path)
+            return Loaded(path, meta, state, [bad for bad, _ in failed])
+        if failed:
+            raise failed[0][1]
+        return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint folder to ``step_N.damaged`` (kept for inspection, never loaded or pruned)."""
+        target = path.with_name(path.name + ".damaged")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.damaged{n}")
+        os.replace(path, target)
+        log.warning("moved the damaged checkpoint %s to %s", path, target)
+        return target
+
+
+@dataclass
+class Loaded:
+    """What :meth:`CheckpointManager.load_latest` restored: the folder, its meta, this rank's state, and the newer
+    checkpoints it skipped as damaged."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]
+    damaged: list[Path]
+
+
+def verify_files(path: Path, meta: dict[str, Any]) -> None:
+    """CheckpointError when a file that meta.json lists is missing or has another size than was written."""
+    for name, size in (meta.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: damaged: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: damaged: {name} has {f.stat().st_size} bytes, {size} were written")
+
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path) / "meta.json"
@@ -187,6 +255,7 @@ def load_checkpoint(
     """Restore model (and optimizer) weights from a checkpoint folder; return (meta, rank state)."""
     path = Path(path)
     meta = read_meta(path)
+    verify_files(path, meta)
     rank = _dist()[0] if rank is None else rank
     try:
         if optimizer is not None:
@@ -218,10 +287,12 @@ def load_checkpoint(
     return meta, rank_state
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu"):
-    """Rebuild a run's tokenizer and model from ``run_dir/config.yaml`` and a checkpoint (newest by default).
+def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu",
+             with_path: bool = False):
+    """Rebuild a run's tokenizer and model from ``run_dir/config.yaml`` and a checkpoint (by default the newest
+    that loads: a damaged newer one is skipped with a warning).
 
-    Returns ``(cfg, model, tokenizer)`` with the model in eval mode.
+    Returns ``(cfg, model, tokenizer)`` with the model in eval mode, and the checkpoint folder with ``with_path``.
     """
     from lmlab.config import Config, load_config
     from lmlab.models import build_model, materialize
@@ -232,16 +303,17 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str | 
         raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", schema=Config)
     manager = CheckpointManager(run_dir)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model = materialize(build_model(cfg.model, vocab_size=tokenizer.vocab_size, device="meta"), device)
     if step is None:
-        path = manager.latest()
-        if path is None:
+        loaded = manager.load_latest(model, fallback=cfg.train.ckpt_fallback)
+        if loaded is None:
             raise CheckpointError(f"{run_dir}: no complete checkpoint under {manager.dir}")
+        path = loaded.path
     else:
         path = manager.dir / f"{PREFIX}{step:08d}"
         if not path.is_dir():
             have = ", ".join(str(step_of(p)) for p in manager.complete()) or "none"
             raise CheckpointError(f"{run_dir}: no checkpoint for step {step} (have: {have})")
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = materialize(build_model(cfg.model, vocab_size=tokenizer.vocab_size, device="meta"), device)
-    load_checkpoint(path, model)
-    return cfg, model.eval(), tokenizer
+        load_checkpoint(path, model)
+    return (cfg, model.eval(), tokenizer, path) if with_path else (cfg, model.eval(), tokenizer)

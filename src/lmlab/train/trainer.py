@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmlab.config import Config, config_diff, config_to_dict, load_config, save_config
+from lmlab.config import Config, ConfigError, config_diff, config_to_dict, load_config, save_config
 from lmlab.data import build_loader, check_vocab
 from lmlab.models import build_model, materialize, resolve_vocab
 from lmlab.monitor.metrics import build_sinks
 from lmlab.tokenizers import Tokenizer, build_tokenizer
-from lmlab.train.checkpoint import CheckpointManager, set_rng_state
+from lmlab.launch.local import read_summary
+from lmlab.train.checkpoint import CheckpointManager, set_rng_state, step_of
 from lmlab.train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,15 @@ KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the last good checkpoint."""
+
+
+class Interrupted(Exception):
+    """Raised by the signal handler to stop an evaluation (the weights are saved before every evaluation that a
+    signal may cut short) or, on a second signal, whatever runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +132,9 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = cfg.train.peak_flops or self._known_peak()
         self._stop_signal: int | None = None
+        self._in_abortable = False
+        self._saved_step: int | None = None
+        self._last_ckpt: Path | None = None
 
     # ---------------------------------------------------------------------------------------------
     def _known_peak(self) -> float:
@@ -218,38 +231,94 @@ class Trainer:
                               rank_state={"data": self.train_loader.state_dict()})
 
     def resume(self) -> bool:
-        """Load the newest checkpoint of the run folder, if any; True when resumed."""
-        path = self.ckpt.latest()
-        if path is None:
+        """Load the newest loadable checkpoint of the run folder, if any; True when resumed. Newer damaged ones
+        are renamed ``step_N.damaged`` (``train.ckpt_fallback``; else CheckpointError names them)."""
+        loaded = self.ckpt.load_latest(self.model, self.optimizer, fallback=self.cfg.train.ckpt_fallback)
+        if loaded is None:
             return False
-        meta, state = self.ckpt.load(path, self.model, self.optimizer)
-        self.step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
-        self.train_loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d)", path, self.step)
+        self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))
+        self.train_loader.load_state_dict(loaded.state["data"])
+        set_rng_state(loaded.state["rng"])
+        self._saved_step = self.step
+        if self.rank == 0:
+            for bad in loaded.damaged:
+                self.ckpt.set_aside(bad)
+        log.info("resumed from %s (step %d)", loaded.path, self.step)
         return True
 
-    def _check_config_change(self) -> None:
+    def _saved_config(self) -> dict[str, Any] | None:
         saved = self.run_dir / "config.yaml"
         if not saved.is_file():
-            return
+            return None
         try:
-            old = config_to_dict(load_config(saved, schema=type(self.cfg)))
-        except Exception as e:  # an old or foreign config: say so, but the new one wins
+            return config_to_dict(load_config(saved, schema=type(self.cfg)))
+        except Exception as e:  # noqa: BLE001 - an old or foreign config: say so, but the new one wins
             log.warning("%s could not be read (%s); it is replaced", saved, e)
+            return None
+
+    def _check_config_change(self, old: dict[str, Any] | None) -> None:
+        """Refuse (ConfigError, before anything is written) to resume a run of another model or tokenizer; warn
+        about other changes (e.g. a new learning rate), which a resumed run may take."""
+        if old is None:
             return
-        new = config_to_dict(self.cfg)
-        changed = config_diff(old, new)
+        changed = config_diff(old, config_to_dict(self.cfg))
+        arch = [c for c in changed if c.startswith(("model.", "tokenizer.")) and not c.startswith("model.init.")]
+        if arch and self.cfg.train.resume and self.ckpt.complete():
+            raise ConfigError(f"{self.run_dir} holds checkpoints of another model: {'; '.join(arch)}. Use another "
+                              "name (or runs_dir), restore these values, or delete the run folder to start over")
         if changed:
             log.warning("the config differs from the run folder's: %s", ", ".join(changed))
 
+    def _finished(self) -> dict[str, Any] | None:
+        """The summary of a run that already completed ``train.steps`` with its final checkpoint, else None."""
+        summary = read_summary(self.run_dir)
+        latest = self.ckpt.latest()
+        if (summary.get("status") == "completed" and summary.get("step") == self.cfg.train.steps
+                and latest is not None and step_of(latest) == self.cfg.train.steps):
+            return summary
+        return None
+
+    def _rewind_metrics(self) -> None:
+        """Set aside (in ``metrics.dropped.jsonl``) the rows logged after the step training starts from, so that
+        a resumed run logs every step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        kept, dropped = [], []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                step = None  # a line cut by a crash, or not a row: set aside too
+            (kept if isinstance(step, int) and step <= self.step else dropped).append(line)
+        if not dropped:
+            return
+        with open(self.run_dir / "metrics.dropped.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(x if x.endswith("\n") else x + "\n" for x in dropped)
+        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("metrics.jsonl: %d rows logged after step %d set aside in metrics.dropped.jsonl", len(dropped),
+                 self.step)
+
+    def _save_once(self) -> Path:
+        """Save a checkpoint of the current step unless one was saved (or resumed from) at this step."""
+        if self._saved_step != self.step:
+            self._last_ckpt = self.save()
+            self._saved_step = self.step
+        return self._last_ckpt or self.ckpt.latest()
+
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and returns."""
+        """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and returns. Inside :meth:`_abortable`
+        (evaluations, run after the weights they evaluate were saved) and on a second signal, the handler raises
+        :class:`Interrupted` instead."""
         def handler(signum, frame):
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
+            again = self._stop_signal is not None
+            if not again:
+                self._stop_signal = signum
+            if again or self._in_abortable:
+                raise Interrupted(signum)
             log.warning("received %s: finishing the step, then saving", signal.Signals(signum).name)
 
         try:
@@ -262,17 +331,39 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    @contextlib.contextmanager
+    def _abortable(self) -> Iterator[None]:
+        """A section (an evaluation) that a signal stops at once by raising :class:`Interrupted`."""
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal)
+        self._in_abortable = True
+        try:
+            yield
+        finally:
+            self._in_abortable = False
+
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps`` (resuming if possible); return a summary.
 
         ``stop_after``: return after this many steps of this call, with a checkpoint but no final evaluation
         (a time-sliced job; a later ``fit`` resumes as if never stopped).
+
+        Nothing in the run folder changes before the resume has succeeded. A run that already completed returns
+        its summary untouched; one whose final checkpoint exists but whose final evaluation was cut short only
+        evaluates. A signal at any point ends in a saved, resumable state and a summary saying so.
         """
         cfg, tc = self.cfg, self.cfg.train
-        self._check_config_change()
+        self._check_config_change(self._saved_config())
+        finished = self._finished()
+        if finished is not None:
+            log.info("%s already completed %d steps (summary.json, %s): nothing to do; raise train.steps to train "
+                     "further, or delete the run folder to start over", self.run_dir, tc.steps, self.ckpt.latest())
+            return {**finished, "status": "completed", "resumed": False}
+        resumed = tc.resume and self.resume()
+        # the resume succeeded (or there was nothing to resume): from here on the run folder may change
+        self._rewind_metrics()
         if self.rank == 0:
             save_config(self.cfg, self.run_dir)
-        resumed = tc.resume and self.resume()
         start_step = self.step
         sink = build_sinks(cfg, self.run_dir)
         log.info("model: %s parameters; %.1f MFLOPs/token; device %s", f"{self.model.num_params():,}",
@@ -285,61 +376,89 @@ class Trainer:
         last_eval: dict[str, float] = {}
         last_recall: dict[str, float] = {}
         rc = cfg.evals.recall
+        path = self.ckpt.latest()
         try:
-            with self._signals(), self.train_loader:
-                while self.step < tc.steps:
-                    m = self.train_step()
-                    window_pos += m["positions"]
-                    window_targets += m["targets"]
-                    bar.update(1)
-                    if self.step % tc.log_every == 0 or self.step == tc.steps:
-                        dt = max(time.time() - window_t, 1e-9)
-                        row = {"step": self.step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                               "tokens_per_s": window_pos / dt, "loss_tokens_per_s": window_targets / dt,
-                               "tokens": self.tokens_seen, "time": time.time() - t_start,
-                               "peak_mem_mb": peak_memory_mb(self.device)}
-                        if self.peak_flops:
-                            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
-                        sink.log(row)
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                        window_t, window_pos, window_targets = time.time(), 0, 0
-                    if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                        last_eval = self.evaluate(tc.eval_batches)
-                        sink.log({"step": self.step, **last_eval})
-                        window_t = time.time()
-                    if rc.sets and rc.every and self.step % rc.every == 0 and self.step < tc.steps:
-                        last_recall = self.evaluate_recall()
-                        sink.log({"step": self.step, **last_recall})
-                        window_t = time.time()
-                    if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
-                        self.save()
-                        window_t = time.time()
-                    if self._stop_signal is not None:
-                        status = f"interrupted by {signal.Signals(self._stop_signal).name}"
-                        break
-                    if stop_after is not None and self.step - start_step >= stop_after:
-                        status = f"paused after {stop_after} steps"
-                        break
-                    if tc.max_time and time.time() - t_start >= tc.max_time:
-                        status = f"stopped by train.max_time={tc.max_time:g}s"
-                        break
-            bar.close()
-            if status == "completed" or status.startswith("stopped"):
-                last_eval = self.evaluate()  # the final evaluation always covers the whole split
-                if rc.sets:
-                    last_recall = self.evaluate_recall()
-                if last_eval or last_recall:
-                    sink.log({"step": self.step, **last_eval, **last_recall})
-            path = self.save()
+            with self._signals():
+                try:
+                    with self.train_loader:
+                        while self.step < tc.steps:
+                            m = self.train_step()
+                            window_pos += m["positions"]
+                            window_targets += m["targets"]
+                            bar.update(1)
+                            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                                dt = max(time.time() - window_t, 1e-9)
+                                row = {"step": self.step, "loss": m["loss"], "lr": m["lr"],
+                                       "grad_norm": m["grad_norm"], "tokens_per_s": window_pos / dt,
+                                       "loss_tokens_per_s": window_targets / dt, "tokens": self.tokens_seen,
+                                       "time": time.time() - t_start, "peak_mem_mb": peak_memory_mb(self.device)}
+                                if self.peak_flops:
+                                    row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
+                                sink.log(row)
+                                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                                refresh=False)
+                                window_t, window_pos, window_targets = time.time(), 0, 0
+                            if self.step < tc.steps and self._stop_signal is None and self._periodic(sink):
+                                window_t = time.time()  # the rate counts training time only
+                            if self._stop_signal is not None:
+                                break
+                            if stop_after is not None and self.step - start_step >= stop_after:
+                                status = f"paused after {stop_after} steps"
+                                break
+                            if tc.max_time and time.time() - t_start >= tc.max_time:
+                                status = f"stopped by train.max_time={tc.max_time:g}s"
+                                break
+                    path = self._save_once()  # the final weights are safe before any final evaluation
+                except Interrupted:  # a second signal mid-step or mid-save: the last complete checkpoint stands
+                    path = self.ckpt.latest()
+                bar.close()
+                if self._stop_signal is None and (status == "completed" or status.startswith("stopped")):
+                    try:
+                        with self._abortable():
+                            last_eval = self.evaluate()  # the final evaluation always covers the whole split
+                            if rc.sets:
+                                last_recall = self.evaluate_recall()
+                        if last_eval or last_recall:
+                            sink.log({"step": self.step, **last_eval, **last_recall})
+                    except Interrupted:  # the checkpoint is saved: a rerun only evaluates
+                        last_eval, last_recall = {}, {}
+                if self._stop_signal is not None:
+                    status = f"interrupted by {signal.Signals(self._stop_signal).name}"
+                summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
+                           "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
+                           **last_eval, **last_recall}
+                if self.rank == 0:  # a grid runner reads it: status "completed" (or "stopped by ...") means done
+                    write_json_atomic(self.run_dir / "summary.json", summary)
+                log.info("%s at step %d; checkpoint %s", status, self.step, path)
         finally:
             bar.close()
             sink.close()
-        summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
-                   "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
-                   **last_eval, **last_recall}
-        if self.rank == 0:  # a grid runner reads it: status "completed" (or "stopped by ...") means done
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.run_dir / "summary.json")
-        log.info("%s at step %d; checkpoint %s", status, self.step, path)
         return summary
+
+    def _periodic(self, sink: Any) -> bool:
+        """The evaluations and checkpoint due after this step; True when any ran. An evaluation cut short by a
+        signal is dropped (the loop then saves and stops)."""
+        tc, rc = self.cfg.train, self.cfg.evals.recall
+        due_eval = bool(tc.eval_every) and self.step % tc.eval_every == 0
+        due_recall = bool(rc.sets) and bool(rc.every) and self.step % rc.every == 0
+        try:
+            with self._abortable():
+                if due_eval:
+                    sink.log({"step": self.step, **self.evaluate(tc.eval_batches)})
+                if due_recall:
+                    sink.log({"step": self.step, **self.evaluate_recall()})
+        except Interrupted:
+            self.model.train()
+            return True
+        due_ckpt = bool(tc.ckpt_every) and self.step % tc.ckpt_every == 0
+        if due_ckpt:
+            self._save_once()
+        return due_eval or due_recall or due_ckpt
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as strict JSON (a non-finite float becomes null) through a temporary file and a rename."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(path)
