@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     trainer = Trainer(cfg)
     summary = trainer.fit()
+    if summary["status"].startswith("interrupted by "):  # saved and resumable: no samples, the signal's status
+        print(f"{summary['status']} at step {summary['step']}; run the same command again to go on")
+        return 128 + signal.Signals[summary["status"].split()[-1]].value
     if "val_bpb" in summary:
         print(f"\nfinal validation: {summary['val_bpb']:.4f} bits per byte over {summary['val_tokens']:,} bytes "
               f"(loss {summary['val_loss']:.4f} nats), step {summary['step']}, "

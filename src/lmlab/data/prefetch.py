@@ -26,6 +26,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -190,6 +191,9 @@ class ProcessPrefetcher(_QueuePipe):
 
 
 def _process_main(conn: Any, epoch: int, index: int, infinite: bool, q: Any, stop: Any) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides (a trainer finishes its step and saves), then
+    # stops this process through ``stop``; a KeyboardInterrupt here would instead end training with an error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with conn:
         try:
             source = conn.recv()
