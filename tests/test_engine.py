@@ -536,3 +536,107 @@ def test_engine_text_equals_the_library_text_and_streams_it():
         want = generate_text(model, tok, prompts, params)
         assert engine.generate_text(prompts, params, on_text=on_text) == want
         assert [pieces[i] for i in range(3)] == want
+
+
+# ---- the real model through every path at once ------------------------------------------------------
+
+
+def test_a_dialogs_next_turn_through_the_prefix_cache_equals_full_recompute():
+    """Turn 2 = turn 1's prompt + the model's own answer + a new user message: the cached pages of turn 1 must
+    hold only tokens whose keys were computed (the last sampled token of an answer never went through a forward).
+    Several prompt + answer lengths end exactly on a page boundary."""
+    model = small_model(seed=2)
+    engine = Engine(model, pool_tokens=1024, page_size=4, max_batch=3, prefix_cache=True)
+    firsts = prompts_of([5, 9, 14, 3, 8, 11, 6, 2], seed=5)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (3, 7, 2, 5, 8, 1, 6, 4)]
+    assert sum((len(p) + q.max_new_tokens) % 4 == 0 for p, q in zip(firsts, params)) >= 4
+    turn1 = engine.generate([Request(prompt=p, params=q) for p, q in zip(firsts, params)])
+    assert [r.tokens for r in turn1] == generate_reference(model, firsts, params)
+    seconds = [p + r.tokens + u for p, r, u in zip(firsts, turn1, prompts_of([3, 1, 6, 2, 5, 4, 2, 7], seed=6))]
+    turn2 = engine.generate([Request(prompt=p, params=GREEDY) for p in seconds])
+    assert [r.tokens for r in turn2] == generate_reference(model, seconds, GREEDY)
+    # the history's full pages came from the cache (what was computed of it: all but the last answer token)
+    assert [r.cached_tokens for r in turn2] == [(len(p) + len(r.tokens) - 1) // 4 * 4 for p, r in zip(firsts, turn1)]
+    check_pool_is_whole(engine)
+
+
+class EchoTool:
+    """A deterministic tool for a real model's arbitrary messages: the call is the message's last 3 characters."""
+
+    trigger = "<|database|>"
+
+    def extract(self, message):
+        return message[-3:]
+
+    def __call__(self, call):
+        return f"[{call[::-1]}]"
+
+
+def reference_dialog(model, dtok, prompt, req, tool, limit):
+    """What the engine does for a request with a greedy model, stop tokens, stop strings and a tool, computed
+    slowly: the whole sequence through the model at every step, no cache, no batching."""
+    tok = dtok.tokenizer
+    trigger, begin = tok.special_id(tool.trigger), dtok.begin_id("assistant")
+    seq, sampled, calls = list(prompt), 0, []
+    while True:
+        with torch.no_grad():
+            t = int(model(torch.tensor([seq]))[0, -1].argmax())
+        seq.append(t)
+        sampled += 1
+        if t in STOPS:
+            return seq[len(prompt):], "stop", calls
+        if any(s in tok.decode(seq[len(prompt):]) for s in req.stop_strings):
+            return seq[len(prompt):], "stop_string", calls
+        if sampled >= req.params.max_new_tokens or len(seq) >= model.cfg.max_seq_len:
+            return seq[len(prompt):], "length", calls
+        if t == trigger:
+            start = max(i for i, x in enumerate(seq[:-1]) if x == begin) + 1
+            call = tool.extract(tok.decode(seq[start:-1]))
+            answer = tool(call)
+            calls.append((call, answer))
+            added = tok.encode(answer) + [begin]
+            room = limit - len(seq)
+            seq += added[:max(room, 0)]
+            if len(added) >= room:
+                return seq[len(prompt):], "length", calls
+
+
+STOPS = (ByteTokenizer().special_id("<|end_of_dialog|>"), ByteTokenizer().special_id("<|eos|>"))
+
+
+def test_real_model_with_tools_stop_strings_preemption_and_prefix_cache_equals_full_recompute():
+    """Two turns of six dialogs (the second fed as tokens: history + the model's own answer + a new user turn,
+    since random bytes do not survive a text round trip) with a tool, stop strings, stop tokens, a pool small
+    enough to preempt and the prefix cache, against the slow reference."""
+    dtok = DialogTokenizer(ByteTokenizer())
+    tok = dtok.tokenizer
+    model = small_model(vocab_size=tok.vocab_size, seed=5, max_seq_len=256)
+    with torch.no_grad():  # the model now emits the tool's trigger where it would have written 'u' (a frequent id)
+        w = model.output.weight
+        trig = tok.special_id(EchoTool.trigger)
+        w[[ord("u"), trig]] = w[[trig, ord("u")]]
+    tool = EchoTool()
+    engine = Engine(model, dtok, pool_tokens=320, page_size=8, max_batch=6, tools=[tool])
+    questions = ["How old is Ada?", "Where does Bob live?", "Hi", "What does Carol do?", "Who is Dan?", "Eve?"]
+
+    def request(i, budget, dialog=None, prompt=None):
+        n = len(dtok.encode_prompt(dialog) if dialog else prompt)
+        params = SamplingParams(max_new_tokens=min(budget, 192 - n), temperature=0, stop_token_ids=STOPS)
+        return Request(dialog=dialog, prompt=prompt, params=params, stop_strings=("|",) if i % 2 else ())
+
+    turn1 = [request(i, 40, dialog=[{"source": "user", "content": q}]) for i, q in enumerate(questions)]
+    res1 = engine.generate(turn1)
+    user = [dtok.begin_id("user")] + tok.encode("And then?") + [dtok.begin_id("assistant")]
+    turn2 = [request(i, 30, prompt=r.prompt + r.tokens + user) for i, r in enumerate(res1)]
+    res2 = engine.generate(turn2)
+    for req, res in zip(turn1 + turn2, res1 + res2):
+        prompt = dtok.encode_prompt(req.dialog) if req.dialog else req.prompt
+        tokens, reason, calls = reference_dialog(model, dtok, prompt, req, tool, engine.context_limit)
+        assert (res.tokens, res.finish_reason, res.tool_calls) == (tokens, reason, calls)
+    reasons = [r.finish_reason for r in res1 + res2]
+    assert {"stop_string", "length", "stop"} <= set(reasons), reasons  # every way to end was taken
+    assert sum(len(r.tool_calls) for r in res1 + res2) >= 3
+    assert engine.stats["preemptions"] > 0
+    from_cache = [r2.cached_tokens >= len(r1.prompt) for r1, r2 in zip(res1, res2)]
+    assert sum(from_cache) >= 3, [r.cached_tokens for r in res2]  # their history came from the cache
+    check_pool_is_whole(engine)

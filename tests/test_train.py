@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +56,48 @@ def test_resume_is_bitwise_exact(tmp_path, corpus, extra):
     assert [s for s, _ in a] == list(range(1, 13))
     assert a == b  # every step's loss equal to the last bit
     assert a[-1][1] < a[0][1]  # and it actually learned something
+
+
+class DrawingTrainer(Trainer):
+    """Draws from every global RNG at each step (as dropout or sampled rollouts would)."""
+
+    draws: list = []
+
+    def train_step(self):
+        m = super().train_step()
+        DrawingTrainer.draws.append((torch.rand(()).item(), random.random(), float(np.random.rand())))
+        return m
+
+
+def test_resume_restores_every_rng(tmp_path, corpus):
+    DrawingTrainer.draws = []
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)  # the trainer seeds them all: the process's state is moot
+    DrawingTrainer(make_cfg(tmp_path, corpus, name="straight")).fit()
+    straight, DrawingTrainer.draws = DrawingTrainer.draws, []
+    split = make_cfg(tmp_path, corpus, name="split")
+    DrawingTrainer(split).fit(stop_after=5)
+    torch.manual_seed(999), random.seed(999), np.random.seed(999)  # a new process starts from other states
+    DrawingTrainer(split).fit()
+    assert len(straight) == 12 and DrawingTrainer.draws == straight
+
+
+@pytest.mark.parametrize("kind", ["text", "dialog"])
+def test_resume_across_an_epoch_boundary_is_exact(tmp_path, corpus, kind):
+    extra = ["train.steps=70", "train.log_every=1"]
+    if kind == "dialog":
+        dialogs = tmp_path / "d.jsonl"
+        dialogs.write_text("".join(json.dumps([{"source": "user", "content": f"What is {i} + {i}?"},
+                                               {"source": "assistant", "content": f"It is {2 * i}."}]) + "\n"
+                                   for i in range(60)))
+        extra += ["data.kind=dialog", f"data.train_files=[{dialogs}]", "data.packing=false"]
+    Trainer(make_cfg(tmp_path, corpus, *extra, name="straight")).fit()
+    split = make_cfg(tmp_path, corpus, *extra, name="split")
+    first = Trainer(split)
+    first.fit(stop_after=55)
+    saved = torch.load(CheckpointManager(split.run_dir).latest() / "rank_0.pt", weights_only=False)["data"]
+    assert saved["epoch"] >= 1 and saved["index"] > 0, saved  # the stop is inside a later epoch
+    assert Trainer(split).fit()["resumed"]
+    assert losses(split.run_dir) == losses(tmp_path / "runs" / "straight")
 
 
 def test_checkpoint_failure_mid_save_keeps_previous_usable(tmp_path, corpus, monkeypatch):
@@ -152,6 +196,10 @@ def test_lr_schedules():
     assert lr_factor(10, cos, 100) == pytest.approx(1.0)
     assert lr_factor(99, cos, 100) == pytest.approx(0.1)
     assert lr_factor(10 + 89 // 2, cos, 100) == pytest.approx(0.55, abs=0.02)
+    # hand-derived: 91 steps after a warmup of 10 span 90; a third of the way the cosine is 1/2, two thirds -1/2
+    # (a linear decay would give 0.7 and 0.4)
+    assert lr_factor(40, cos, 101) == pytest.approx(0.1 + 0.9 * 0.5 * 1.5)  # 0.775
+    assert lr_factor(70, cos, 101) == pytest.approx(0.1 + 0.9 * 0.5 * 0.5)  # 0.325
     wsd = OptimConfig(lr=1.0, schedule="wsd", warmup_steps=5, decay_fraction=0.2, min_lr_ratio=0.0)
     assert [lr_factor(s, wsd, 100) for s in (5, 50, 79)] == [1.0, 1.0, 1.0]
     assert lr_factor(80, wsd, 100) == pytest.approx(1 - 1 / 20)

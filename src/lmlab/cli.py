@@ -14,9 +14,10 @@ Usage::
     lmlab describe                                           # every config key with its type, default, help
     lmlab shards --tokenizer byte --out data/shk FILES...    # pretokenize a corpus (see lmlab.data.shards)
 
-Config problems (unknown key, wrong type, bad YAML) print one line and exit with status 2; other errors
-(bad data, a non-finite loss, an unreadable checkpoint) print one line and exit with status 1; a training
-run stopped by SIGINT/SIGTERM saves a checkpoint and exits with 128 + the signal number.
+Config problems (unknown key, wrong type, bad YAML) and bad usage (a bad option value, a prompt that does not
+fit the context) print one line and exit with status 2; bad data or state (a data file, a non-finite loss, an
+unreadable checkpoint) print one line and exit with status 1; a training run stopped by SIGINT/SIGTERM saves
+a checkpoint and exits with 128 + the signal number.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import resource
 import signal
 import time
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -64,6 +66,13 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python's global generators, so that a run draws the same numbers in any process."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,7 +116,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = Path(cfg.run_dir)
-        torch.manual_seed(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
