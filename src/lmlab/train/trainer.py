@@ -41,10 +41,10 @@ from tqdm import tqdm
 
 from lmlab.config import Config, ConfigError, config_diff, config_to_dict, load_config, save_config
 from lmlab.data import build_loader, check_vocab
+from lmlab.launch.local import read_summary
 from lmlab.models import build_model, materialize, resolve_vocab
 from lmlab.monitor.metrics import build_sinks
 from lmlab.tokenizers import Tokenizer, build_tokenizer
-from lmlab.launch.local import read_summary
 from lmlab.train.checkpoint import CheckpointManager, set_rng_state, step_of
 from lmlab.train.optim import build_optimizer, lr_at, set_lr
 
