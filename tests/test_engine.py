@@ -170,10 +170,23 @@ def test_preemption_keeps_outputs_exact():
                                      dict(smear_keys=2, smear_queries=True)],
                          ids=["mha", "mqa_bias", "smear", "smear_queries"])
 def test_packed_prefill_logits_equal_per_prompt_logits(variant):
+    """Packed prompts must see nothing of each other nor of what the pool held before: the pool is filled with
+    garbage, every prompt but one ends exactly on a page boundary, and each prompt's pages are scattered (so a
+    smeared key reading 'the slot before' across a page or prompt edge would read a neighbour's or stale keys)."""
     model = small_model(**variant)
-    prompts = prompts_of([13, 1, 30, 8])
-    pool = PagePool.for_model(model, n_tokens=128, page_size=8)
-    tables = [pool.alloc(-(-len(p) // 8)) for p in prompts]
+    prompts = prompts_of([13, 8, 16, 1, 24])
+    pool = PagePool.for_model(model, n_tokens=160, page_size=8)
+    g = torch.Generator().manual_seed(7)
+    pool.k.copy_(torch.randn(pool.k.shape, generator=g) * 50)
+    pool.v.copy_(torch.randn(pool.v.shape, generator=g) * 50)
+    pages = pool.alloc(pool.n_pages)[::-1]  # high ids first, then dealt round-robin: no table is contiguous
+    need = [-(-len(p) // 8) for p in prompts]
+    tables = [[] for _ in prompts]
+    while any(len(t) < n for t, n in zip(tables, need)):
+        for t, n in zip(tables, need):
+            if len(t) < n:
+                t.append(pages.pop(0))
+    assert all(b - a != 1 for t in tables for a, b in zip(t, t[1:]))
     # the first prompt goes in two chunks: 5 tokens alone, then 8 more packed with the others
     model(torch.tensor([prompts[0][:5]]), cache=PagedStep(pool, [[Segment(tables[0], 0, 5)]]))
     segs = [Segment(tables[0], 5, 8)] + [Segment(t, 0, len(p)) for t, p in zip(tables[1:], prompts[1:])]
@@ -384,6 +397,7 @@ def test_stream_events_add_up_to_the_results():
         if ev.result is not None:
             results[ev.index] = ev.result
     assert {i: r.tokens for i, r in results.items()} == got
+    assert [results[i].tokens for i in range(3)] == generate_reference(model, [r.prompt for r in reqs], GREEDY)
     assert [results[i].id for i in range(3)] == ["r0", "r1", "r2"]
     for ev in engine.stream(reqs):  # leaving a stream early gives every page back
         if ev.result is not None:

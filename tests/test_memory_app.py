@@ -130,3 +130,51 @@ def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, r
         assert cfg.data.train_files == [f"{args['out']}/{cfg.tags['mode']}_train.jsonl"]
         assert cfg.evals.recall.db == f"{args['out']}/people.sqlite"
     assert {c.tags["mode"] for c in configs} == {"weight", "tool"}
+
+
+def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
+    """The app's recall evaluation end to end with a stand-in model that asks the database exactly as the in-tool
+    training dialogs do and copies the database's answer into an answer sentence: every question of the training
+    and OOD sets must come out correct through the real SQL tool, the engine and the judge; the same oracle writing
+    a wrong value scores 0, and one that answers without asking scores 0 on the tool rates."""
+    from memory.build_data import build_dataset
+    from memory.people import render_answer
+    from test_engine import ScriptedModel
+
+    from lmlab.evals.recall import build_tool, evaluate_recall, load_questions
+    from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
+
+    build_dataset(tmp_path / "d", people=6, ood=3, seed=0, paraphrases=1)
+    sets = {name: load_questions(tmp_path / "d" / f"eval_{name}.jsonl") for name in ("train", "ood")}
+    records = {json.loads(x)["dialog"][0]["content"]: json.loads(x)
+               for name in sets for x in (tmp_path / "d" / f"eval_{name}.jsonl").read_text().splitlines()}
+    dtok = DialogTokenizer(ByteTokenizer())
+
+    class Oracle(ScriptedModel):
+        def __init__(self, copy=True, ask=True):
+            super().__init__(dtok, {})
+            self.copy, self.ask, self.db = copy, ask, dtok.begin_id("database")
+
+        def next_token(self, ctx):
+            a = [i for i, t in enumerate(ctx) if t == self.assistant]
+            rec = records[self.tok.decode(ctx[ctx.index(self.user) + 1:a[0]])]
+            if self.ask and len(a) == 1:
+                text, end = f"```sql\n{rec['sql']}\n```", "<|database|>"
+            else:
+                value = self.tok.decode(ctx[ctx.index(self.db) + 1:a[1]]) if self.ask else rec["value"]
+                value = value if self.copy else "nothing at all"
+                text, end = render_answer(rec["attribute"], 0, rec["person"], value), "<|end_of_dialog|>"
+            turn = self.tok.encode(text) + [self.tok.special_id(end)]
+            i = len(ctx) - a[-1] - 1
+            return turn[i] if i < len(turn) else 0
+
+    tool = build_tool(str(tmp_path / "d" / "people.sqlite"))
+    for name, questions in sets.items():
+        metrics, verdicts = evaluate_recall(Oracle(), dtok, questions, tool=tool, max_new_tokens=200)
+        assert len(questions) == {"train": 6, "ood": 3}[name] * 5
+        assert metrics == {"correct": 1.0, "tool_call_rate": 1.0, "valid_sql_rate": 1.0, "n": len(questions)}, name
+        assert all(v["correct"] for v in verdicts)
+        wrong, _ = evaluate_recall(Oracle(copy=False), dtok, questions, tool=tool, max_new_tokens=200)
+        assert wrong["correct"] == 0.0 and wrong["valid_sql_rate"] == 1.0
+        memorised, _ = evaluate_recall(Oracle(ask=False), dtok, questions, tool=tool, max_new_tokens=200)
+        assert memorised["correct"] == 1.0 and memorised["tool_call_rate"] == 0.0

@@ -192,10 +192,8 @@ def test_format_rows_local_and_library_agree() -> None:
     for rows, want in zip(cases, expected):
         assert people._format_rows_local(rows) == want
         assert people.format_rows(rows) == want
-    try:
-        from lmlab.tools.sql import format_rows as lib
-    except ImportError:
-        pytest.skip("lmlab.tools.sql.format_rows is not in the tree yet")
+    from lmlab.tools.sql import format_rows as lib
+
     for rows in cases:
         assert lib(rows) == people._format_rows_local(rows)
 

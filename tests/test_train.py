@@ -219,9 +219,14 @@ def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path, corpus):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(tr.model.parameters()))
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
-    summary = Trainer(make_cfg(tmp_path, corpus, "train.dtype=bfloat16", "train.steps=3")).fit()
-    assert summary["status"] == "completed" and math.isfinite(summary["val_loss"])
+def test_bf16_autocast_on_cpu_trains_like_float32(tmp_path, corpus):
+    fp32 = Trainer(make_cfg(tmp_path, corpus, "train.steps=6", name="fp32")).fit()
+    bf16 = Trainer(make_cfg(tmp_path, corpus, "train.dtype=bfloat16", "train.steps=6", name="bf16")).fit()
+    a, b = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert a != b, "autocast ran in bf16, not float32"
+    assert all(abs(x - y) < 0.02 * x for (_, x), (_, y) in zip(a, b)), (a, b)
+    assert abs(bf16["val_loss"] - fp32["val_loss"]) < 0.02 * fp32["val_loss"]
 
 
 def test_export_loads_in_transformers(tmp_path, corpus):
