@@ -2,12 +2,13 @@
 #   make run   -- set up .venv and run the main job (the in-weight vs in-tool quickstart, apps/memory)
 #   make shakespeare -- the Shakespeare demo (byte-level model, ~10 minutes)
 #   make test  -- set up .venv and run the whole test suite
+#   make mutants -- the curated mutation check (scripts/mutants.py; slow, not in CI)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run shakespeare test lint clean
+.PHONY: setup run shakespeare test mutants lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,9 @@ shakespeare: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+mutants: setup  # curated mutation check of the fast paths (not in CI: ~15-30 minutes; see scripts/mutants.py)
+	$(BIN)/python scripts/mutants.py --jobs 2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,14 +3,15 @@
 Layout of a run folder's checkpoints::
 
     runs/NAME/checkpoints/step_00001000/
-        .metadata, __0_0.distcp ...    model + optimizer, DCP format (reshardable across world sizes)
+        .metadata, __0_0.distcp ...    model + optimizer, DCP format
         rank_0.pt ...                  per-rank state: data-loader position, RNG states (python, numpy, torch, cuda)
         meta.json                      step, world size, format; written last
 
 A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed into place only once every file is
 complete, so a crash mid-save leaves the previous checkpoints untouched and loadable; leftover ``.tmp``
 folders are ignored when loading and removed by the next save. The last ``keep_last`` are kept.
-DCP is used on one process too, so a later multi-process run can load and reshard the same files.
+DCP is used on one process too, the format PyTorch reshards across world sizes; lmlab runs one process today,
+and loading with another world size is untested until the distributed trainer lands.
 
 Usage::
 
