@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import TEXT
 
 from lmlab.cli import main as lmlab_main
 from lmlab.config import load_config
@@ -26,8 +27,6 @@ from lmlab.train.checkpoint import CheckpointManager, step_of
 from lmlab.train.trainer import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
 
 
 @pytest.fixture
