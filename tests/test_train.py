@@ -331,3 +331,34 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
     ev_a, ev_b = eager.evaluate(2), compiled.evaluate(2)
     assert math.isclose(ev_a["val_loss"], ev_b["val_loss"], rel_tol=1e-4)
+
+
+def test_early_stop_on_a_target_and_on_a_plateau_resumes_exactly(tmp_path, corpus):
+    common = ["train.steps=40", "train.eval_every=2", "train.eval_batches=1", "train.early_stop.metric=val_loss",
+              "train.early_stop.mode=min"]
+    # a plateau by construction: no change beats min_delta=10, so the first evaluation sets the best and the
+    # next two count as two without improvement -> stop right after the third evaluation, at step 6
+    plateau = common + ["train.early_stop.patience=2", "train.early_stop.min_delta=10"]
+    straight = Trainer(make_cfg(tmp_path, corpus, *plateau, name="plateau")).fit()
+    assert straight["step"] == 6 and straight["status"].startswith("stopped by early stop: val_loss has not")
+    assert "val_loss" in straight  # the final evaluation ran
+    split = make_cfg(tmp_path, corpus, *plateau, name="split")
+    assert Trainer(split).fit(stop_after=3)["step"] == 3  # one evaluation (step 2) before the pause
+    resumed = Trainer(split).fit()
+    assert resumed["step"] == 6 and resumed["status"] == straight["status"]  # the plateau count was resumed
+    assert Trainer(split).fit()["status"] == straight["status"]  # a rerun of the stopped run does nothing
+    assert losses(split.run_dir) == losses(tmp_path / "runs" / "plateau")
+    # a target: stop at the first evaluation whose loss is at most the target (here, any)
+    hit = Trainer(make_cfg(tmp_path, corpus, *common, "train.early_stop.target=100", name="target")).fit()
+    assert hit["step"] == 2 and "reached the target 100" in hit["status"]
+
+
+def test_early_stop_config_is_checked():
+    from lmlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.early_stop.metric: val_loss is logged only by periodic validation"):
+        load_config(None, ["train.early_stop.metric=val_loss", "train.early_stop.patience=3"])
+    with pytest.raises(ConfigError, match="set a target or a patience"):
+        load_config(None, ["train.early_stop.metric=val_loss", "train.eval_every=5"])
+    with pytest.raises(ConfigError, match="evals.recall.every"):
+        load_config(None, ["train.early_stop.metric=recall/train/correct", "train.early_stop.target=0.95"])

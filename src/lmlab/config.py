@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EarlyStopConfig",
     "EngineConfig",
     "F",
     "InitConfig",
@@ -227,6 +228,30 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop training once a metric logged at the periodic evaluations reaches a target or stops improving (the
+    final evaluation and checkpoint follow, and the run counts as finished: status "stopped by early stop ...")."""
+
+    metric: str = F("", "metric to watch, as logged at evaluations: e.g. recall/train/correct (evals.recall.every) "
+                    "or val_loss (train.eval_every); empty: off")
+    mode: Literal["max", "min"] = F("max", "max: higher is better (recall); min: lower is better (a loss)")
+    target: float | None = F(None, "stop as soon as the metric reaches this (>= for max, <= for min); null: none")
+    patience: int = F(0, "stop once the metric has not improved by more than min_delta for this many evaluations "
+                      "in a row (a plateau); 0: never")
+    min_delta: float = F(0.0, "smallest change that counts as an improvement")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.patience < 0:
+            errs.append(("patience", "must be >= 0"))
+        if self.min_delta < 0:
+            errs.append(("min_delta", "must be >= 0"))
+        if self.metric and self.target is None and not self.patience:
+            errs.append(("metric", "set a target or a patience (else nothing would ever stop the run)"))
+        return errs
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -247,6 +272,7 @@ class TrainConfig:
     resume: bool = F(True, "resume from the newest checkpoint in the run folder when there is one")
     ckpt_fallback: bool = F(True, "when the newest checkpoint is damaged, resume from the newest one that loads "
                             "(with a warning; the damaged one is renamed step_N.damaged); false: refuse")
+    early_stop: EarlyStopConfig = F(EarlyStopConfig(), "stop on a metric's target or plateau")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -379,6 +405,13 @@ class Config:
             errs.append(("data.seq_len", f"{self.data.seq_len} is longer than model.max_seq_len="
                          f"{self.model.max_seq_len} (the positions the rotary tables cover): lower data.seq_len "
                          "or raise model.max_seq_len"))
+        es = self.train.early_stop
+        if es.metric.startswith("recall/") and not (self.evals.recall.sets and self.evals.recall.every):
+            errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic recall evaluations: set "
+                         "evals.recall.sets and evals.recall.every"))
+        if es.metric.startswith("val_") and not self.train.eval_every:
+            errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic validation: set "
+                         "train.eval_every"))
         if not _DEVICE.fullmatch(self.train.device):
             errs.append(("train.device", f"{self.train.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"))
         return errs

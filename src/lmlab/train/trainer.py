@@ -144,6 +144,8 @@ class Trainer:
         self._in_abortable = False
         self._saved_step: int | None = None
         self._last_ckpt: Path | None = None
+        self.early = {"best": None, "since": 0}  # early stopping's state (checkpointed with the run)
+        self._early_reason: str | None = None
 
     # ---------------------------------------------------------------------------------------------
     def _known_peak(self) -> float:
@@ -234,8 +236,25 @@ class Trainer:
                  ", ".join(f"{k.removeprefix('recall/')}={v:.3f}" for k, v in out.items() if not k.endswith("/n")))
         return out
 
+    def _watch(self, row: dict[str, Any]) -> None:
+        """Early stopping: update the watched metric's best value from an evaluation row; set the stop reason."""
+        es = self.cfg.train.early_stop
+        if not es.metric or es.metric not in row or row[es.metric] is None:
+            return
+        value, best = float(row[es.metric]), self.early["best"]
+        sign = 1.0 if es.mode == "max" else -1.0
+        if best is None or sign * (value - best) > es.min_delta:
+            self.early = {"best": value, "since": 0}
+        else:
+            self.early = {"best": best, "since": self.early["since"] + 1}
+        if es.target is not None and sign * (value - es.target) >= 0:
+            self._early_reason = f"{es.metric}={value:.4g} reached the target {es.target:g}"
+        elif es.patience and self.early["since"] >= es.patience:
+            self._early_reason = (f"{es.metric} has not improved on {self.early['best']:.4g} for {es.patience} "
+                                  "evaluations")
+
     def save(self) -> Path:
-        meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name}
+        meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name, "early_stop": self.early}
         return self.ckpt.save(self.step, self.model, self.optimizer, meta=meta,
                               rank_state={"data": self.train_loader.state_dict()})
 
@@ -246,6 +265,7 @@ class Trainer:
         if loaded is None:
             return False
         self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))
+        self.early = dict(loaded.meta.get("early_stop") or self.early)
         self.train_loader.load_state_dict(loaded.state["data"])
         set_rng_state(loaded.state["rng"])
         self._saved_step = self.step
@@ -282,8 +302,11 @@ class Trainer:
         """The summary of a run that already completed ``train.steps`` with its final checkpoint, else None."""
         summary = read_summary(self.run_dir)
         latest = self.ckpt.latest()
-        if (summary.get("status") == "completed" and summary.get("step") == self.cfg.train.steps
-                and latest is not None and step_of(latest) == self.cfg.train.steps):
+        status, step = str(summary.get("status", "")), summary.get("step")
+        steps = self.cfg.train.steps
+        done = ((status == "completed" and step == steps)
+                or (status.startswith("stopped by early stop") and isinstance(step, int) and step < steps))
+        if done and latest is not None and step_of(latest) == step:
             return summary
         return None
 
@@ -365,9 +388,10 @@ class Trainer:
         self._check_config_change(self._saved_config())
         finished = self._finished()
         if finished is not None:
-            log.info("%s already completed %d steps (summary.json, %s): nothing to do; raise train.steps to train "
-                     "further, or delete the run folder to start over", self.run_dir, tc.steps, self.ckpt.latest())
-            return {**finished, "status": "completed", "resumed": False}
+            log.info("%s is finished (%s at step %d, %s): nothing to do; raise train.steps to train further, or "
+                     "delete the run folder to start over", self.run_dir, finished["status"], finished["step"],
+                     self.ckpt.latest())
+            return {**finished, "resumed": False}
         resumed = tc.resume and self.resume()
         # the resume succeeded (or there was nothing to resume): from here on the run folder may change
         self._rewind_metrics()
@@ -409,6 +433,9 @@ class Trainer:
                                 window_t, window_pos, window_targets = time.time(), 0, 0
                             if self.step < tc.steps and self._stop_signal is None and self._periodic(sink):
                                 window_t = time.time()  # the rate counts training time only
+                            if self._early_reason is not None:
+                                status = f"stopped by early stop: {self._early_reason}"
+                                break
                             if self._stop_signal is not None:
                                 break
                             if stop_after is not None and self.step - start_step >= stop_after:
@@ -452,10 +479,15 @@ class Trainer:
         due_recall = bool(rc.sets) and bool(rc.every) and self.step % rc.every == 0
         try:
             with self._abortable():
+                rows = []
                 if due_eval:
-                    sink.log({"step": self.step, **self.evaluate(tc.eval_batches)})
+                    rows.append({"step": self.step, **self.evaluate(tc.eval_batches)})
+                    sink.log(rows[-1])
                 if due_recall:
-                    sink.log({"step": self.step, **self.evaluate_recall()})
+                    rows.append({"step": self.step, **self.evaluate_recall()})
+                    sink.log(rows[-1])
+            for row in rows:
+                self._watch(row)
         except Interrupted:
             self.model.train()
             return True
