@@ -141,7 +141,7 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
     from memory.people import render_answer
     from test_engine import ScriptedModel
 
-    from lmlab.evals.recall import build_tool, evaluate_recall, load_questions
+    from lmlab.evals.recall import MISSES, build_tool, evaluate_recall, load_questions
     from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
 
     build_dataset(tmp_path / "d", people=6, ood=3, seed=0, paraphrases=1)
@@ -172,9 +172,11 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
     for name, questions in sets.items():
         metrics, verdicts = evaluate_recall(Oracle(), dtok, questions, tool=tool, max_new_tokens=200)
         assert len(questions) == {"train": 6, "ood": 3}[name] * 5
-        assert metrics == {"correct": 1.0, "tool_call_rate": 1.0, "valid_sql_rate": 1.0, "n": len(questions)}, name
+        no_miss = {f"miss/{k}": 0.0 for k in MISSES}
+        assert metrics == {"correct": 1.0, "tool_call_rate": 1.0, "valid_sql_rate": 1.0, "n": len(questions),
+                           **no_miss}, name
         assert all(v["correct"] for v in verdicts)
         wrong, _ = evaluate_recall(Oracle(copy=False), dtok, questions, tool=tool, max_new_tokens=200)
-        assert wrong["correct"] == 0.0 and wrong["valid_sql_rate"] == 1.0
+        assert wrong["correct"] == 0.0 and wrong["valid_sql_rate"] == 1.0 and wrong["miss/value_miscopied"] == 1.0
         memorised, _ = evaluate_recall(Oracle(ask=False), dtok, questions, tool=tool, max_new_tokens=200)
         assert memorised["correct"] == 1.0 and memorised["tool_call_rate"] == 0.0

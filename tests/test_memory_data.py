@@ -430,3 +430,43 @@ def test_practice_people_live_in_their_own_database_and_change_nothing_else(tmp_
     assert not (tmp_path / "drill" / "practice_people.jsonl").exists()
     with pytest.raises(ValueError, match="practice"):
         build_dataset(tmp_path / "bad", 5, 0, seed=0, practice=-1)
+
+
+def test_novel_people_are_made_of_held_out_names_and_values_and_change_no_training_file(tmp_path):
+    from memory.novel import NOVEL_FIRST_NAMES, NOVEL_LAST_NAMES
+
+    # the held-out lists share nothing with the lists training, OOD, absent and practice people are drawn from
+    assert not (set(NOVEL_FIRST_NAMES) | set(NOVEL_LAST_NAMES)) & (set(names.FIRST_NAMES) | set(names.LAST_NAMES))
+    for a in ATTRIBUTES:
+        assert not set(people.NOVEL_VALUES[a]) & set(VALUES[a]), a
+    assert all(NAME_RE.fullmatch(n) for n in NOVEL_FIRST_NAMES + NOVEL_LAST_NAMES)
+    assert min(map(len, NOVEL_FIRST_NAMES + NOVEL_LAST_NAMES)) == 2 and max(map(len, NOVEL_LAST_NAMES)) >= 16
+
+    plain = build_dataset(tmp_path / "plain", 30, 6, seed=2, paraphrases=1, absent=20, practice=20)
+    novel = build_dataset(tmp_path / "novel", 30, 6, seed=2, paraphrases=1, absent=20, practice=20, novel=12)
+    assert novel["counts"]["novel"] == 12 and novel["build_args"]["novel"] == 12
+    for f in plain["sha256"]:  # every file but the database is byte-identical
+        if f != "people.sqlite":
+            assert novel["sha256"][f] == plain["sha256"][f], f
+    ps = _jsonl(tmp_path / "novel" / "novel_people.jsonl")
+    assert ps == people.make_novel_people(12, 2) and len({p["name"] for p in ps}) == 12
+    training = "".join((tmp_path / "novel" / f).read_text() for f in ("tool_train.jsonl", "weight_train.jsonl"))
+    for p in ps:
+        assert p["name"] not in training
+        for a in ATTRIBUTES:
+            assert p[a] in people.NOVEL_VALUES[a] and p[a] not in training, (a, p[a])
+    recs = _jsonl(tmp_path / "novel" / "eval_novel.jsonl")
+    assert {(r["person"], r["attribute"]) for r in recs} == {(p["name"], a) for p in ps for a in ATTRIBUTES}
+    by_name = {p["name"]: p for p in ps}
+    with (closing(sqlite3.connect(tmp_path / "novel" / "people.sqlite")) as db,
+          closing(sqlite3.connect(tmp_path / "plain" / "people.sqlite")) as old):
+        assert db.execute("SELECT count(*) FROM people").fetchone()[0] == 30 + 6 + 12
+        for r in recs:  # the query each question needs finds the value; the old database does not know them
+            assert r["value"] == by_name[r["person"]][r["attribute"]]
+            assert people._format_rows_local(db.execute(r["sql"]).fetchall()) == r["value"]
+            assert old.execute(r["sql"]).fetchall() == []
+        assert db.execute("SELECT * FROM people WHERE rowid <= 36").fetchall() == old.execute(
+            "SELECT * FROM people").fetchall()
+    # rebuilt without novel people, the folder keeps no stale novel files
+    assert build_dataset(tmp_path / "novel", 30, 6, seed=2, paraphrases=1, absent=20, practice=20) == plain
+    assert not (tmp_path / "novel" / "eval_novel.jsonl").exists()

@@ -62,6 +62,35 @@ def test_judge_rates(tmp_path):
     assert v["answer"] == "" and not v["correct"]
 
 
+def test_misses_are_classified_by_what_went_wrong_first(tmp_path):
+    (q,) = load_questions(_q(tmp_path, [QUESTION]))
+    user = QUESTION["dialog"]
+    call = "SELECT occupation FROM people WHERE name = 'Ada Smith'"
+
+    def tool_turns(db, final):
+        turns = user + [{"source": "assistant", "content": f"```sql\n{call}\n```"},
+                        {"source": "database", "content": db}]
+        return turns + ([{"source": "assistant", "content": final}] if final is not None else [])
+
+    cases = [
+        (tool_turns("teacher", "Ada Smith works as a teacher."), [(call, "teacher")], True, None),
+        (tool_turns("no rows", "Ada Smith works as a nurse."), [(call, "no rows")], True, "query_missed"),
+        (tool_turns("nurse | Lima", "Ada Smith works as a nurse."), [(call, "nurse | Lima")], True, "query_missed"),
+        (tool_turns("teacher | Lima", "Ada Smith works as a nurse."), [(call, "teacher | Lima")], True,
+         "value_miscopied"),
+        (tool_turns("teacher", "Ada Smith works as a teacher"), [(call, "teacher")], True, "no_template"),
+        (tool_turns("error: SqlError: no", "Ada Smith works as a teacher!"), [(call, "error: SqlError: no")], True,
+         "invalid_sql"),
+        (tool_turns("error: no call", None), [(None, "error: ValueError: no tool call found")], True, "invalid_sql"),
+        (user + [{"source": "assistant", "content": "Ada Smith works as a nurse."}], [], True, "no_tool_call"),
+        (user + [{"source": "assistant", "content": "Ada Smith works as a nurse."}], [], False, "wrong_value"),
+        (user + [{"source": "assistant", "content": "A teacher."}], [], False, "no_template"),
+        (user + [{"source": "assistant", "content": "Ada Smith works as a teacher."}], [], False, None),
+    ]
+    for dialog, calls, live, want in cases:
+        assert judge(q, _result(dialog, calls), tool_live=live)["miss"] == want, (dialog[-1], want)
+
+
 def test_load_questions_subset_and_errors(tmp_path):
     lines = [dict(QUESTION, value=f"v{i}") for i in range(50)]
     path = _q(tmp_path, lines)

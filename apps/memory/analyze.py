@@ -39,6 +39,7 @@ from typing import Any  # noqa: E402
 
 from lmlab.analysis import RunRecord, load_runs, plot_lines, write_csv, write_html_report  # noqa: E402
 from lmlab.analysis.report import Section, format_value  # noqa: E402
+from lmlab.evals.recall import MISSES  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "bits_per_fact", "seed", "data_seed", "dim", "n_layers", "params",
            "steps", "status", "recall_train_final", "recall_train_best", "step_recall_95", "recall_ood_final",
-           "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood", "valid_sql_rate_ood", "train_time_s"]
+           "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood",
+           "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
 TABLE_COLUMNS = ["name", "mode", "facts", "seed", "params", "steps", "recall_train_final", "recall_train_best",
-                 "step_recall_95", "recall_ood_final", "tool_call_rate_train", "status"]
+                 "step_recall_95", "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "status"]
 
 __all__ = ["capacity_fit", "fit_loglog", "format_table", "main", "make_report", "min_params_for", "read_manifest",
            "results_rows"]
@@ -118,6 +120,8 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "valid_sql_rate_train": r.final("recall/train/valid_sql_rate"),
             "tool_call_rate_ood": r.final("recall/ood/tool_call_rate"),
             "valid_sql_rate_ood": r.final("recall/ood/valid_sql_rate"),
+            "recall_novel_final": r.final("recall/novel/correct"),
+            **{f"novel_miss_{k}": r.final(f"recall/novel/miss/{k}") for k in MISSES},
             "train_time_s": r.summary.get("train_time_s"),
         })
     return rows

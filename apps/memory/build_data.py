@@ -72,6 +72,7 @@ from memory.people import (  # noqa: E402
     build_database,
     db_text,
     make_absent,
+    make_novel_people,
     make_people,
     make_practice,
     qa_dialog,
@@ -96,6 +97,7 @@ FILES = (
     "eval_ood.jsonl",
 )
 PRACTICE_FILES = ("practice_people.jsonl", "practice.sqlite")  # written only with practice people
+NOVEL_FILES = ("novel_people.jsonl", "eval_novel.jsonl")  # written only with novel people (in people.sqlite too)
 
 
 _dumps = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode  # one encoder: json.dumps rebuilds it per call
@@ -139,22 +141,22 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 
 def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-               absent_in_weight: bool = False, practice: int = 0) -> dict[str, Any]:
+               absent_in_weight: bool = False, practice: int = 0, novel: int = 0) -> dict[str, Any]:
     """The arguments that decide a dataset's content, as the manifest records them (``build_args``): a folder
     whose manifest holds the same ones (and the same ``format_version``) holds the same files."""
     return {"people": int(people), "ood": int(ood), "seed": int(seed), "alpha": float(alpha),
             "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight),
-            "practice": int(practice)}
+            "practice": int(practice), "novel": int(novel)}
 
 
 def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice: int,
-                 alpha: float = 0.0) -> list[tuple[str, str]]:
+                 alpha: float = 0.0, novel: int = 0) -> list[tuple[str, str]]:
     """What is wrong with these build arguments, as ``(name, message)`` pairs (checked before anything is written)."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
     errs = []
     if people < 1:
         errs.append(("people", f"must be >= 1 (people whose facts are learnt), got {people}"))
-    for key, value in (("ood", ood), ("absent", absent), ("practice", practice)):
+    for key, value in (("ood", ood), ("absent", absent), ("practice", practice), ("novel", novel)):
         if value < 0:
             errs.append((key, f"must be >= 0, got {value}"))
     if not 1 <= paraphrases <= n_q:
@@ -166,12 +168,14 @@ def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice:
 
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-    absent_in_weight: bool = False, practice: int = 0,
+    absent_in_weight: bool = False, practice: int = 0, novel: int = 0,
 ) -> dict[str, Any]:
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
     questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``; the
-    ``practice`` questions into the in-tool file only."""
-    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha):
+    ``practice`` questions into the in-tool file only. ``novel`` people (held-out names and values, see
+    ``memory.novel``) join the database and get an evaluation set of their own, ``eval_novel.jsonl``; no training
+    file changes with them."""
+    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel):
         raise ValueError(f"{key} {value}")
     t0 = time.perf_counter()
     out = Path(out)
@@ -180,17 +184,24 @@ def build_dataset(
     out.mkdir(parents=True, exist_ok=True)
     train = make_people(people, seed, alpha=alpha)
     test = make_people(ood, seed, ood=True, alpha=alpha)
+    novel_people = make_novel_people(novel, seed)
     lines: dict[str, int] = {}
     lines["people.jsonl"] = _write_lines(out / "people.jsonl", [_dumps(p) for p in train])
     lines["ood_people.jsonl"] = _write_lines(out / "ood_people.jsonl", [_dumps(p) for p in test])
     db_path = out / "people.sqlite"
-    build_database(db_path, train + test)
-    lines["people.sqlite"] = len(train) + len(test)  # rows
+    build_database(db_path, train + test + novel_people)
+    lines["people.sqlite"] = len(train) + len(test) + len(novel_people)  # rows
     log.info("%d + %d people and their database in %.1fs", len(train), len(test), time.perf_counter() - t0)
     absent_names = make_absent(absent, seed, {p["name"] for p in train})
-    files = FILES
+    files = FILES + (NOVEL_FILES if novel else ())
+    if novel:
+        lines["novel_people.jsonl"] = _write_lines(out / "novel_people.jsonl", [_dumps(p) for p in novel_people])
+        lines["eval_novel.jsonl"] = _write_lines(out / "eval_novel.jsonl", _eval_lines(novel_people, seed, "novel"))
+    else:
+        for stale in NOVEL_FILES:
+            (out / stale).unlink(missing_ok=True)
     if practice:  # practice people: drawn after the absent ones, so that they change no absent name
-        files = FILES + PRACTICE_FILES
+        files = files + PRACTICE_FILES
         practice_people = make_practice(practice, seed, {p["name"] for p in train} | set(absent_names), alpha=alpha)
         lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl",
                                                       [_dumps(p) for p in practice_people])
@@ -248,13 +259,14 @@ def build_dataset(
     bits = bits_per_person()
     manifest = {
         "format_version": FORMAT_VERSION,
-        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice),
+        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice, novel),
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
         "absent": int(absent),
         "absent_in_weight": bool(absent_in_weight),
         "practice": int(practice),
+        "novel": int(novel),
         "name_split_seed": NAME_SPLIT_SEED,
         "attributes": list(ATTRIBUTES),
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
@@ -265,6 +277,7 @@ def build_dataset(
             "ood": len(test),
             "absent": int(absent),
             "practice": int(practice),
+            "novel": len(novel_people),
             "facts": len(train) * len(ATTRIBUTES),
             "ood_facts": len(test) * len(ATTRIBUTES),
             "lines": lines,
@@ -290,16 +303,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--practice", type=int, default=0,
                     help="questions about practice people of a database of their own, in-tool file only (teach "
                          "copying names and values)")
+    ap.add_argument("--novel", type=int, default=0,
+                    help="novel people (held-out names and attribute values, memory.novel): in the database, asked "
+                         "about in eval_novel.jsonl; no training file changes")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
-    for key, msg in build_errors(args.people, args.ood, args.paraphrases, args.absent, args.practice, args.alpha):
+    for key, msg in build_errors(args.people, args.ood, args.paraphrases, args.absent, args.practice, args.alpha,
+                                 args.novel):
         ap.error(f"--{key}: {msg}")  # one line, exit status 2, before anything is written
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out: {args.out} exists and is not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,
-                             args.absent_in_weight, args.practice)
+                             args.absent_in_weight, args.practice, args.novel)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

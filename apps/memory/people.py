@@ -69,6 +69,7 @@ from typing import Any
 import jinja2
 
 from memory.names import CITIES, FIRST_NAMES, LAST_NAMES, OCCUPATIONS, UNIVERSITIES
+from memory.novel import NOVEL_CITIES, NOVEL_FIRST_NAMES, NOVEL_LAST_NAMES, NOVEL_OCCUPATIONS, NOVEL_UNIVERSITIES
 
 try:  # the library's formatter of database turns, when present; else the same format here
     from lmlab.tools.sql import format_rows as _lib_format_rows
@@ -100,6 +101,7 @@ __all__ = [
     "db_text",
     "dependent_value",
     "format_rows",
+    "make_novel_people",
     "make_people",
     "name_pool",
     "parse_answer",
@@ -119,9 +121,9 @@ _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augu
            "November", "December")
 
 
-def _dates() -> tuple[str, ...]:
+def _dates(first: _dt.date = _dt.date(1940, 1, 1), last: _dt.date = _dt.date(2005, 12, 31)) -> tuple[str, ...]:
     # built without strftime so that the strings never depend on the process locale
-    start, stop = _dt.date(1940, 1, 1).toordinal(), _dt.date(2005, 12, 31).toordinal()
+    start, stop = first.toordinal(), last.toordinal()
     return tuple(
         f"{_MONTHS[d.month - 1]} {d.day}, {d.year}" for d in map(_dt.date.fromordinal, range(start, stop + 1))
     )
@@ -137,6 +139,17 @@ VALUES: dict[str, tuple[str, ...]] = {
     "current_city": CITIES,
     "occupation": OCCUPATIONS,
     "university": UNIVERSITIES,
+}
+
+#: Held-out value lists (``memory.novel``): what *novel* people are made of; the training generator never draws
+#: from them (birth dates 1900-1939 and 2006-2024 lie outside the training range).
+NOVEL_VALUES: dict[str, tuple[str, ...]] = {
+    "birth_date": _dates(_dt.date(1900, 1, 1), _dt.date(1939, 12, 31)) + _dates(_dt.date(2006, 1, 1),
+                                                                              _dt.date(2024, 12, 31)),
+    "birth_city": NOVEL_CITIES,
+    "current_city": NOVEL_CITIES,
+    "occupation": NOVEL_OCCUPATIONS,
+    "university": NOVEL_UNIVERSITIES,
 }
 
 #: Number of possible values of each attribute.
@@ -207,6 +220,21 @@ def _draw_values(rng: random.Random, last_name: str, alpha: float) -> dict[str, 
         u, r = rng.random(), rng.randrange(len(values))  # both drawn always: alpha changes no other draw
         person[a] = dependent_value(last_name, a) if u < alpha else values[r]
     return person
+
+
+def make_novel_people(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` *novel* people: names and every attribute value from the held-out lists of ``memory.novel`` (never
+    drawn for training, OOD, absent or practice people), deterministic given the arguments."""
+    pool = len(NOVEL_FIRST_NAMES) * len(NOVEL_LAST_NAMES)
+    if not 0 <= n <= pool:
+        raise ValueError(f"{n} novel people asked for; the held-out name lists make 0 to {pool}")
+    rng = rng_stream(seed, "people", "novel")
+    people = []
+    for k in rng.sample(range(pool), n):
+        f, last = divmod(k, len(NOVEL_LAST_NAMES))
+        values = {a: NOVEL_VALUES[a][rng.randrange(len(NOVEL_VALUES[a]))] for a in ATTRIBUTES}
+        people.append({"name": f"{NOVEL_FIRST_NAMES[f]} {NOVEL_LAST_NAMES[last]}", **values})
+    return people
 
 
 def make_people(n: int, seed: int, *, ood: bool = False, alpha: float = 0.0) -> list[dict[str, str]]:

@@ -17,6 +17,13 @@ separately, as fractions of all questions:
 * ``valid_sql_rate``: that first call ran without error (parsed, allowed and executed by the tool);
 * ``correct``: the parsed answer equals the expected value.
 
+Each wrong answer is also classified by what went wrong first (``miss`` in its verdict; ``miss/<kind>`` in the
+metrics, as fractions of all questions): ``no_tool_call`` (a tool was live and nothing was asked of it),
+``invalid_sql`` (the call was refused or failed), ``query_missed`` (the call ran but its answer does not hold the
+value: e.g. the name miscopied into the query), ``value_miscopied`` (the answer held the value, the final
+sentence has another one), ``no_template`` (the final sentence matches no answer pattern) and ``wrong_value``
+(no tool: a parsed value, but not the right one).
+
 Usage::
 
     from lmlab.evals.recall import evaluate_recall, load_questions
@@ -116,8 +123,27 @@ def parse_answer(text: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
-def judge(question: RecallQuestion, result: Result) -> dict[str, Any]:
-    """The verdict on one answered question (see the module docstring for the three rates)."""
+MISSES = ("no_tool_call", "invalid_sql", "query_missed", "value_miscopied", "no_template", "wrong_value")
+
+
+def miss_kind(value: str, predicted: str | None, calls: Sequence[Sequence[Any]], tool_live: bool) -> str | None:
+    """What went wrong first in a wrong answer (None when it is right); see the module docstring."""
+    if predicted == value:
+        return None
+    if calls:
+        call, answer = calls[-1]
+        if call is None or answer.startswith("error:"):
+            return "invalid_sql"
+        if value not in re.split(r"\n| \| ", answer):  # one value per line, columns joined by " | "
+            return "query_missed"
+        return "no_template" if predicted is None else "value_miscopied"
+    if tool_live:
+        return "no_tool_call"
+    return "no_template" if predicted is None else "wrong_value"
+
+
+def judge(question: RecallQuestion, result: Result, tool_live: bool = False) -> dict[str, Any]:
+    """The verdict on one answered question (see the module docstring for the rates and the kinds of miss)."""
     calls = result.tool_calls
     tool_call = bool(calls) and calls[0][0] is not None
     valid_sql = tool_call and not calls[0][1].startswith("error:")
@@ -128,7 +154,7 @@ def judge(question: RecallQuestion, result: Result) -> dict[str, Any]:
     return {"person": question.person, "attribute": question.attribute, "value": question.value,
             "tool_call": tool_call, "valid_sql": valid_sql, "correct": predicted == question.value,
             "predicted": predicted, "answer": final, "finish_reason": result.finish_reason,
-            "calls": [list(c) for c in calls]}
+            "calls": [list(c) for c in calls], "miss": miss_kind(question.value, predicted, calls, tool_live)}
 
 
 @torch.no_grad()
@@ -153,12 +179,14 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
         results = engine.generate(requests)
     finally:
         model.train(was_training)
-    records = [judge(q, r) for q, r in zip(questions, results)]
+    records = [judge(q, r, tool_live=tool is not None) for q, r in zip(questions, results)]
     n = len(records)
     metrics = {key: sum(r[flag] for r in records) / max(n, 1)
                for key, flag in (("correct", "correct"), ("tool_call_rate", "tool_call"),
                                  ("valid_sql_rate", "valid_sql"))}
     metrics["n"] = n
+    for kind in MISSES:
+        metrics[f"miss/{kind}"] = sum(r["miss"] == kind for r in records) / max(n, 1)
     return metrics, records
 
 

@@ -233,7 +233,7 @@ class Trainer:
         out = run_recall_sets(self.model, self.tokenizer, self.cfg.evals.recall, self.cfg.engine,
                               out_dir=self.run_dir / "recall" if self.rank == 0 else None, step=self.step)
         log.info("recall at step %d (%.1f s): %s", self.step, time.time() - t0,
-                 ", ".join(f"{k.removeprefix('recall/')}={v:.3f}" for k, v in out.items() if not k.endswith("/n")))
+                 ", ".join(f"{k.removeprefix('recall/')}={v:.3f}" for k, v in out.items() if not k.endswith("/n") and "/miss/" not in k))
         return out
 
     def _watch(self, row: dict[str, Any]) -> None:
