@@ -470,3 +470,31 @@ def test_novel_people_are_made_of_held_out_names_and_values_and_change_no_traini
     # rebuilt without novel people, the folder keeps no stale novel files
     assert build_dataset(tmp_path / "novel", 30, 6, seed=2, paraphrases=1, absent=20, practice=20) == plain
     assert not (tmp_path / "novel" / "eval_novel.jsonl").exists()
+
+
+def test_pseudo_practice_people_are_made_up_words_and_change_nothing_else(tmp_path):
+    lists = build_dataset(tmp_path / "lists", 20, 4, seed=1, paraphrases=1, practice=50)
+    pseudo = build_dataset(tmp_path / "pseudo", 20, 4, seed=1, paraphrases=1, practice=50, practice_style="pseudo")
+    assert pseudo["build_args"]["practice_style"] == "pseudo" and lists["build_args"]["practice_style"] == "lists"
+    for f in FILES:  # only the in-tool file (its practice questions) and the practice files differ
+        if f != "tool_train.jsonl":
+            assert pseudo["sha256"][f] == lists["sha256"][f], f
+    made_up = _jsonl(tmp_path / "pseudo" / "practice_people.jsonl")
+    assert made_up == people.make_pseudo_practice(50, 1, {p["name"] for p in _jsonl(tmp_path / "pseudo" /
+                                                                                    "people.jsonl")})
+    known = {v for vals in list(VALUES.values()) + list(people.NOVEL_VALUES.values()) for v in vals}
+    words = set(names.FIRST_NAMES) | set(names.LAST_NAMES)
+    assert len({p["name"] for p in made_up}) == 50
+    for p in made_up:
+        first, last = p["name"].split(" ")
+        assert NAME_RE.fullmatch(first) and NAME_RE.fullmatch(last) and first not in words and last not in words
+        assert not any(p[a] in known for a in ATTRIBUTES)
+        assert re.fullmatch(r"[A-Z][a-z]+ \d{1,2}, \d{4}", p["birth_date"])
+    tool = _jsonl(tmp_path / "pseudo" / "tool_train.jsonl")[-50:]
+    with closing(sqlite3.connect(tmp_path / "pseudo" / "practice.sqlite")) as pc:
+        for d in tool:  # the database turn is the real query on the practice database, the answer parses back
+            sql = d["dialog"][1]["content"][7:-4]
+            assert d["dialog"][2]["content"] == people._format_rows_local(pc.execute(sql).fetchall())
+            a = sql.split()[1]
+            name = re.search(r"name = '(.+)'", sql).group(1)
+            assert parse_answer(a, name, d["dialog"][3]["content"]) == d["dialog"][2]["content"]

@@ -75,6 +75,7 @@ from memory.people import (  # noqa: E402
     make_novel_people,
     make_people,
     make_practice,
+    make_pseudo_practice,
     qa_dialog,
     render_question,
     rng_stream,
@@ -97,6 +98,7 @@ FILES = (
     "eval_ood.jsonl",
 )
 PRACTICE_FILES = ("practice_people.jsonl", "practice.sqlite")  # written only with practice people
+PRACTICE_STYLES = ("lists", "pseudo")
 NOVEL_FILES = ("novel_people.jsonl", "eval_novel.jsonl")  # written only with novel people (in people.sqlite too)
 
 
@@ -141,16 +143,17 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 
 def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-               absent_in_weight: bool = False, practice: int = 0, novel: int = 0) -> dict[str, Any]:
+               absent_in_weight: bool = False, practice: int = 0, novel: int = 0,
+               practice_style: str = "lists") -> dict[str, Any]:
     """The arguments that decide a dataset's content, as the manifest records them (``build_args``): a folder
     whose manifest holds the same ones (and the same ``format_version``) holds the same files."""
     return {"people": int(people), "ood": int(ood), "seed": int(seed), "alpha": float(alpha),
             "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight),
-            "practice": int(practice), "novel": int(novel)}
+            "practice": int(practice), "novel": int(novel), "practice_style": str(practice_style)}
 
 
 def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice: int,
-                 alpha: float = 0.0, novel: int = 0) -> list[tuple[str, str]]:
+                 alpha: float = 0.0, novel: int = 0, practice_style: str = "lists") -> list[tuple[str, str]]:
     """What is wrong with these build arguments, as ``(name, message)`` pairs (checked before anything is written)."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
     errs = []
@@ -161,6 +164,8 @@ def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice:
             errs.append((key, f"must be >= 0, got {value}"))
     if not 1 <= paraphrases <= n_q:
         errs.append(("paraphrases", f"must be in 1..{n_q} (distinct question templates per fact), got {paraphrases}"))
+    if practice_style not in PRACTICE_STYLES:
+        errs.append(("practice-style", f"must be one of {', '.join(PRACTICE_STYLES)}, got {practice_style!r}"))
     if not 0.0 <= alpha <= 1.0:
         errs.append(("alpha", f"must be a probability in [0, 1], got {alpha}"))
     return errs
@@ -168,14 +173,15 @@ def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice:
 
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
-    absent_in_weight: bool = False, practice: int = 0, novel: int = 0,
+    absent_in_weight: bool = False, practice: int = 0, novel: int = 0, practice_style: str = "lists",
 ) -> dict[str, Any]:
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
     questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``; the
     ``practice`` questions into the in-tool file only. ``novel`` people (held-out names and values, see
     ``memory.novel``) join the database and get an evaluation set of their own, ``eval_novel.jsonl``; no training
-    file changes with them."""
-    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel):
+    file changes with them. ``practice_style``: "lists" draws practice people from the training name and value
+    lists, "pseudo" makes them of made-up words (``make_pseudo_practice``)."""
+    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel, practice_style):
         raise ValueError(f"{key} {value}")
     t0 = time.perf_counter()
     out = Path(out)
@@ -202,7 +208,9 @@ def build_dataset(
             (out / stale).unlink(missing_ok=True)
     if practice:  # practice people: drawn after the absent ones, so that they change no absent name
         files = files + PRACTICE_FILES
-        practice_people = make_practice(practice, seed, {p["name"] for p in train} | set(absent_names), alpha=alpha)
+        others = {p["name"] for p in train} | set(absent_names)
+        practice_people = (make_practice(practice, seed, others, alpha=alpha) if practice_style == "lists"
+                           else make_pseudo_practice(practice, seed, others))
         lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl",
                                                       [_dumps(p) for p in practice_people])
         build_database(out / "practice.sqlite", practice_people)
@@ -259,7 +267,8 @@ def build_dataset(
     bits = bits_per_person()
     manifest = {
         "format_version": FORMAT_VERSION,
-        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice, novel),
+        "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice, novel,
+                                 practice_style),
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
@@ -267,6 +276,7 @@ def build_dataset(
         "absent_in_weight": bool(absent_in_weight),
         "practice": int(practice),
         "novel": int(novel),
+        "practice_style": practice_style,
         "name_split_seed": NAME_SPLIT_SEED,
         "attributes": list(ATTRIBUTES),
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
@@ -303,20 +313,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--practice", type=int, default=0,
                     help="questions about practice people of a database of their own, in-tool file only (teach "
                          "copying names and values)")
+    ap.add_argument("--practice-style", default="lists", choices=PRACTICE_STYLES,
+                    help="lists: practice people drawn from the training name and value lists; pseudo: made of "
+                         "made-up words (copying with no vocabulary to lean on)")
     ap.add_argument("--novel", type=int, default=0,
                     help="novel people (held-out names and attribute values, memory.novel): in the database, asked "
                          "about in eval_novel.jsonl; no training file changes")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     for key, msg in build_errors(args.people, args.ood, args.paraphrases, args.absent, args.practice, args.alpha,
-                                 args.novel):
+                                 args.novel, args.practice_style):
         ap.error(f"--{key}: {msg}")  # one line, exit status 2, before anything is written
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out: {args.out} exists and is not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,
-                             args.absent_in_weight, args.practice, args.novel)
+                             args.absent_in_weight, args.practice, args.novel, args.practice_style)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

@@ -102,6 +102,7 @@ __all__ = [
     "dependent_value",
     "format_rows",
     "make_novel_people",
+    "make_pseudo_practice",
     "make_people",
     "name_pool",
     "parse_answer",
@@ -554,6 +555,63 @@ def make_practice(n: int, seed: int, exclude: set[str], *, alpha: float = 0.0) -
             continue
         seen.add(name)
         out.append({"name": name, **_draw_values(rng, lasts[last], alpha)})
+    return out
+
+
+_ONSETS = ("", "b", "br", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kh", "kl", "l", "m", "n", "ng", "p", "ph",
+           "pr", "qu", "r", "s", "sh", "sk", "st", "t", "th", "tr", "ts", "v", "w", "x", "y", "z", "zh")
+_NUCLEI = ("a", "e", "i", "o", "u", "aa", "ae", "ai", "au", "ee", "ei", "ia", "io", "oo", "ou", "ua", "y")
+_CODAS = ("", "", "", "n", "r", "s", "l", "k", "m", "t", "nd", "rk", "sh", "x", "ng")
+_PSEUDO_UNIVERSITIES = ("University of {}", "{} University", "{} Institute of {}", "Universidad de {}",
+                        "{} State University", "Universite de {}", "{} College")
+
+
+def pseudo_word(rng: random.Random, min_len: int = 2, max_len: int = 12) -> str:
+    """A pronounceable made-up word of ``min_len`` to ``max_len`` letters (lower case), from random syllables."""
+    target = rng.randint(min_len, max_len)
+    word = ""
+    while len(word) < target:
+        word += rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+    return word[:target]
+
+
+def _pseudo_values(rng: random.Random) -> dict[str, str]:
+    """Attribute values made of pseudo-words, and birth dates of years 1000-2999: strings to copy, never to recall."""
+    def cap(n_words: int, lo: int = 2, hi: int = 11) -> str:
+        return " ".join(pseudo_word(rng, lo, hi).capitalize() for _ in range(n_words))
+
+    day = _dt.date.fromordinal(rng.randint(_dt.date(1000, 1, 1).toordinal(), _dt.date(2999, 12, 31).toordinal()))
+    template = rng.choice(_PSEUDO_UNIVERSITIES)
+    return {
+        "birth_date": f"{_MONTHS[day.month - 1]} {day.day}, {day.year}",
+        "birth_city": cap(rng.choice((1, 1, 1, 2, 3))),
+        "current_city": cap(rng.choice((1, 1, 1, 2, 3))),
+        "occupation": " ".join(pseudo_word(rng, 3, 12) for _ in range(rng.choice((1, 1, 2, 3)))),
+        "university": template.format(*(cap(1, 3, 12) for _ in range(template.count("{}")))),
+    }
+
+
+def make_pseudo_practice(n: int, seed: int, exclude: set[str]) -> list[dict[str, str]]:
+    """``n`` practice people made of pseudo-words: first names of 2-12 letters, last names of 2-16 (one in ten
+    hyphenated), values as :func:`_pseudo_values`. Like :func:`make_practice`'s people they live in a database of
+    their own and are asked about once; made-up strings give the copying a tool user learns no vocabulary to lean
+    on. Names or values that are real words of the app's lists (training or held-out ``memory.novel``) are
+    redrawn. Their own seeded stream."""
+    taken = set(exclude) | set(FIRST_NAMES) | set(LAST_NAMES) | set(NOVEL_FIRST_NAMES) | set(NOVEL_LAST_NAMES)
+    known = {v for vals in list(VALUES.values()) + list(NOVEL_VALUES.values()) for v in vals}
+    rng = rng_stream(seed, "practice", "pseudo")
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        first = pseudo_word(rng, 2, 12).capitalize()
+        last = pseudo_word(rng, 2, 16).capitalize()
+        if rng.random() < 0.1:
+            last = f"{last}-{pseudo_word(rng, 2, 9).capitalize()}"
+        values = _pseudo_values(rng)
+        name = f"{first} {last}"
+        if name in taken or first in taken or last in taken or any(v in known for v in values.values()):
+            continue
+        taken.add(name)
+        out.append({"name": name, **values})
     return out
 
 

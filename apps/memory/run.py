@@ -47,7 +47,8 @@ def dataset_args(tags: dict) -> dict:
                 "seed": int(tags["data_seed"]), "alpha": float(tags.get("alpha", 0.0)),
                 "paraphrases": int(tags.get("paraphrases", 4)), "absent": int(tags.get("absent", 0)),
                 "absent_in_weight": bool(tags.get("absent_in_weight", False)),
-                "practice": int(tags.get("practice", 0)), "novel": int(tags.get("novel", 0))}
+                "practice": int(tags.get("practice", 0)), "novel": int(tags.get("novel", 0)),
+                "practice_style": str(tags.get("practice_style", "lists"))}
     except KeyError as e:
         raise ConfigError(f"tags.{e.args[0]}: the memory app needs this tag (see quickstart.yaml)") from None
     except (TypeError, ValueError) as e:
