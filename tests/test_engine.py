@@ -152,6 +152,21 @@ def test_pool_is_allocated_once():
     check_pool_is_whole(engine)
 
 
+def test_pool_tokens_are_rounded_up_to_whole_pages():
+    """100 slots of pages of 8 round up to 13 pages (104 slots): a request filling all 104 runs and is exact."""
+    model = small_model()
+    pool = PagePool.for_model(model, n_tokens=100, page_size=8)
+    assert (pool.n_pages, pool.n_tokens, pool.k.shape[1]) == (13, 104, 104)
+    engine = Engine(model, pool_tokens=100, page_size=8, max_batch=1, prefix_cache=False)
+    assert engine.context_limit == 104
+    prompt = prompts_of([90], seed=2)[0]
+    params = SamplingParams(max_new_tokens=14, temperature=0)
+    res = engine.generate([Request(prompt=prompt, params=params)])
+    assert res[0].tokens == generate_reference(model, [prompt], params)[0]
+    assert res[0].finish_reason == "length"
+    check_pool_is_whole(engine)
+
+
 def test_preemption_keeps_outputs_exact():
     model = small_model(seed=1)
     prompts = prompts_of([30, 30, 30, 30], seed=3)
@@ -230,6 +245,30 @@ def test_prefill_is_packed_into_one_forward():
     engine.generate([Request(prompt=p, params=SamplingParams(max_new_tokens=1, temperature=0))
                      for p in prompts_of([5, 17, 3, 30])])
     assert engine.stats["prefill_forwards"] == 1 and engine.stats["prefill_tokens"] == 55
+
+
+def test_a_packed_prefill_forward_holds_at_most_prefill_chunk_tokens():
+    """Long prompts admitted together share one step's prefill budget: no forward feeds more than prefill_chunk
+    tokens (94 prompt tokens in chunks of 16 take at least 6 forwards), every token is fed once (prompts and
+    sampled tokens but the last of each request), and the outputs equal full recompute."""
+    model = small_model(seed=6)
+    prompts = prompts_of([30, 21, 17, 26], seed=8)
+    params = greedy_params(len(prompts))
+    want = generate_reference(model, prompts, params)
+    shapes = []
+    hook = model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        engine = Engine(model, pool_tokens=512, page_size=8, max_batch=4, prefill_chunk=16, prefix_cache=False)
+        res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    finally:
+        hook.remove()
+    assert [r.tokens for r in res] == want
+    assert engine.stats["preemptions"] == 0
+    assert sum(b * t for b, t in shapes) == 94 + sum(q.max_new_tokens - 1 for q in params)
+    packed = [t for b, t in shapes if b == 1 and t > 1]
+    assert packed and max(packed) <= 16, shapes
+    assert engine.stats["prefill_forwards"] >= 6
+    check_pool_is_whole(engine)
 
 
 # ---- prefix cache --------------------------------------------------------------------------------------
@@ -335,6 +374,26 @@ def test_prefix_cache_lru_evicts_only_unused_leaves():
     assert cache.evict(10) == 2  # a[2] and b[1]: leaves unused by anyone; a[:2] are held
     pool.decref(pages)
     assert cache.evict(10) == 2 and pool.n_free == 6 and cache.n_pages == 0
+
+
+def test_prefix_cache_evicts_the_least_recently_used_leaf_first():
+    """A hit refreshes a prefix: with A cached, then B, then A matched again, B is the least recently used and is
+    evicted first; A goes next."""
+    pool = PagePool(1, 4, 2, 1, 1)
+    cache = PrefixCache(pool)
+    a, b = pool.alloc(1), pool.alloc(1)
+    cache.insert([1, 2], a)
+    cache.insert([3, 4], b)
+    pool.decref(a), pool.decref(b)  # only the cache holds them now
+    pages, n = cache.match([1, 2, 5])  # A is used after B was cached
+    pool.decref(pages)
+    assert (pages, n) == (a, 2)
+    assert cache.evict(1) == 1 and cache.n_pages == 1
+    assert cache.match([3, 4, 5]) == ([], 0)  # B went
+    pages, n = cache.match([1, 2, 5])
+    pool.decref(pages)
+    assert (pages, n) == (a, 2)  # A stayed
+    assert cache.evict(1) == 1 and cache.match([1, 2, 5]) == ([], 0) and pool.n_free == 4
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

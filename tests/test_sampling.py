@@ -140,6 +140,28 @@ def test_cache_is_allocated_once_and_each_step_is_one_forward(monkeypatch):
     assert cache.lengths.tolist() == [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
 
 
+def test_rows_that_finish_early_add_nothing_to_the_cache(monkeypatch):
+    """A long prompt with few new tokens beside a short prompt with many: the cache is sized for the longest
+    prompt + max_new_tokens of any row (42 here), which holds only if a finished row stops growing. Each row's
+    length ends at its prompt + its new tokens - 1 (the last token needs no forward)."""
+    model = small_model()
+    made = []
+
+    class Recording(KVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(sampling_mod, "KVCache", Recording)
+    prompts = prompts_of([40, 1, 9], seed=3)
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (2, 30, 5)]
+    out = generate(model, prompts, params)
+    assert out == generate_reference(model, prompts, params)
+    assert [len(o) for o in out] == [2, 30, 5]
+    assert made[0].max_len == 42
+    assert made[0].lengths.tolist() == [40 + 2 - 1, 1 + 30 - 1, 9 + 5 - 1]
+
+
 def test_cache_overflow_and_bad_lengths_are_clear_errors():
     model = small_model()
     cache = KVCache.for_model(model, 2, 8)

@@ -133,6 +133,26 @@ def test_check_normalises_and_expands_star(db: Path) -> None:
         narrow.check("SELECT birth_city FROM people")
 
 
+def test_a_qualified_column_is_checked_like_a_bare_one(db: Path) -> None:
+    """Validation refuses a column the model may not read however it is spelled: bare, ``table.col``,
+    ``alias.col``, or an outer alias inside a subquery; each gets the bare column's message."""
+    narrow = SqlTool(db, allowed={"people": ["name", "occupation"]})
+    bare = r"unknown column 'birth_city' \(table people has: name, occupation\)"
+    with pytest.raises(SqlError, match=bare):
+        narrow.check("SELECT birth_city FROM people")
+    digest = _sha(db)
+    for sql in ["SELECT people.birth_city FROM people", "SELECT p.birth_city FROM people p",
+                "SELECT p.name FROM people AS p WHERE p.birth_city = 'Paris'",
+                "SELECT p.name FROM people p WHERE EXISTS (SELECT 1 FROM people q WHERE q.name = p.name "
+                "AND p.birth_city = 'Paris')"]:
+        with pytest.raises(SqlError, match=bare):
+            narrow.check(sql)
+        with pytest.raises(SqlError):
+            narrow(sql)
+    assert narrow("SELECT p.occupation FROM people p WHERE p.name = 'Ada Smith'") == "teacher"
+    _assert_untouched(db, digest)
+
+
 def test_allowed_none_reads_all_tables_but_not_internals(db: Path) -> None:
     everything = SqlTool(db)
     assert everything("SELECT token FROM secrets") == "s3cr3t-t0ken"

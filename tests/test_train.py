@@ -58,6 +58,18 @@ def test_resume_is_bitwise_exact(tmp_path, corpus, extra):
     assert a[-1][1] < a[0][1]  # and it actually learned something
 
 
+def test_resume_continues_the_token_count(tmp_path, corpus):
+    """The logged token count goes on across a resume: after step s, s * batch_size * seq_len positions were seen
+    (4 * 32 here), in the metrics and in the checkpoint a later resume reads."""
+    split = make_cfg(tmp_path, corpus, name="split")
+    Trainer(split).fit(stop_after=5)
+    assert Trainer(split).fit()["resumed"]
+    rows = [r for r in read_metrics(split.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(s, s * 4 * 32) for s in range(1, 13)]
+    latest = CheckpointManager(split.run_dir).latest()
+    assert json.loads((latest / "meta.json").read_text())["tokens_seen"] == 12 * 4 * 32
+
+
 class DrawingTrainer(Trainer):
     """Draws from every global RNG at each step (as dropout or sampled rollouts would)."""
 

@@ -1,0 +1,230 @@
+"""The curated mutants of ``scripts/mutants.py``: one-line bugs a fast path could plausibly have.
+
+Each entry: ``id``; ``module`` (the report's row); ``file``; ``find`` (an exact snippet that occurs once in the
+file) and ``replace``; ``tests`` (the test files that cover that code); and, only for a mutant that changes
+nothing observable, ``equivalent``: why.
+"""
+
+ENGINE = "src/lmlab/inference/engine.py"
+POOL = "src/lmlab/inference/pool.py"
+PREFIX = "src/lmlab/inference/prefix_cache.py"
+KV = "src/lmlab/inference/kv_cache.py"
+SAMPLING = "src/lmlab/inference/sampling.py"
+LOADER, DIALOG, TEXT = "src/lmlab/data/loader.py", "src/lmlab/data/dialog.py", "src/lmlab/data/text.py"
+CKPT, TRAINER = "src/lmlab/train/checkpoint.py", "src/lmlab/train/trainer.py"
+OPTIM = "src/lmlab/train/optim.py"
+SQL = "src/lmlab/tools/sql.py"
+TOKENIZERS = "src/lmlab/tokenizers.py"
+
+T_ENGINE = ["tests/test_engine.py"]
+T_SAMPLING = ["tests/test_sampling.py", "tests/test_engine.py"]
+T_DATA = ["tests/test_data.py", "tests/test_train.py"]
+T_TRAIN = ["tests/test_train.py", "tests/test_faults.py"]
+T_SQL = ["tests/test_sql_tool.py"]
+T_DIALOG = ["tests/test_tokenizers.py", "tests/test_data.py"]
+
+MUTANTS = [
+    # ---- engine ------------------------------------------------------------------------------------------------
+    dict(id="engine-cache-last-sampled", module="engine", file=ENGINE,
+         find="            self.prefix.insert(s.tokens[:s.n_cached], s.pages)\n        self.pool.decref(s.pages)",
+         replace="            self.prefix.insert(s.tokens, s.pages)\n        self.pool.decref(s.pages)",
+         tests=T_ENGINE),
+    # a sequence waits for another's prefill even when their prompts differ
+    dict(id="engine-shares-prefill-any-prompt", module="engine", file=ENGINE,
+         find="            if o.n_cached + k >= want and o.tokens[:want] == s.tokens[:want]:",
+         replace="            if o.n_cached + k >= want:",
+         tests=T_ENGINE),
+    # the per-step prefill budget is never spent: one forward may prefill far more than prefill_chunk tokens
+    dict(id="engine-prefill-budget-not-spent", module="engine", file=ENGINE,
+         find="                prefill.append((s, k))\n                budget -= k\n",
+         replace="                prefill.append((s, k))\n",
+         tests=T_ENGINE),
+    dict(id="engine-max-new-tokens-off-by-one", module="engine", file=ENGINE,
+         find="elif s.n_sampled >= s.params.max_new_tokens or",
+         replace="elif s.n_sampled > s.params.max_new_tokens or",
+         tests=T_ENGINE),
+    # the cached suppression mask is keyed by request index, which repeats from one call to the next
+    dict(id="engine-suppress-mask-keyed-by-index", module="engine", file=ENGINE,
+         find="        key = tuple(s.uid for s in items)",
+         replace="        key = tuple(s.index for s in items)",
+         tests=T_ENGINE),
+    # ---- pool --------------------------------------------------------------------------------------------------
+    dict(id="pool-pages-rounded-down", module="pool", file=POOL,
+         find="        n_pages = -(-int(n_tokens) // int(page_size))",
+         replace="        n_pages = int(n_tokens) // int(page_size)",
+         tests=T_ENGINE),
+    dict(id="pool-incref-no-increment", module="pool", file=POOL,
+         find='                raise RuntimeError(f"PagePool: incref of free page {p}")\n'
+              "            self.refcount[p] += 1\n",
+         replace='                raise RuntimeError(f"PagePool: incref of free page {p}")\n',
+         tests=T_ENGINE),
+    dict(id="pool-paged-mask-strict", module="pool", file=POOL,
+         find="        mask = (ks == qs[:, :, None]) & (kp <= qp_t[:, :, None])",
+         replace="        mask = (ks == qs[:, :, None]) & (kp < qp_t[:, :, None])",
+         tests=T_ENGINE),
+    dict(id="pool-decode-remove-own-length", module="pool", file=POOL,
+         find="            m = self.lengths[last]\n",
+         replace="            m = self.lengths[row]\n",
+         tests=T_ENGINE),
+    # ---- prefix_cache ------------------------------------------------------------------------------------------
+    dict(id="prefix-insert-no-incref", module="prefix_cache", file=PREFIX,
+         find="                node.children[key] = child\n                self.pool.incref([page])\n",
+         replace="                node.children[key] = child\n",
+         tests=T_ENGINE),
+    # a hit does not refresh a page's recency: LRU degrades to insertion order
+    dict(id="prefix-match-no-touch", module="prefix_cache", file=PREFIX,
+         find="            child.last_used = now\n            pages.append(child.page)",
+         replace="            pages.append(child.page)",
+         tests=T_ENGINE),
+    dict(id="prefix-evict-most-recent-first", module="prefix_cache", file=PREFIX,
+         find="            leaves.sort(key=lambda nd: nd.last_used)",
+         replace="            leaves.sort(key=lambda nd: nd.last_used, reverse=True)",
+         tests=T_ENGINE),
+    dict(id="prefix-evict-held-pages", module="prefix_cache", file=PREFIX,
+         find="not nd.children and self.pool.refcount[nd.page] == 1]",
+         replace="not nd.children and self.pool.refcount[nd.page] >= 1]",
+         tests=T_ENGINE),
+    # ---- kv_cache ----------------------------------------------------------------------------------------------
+    dict(id="kv-padding-counted-valid", module="kv_cache", file=KV,
+         find="        valid = col < n_d[:, None]",
+         replace="        valid = col <= n_d[:, None]",
+         tests=T_SAMPLING),
+    dict(id="kv-padding-writes-last-slot", module="kv_cache", file=KV,
+         find="        slots = torch.where(valid, qpos, cache.max_len)",
+         replace="        slots = torch.where(valid, qpos, cache.max_len - 1)",
+         tests=T_SAMPLING),
+    dict(id="kv-overflow-check-ge", module="kv_cache", file=KV,
+         find="        if (end > self.max_len).any():",
+         replace="        if (end >= self.max_len).any():",
+         tests=T_SAMPLING),
+    dict(id="kv-mask-drops-end-term", module="kv_cache", file=KV,
+         find="        mask = (keys <= qpos[:, :, None]) & (keys < end_d.clamp(min=1)[:, None, None])",
+         replace="        mask = keys <= qpos[:, :, None]",
+         tests=T_SAMPLING),
+    # ---- sampling ----------------------------------------------------------------------------------------------
+    dict(id="sampling-top-p-strict", module="sampling", file=SAMPLING,
+         find="probs.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)",
+         replace="probs.masked_fill((before > top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)",
+         tests=T_SAMPLING),
+    dict(id="sampling-top-k-keeps-one-more", module="sampling", file=SAMPLING,
+         find="    beyond_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])",
+         replace="    beyond_k = (top_k[:, None] > 0) & (rank > top_k[:, None])",
+         tests=T_SAMPLING),
+    dict(id="sampling-same-seed-every-row", module="sampling", file=SAMPLING,
+         find="        rows = [dataclasses.replace(params, seed=base + i) for i in range(n)]",
+         replace="        rows = [dataclasses.replace(params, seed=base) for i in range(n)]",
+         tests=T_SAMPLING),
+    # finished rows keep adding (meaningless) tokens to the cache
+    dict(id="sampling-finished-rows-keep-caching", module="sampling", file=SAMPLING,
+         find="        last = model(nxt[:, None], cache=cache.step([int(a) for a in active]))[:, 0]",
+         replace="        last = model(nxt[:, None], cache=cache.step(1))[:, 0]",
+         tests=T_SAMPLING),
+    # the first token is sampled from the last column of the padded prefill, not each row's last real token
+    dict(id="sampling-prefill-last-column", module="sampling", file=SAMPLING,
+         find="    last = logits[torch.arange(n, device=device), torch.tensor(lens, device=device) - 1]",
+         replace="    last = logits[:, -1]",
+         tests=T_SAMPLING),
+    # ---- loader ------------------------------------------------------------------------------------------------
+    dict(id="loader-drop-saved-epoch", module="loader", file=LOADER,
+         find="        self._epoch, self._index = epoch, index\n",
+         replace="        self._epoch, self._index = 0, index\n",
+         tests=T_DATA),
+    dict(id="loader-targets-cross-documents", module="loader", file=DIALOG,
+         find='np.where(same_doc & msk[:, 1:], tok[:, 1:], IGNORE)',
+         replace='np.where(msk[:, 1:], tok[:, 1:], IGNORE)',
+         tests=T_DATA),
+    dict(id="loader-pack-capacity-seq-len", module="loader", file=DIALOG,
+         find="                bounds = pack_greedy(self.corpus.lengths[order], self.seq_len + 1)",
+         replace="                bounds = pack_greedy(self.corpus.lengths[order], self.seq_len)",
+         tests=T_DATA),
+    dict(id="loader-padded-width-rounding", module="loader", file=DIALOG,
+         find="        return min(self.seq_len, max(8, -(-(longest - 1) // 8) * 8))",
+         replace="        return min(self.seq_len, max(8, -(-longest // 8) * 8))",
+         tests=T_DATA),
+    dict(id="loader-val-drops-partial-row", module="loader", file=TEXT,
+         find="        self.num_rows = -(-(self.length - 1) // self.seq_len)",
+         replace="        self.num_rows = (self.length - 1) // self.seq_len",
+         tests=T_DATA),
+    # ---- checkpoint --------------------------------------------------------------------------------------------
+    dict(id="checkpoint-no-rng-restore", module="checkpoint", file=TRAINER,
+         find='        set_rng_state(loaded.state["rng"])\n',
+         replace="",
+         tests=T_TRAIN),
+    dict(id="checkpoint-no-data-position", module="checkpoint", file=TRAINER,
+         find='        self.train_loader.load_state_dict(loaded.state["data"])\n',
+         replace="",
+         tests=T_TRAIN),
+    dict(id="checkpoint-tokens-seen-reset", module="checkpoint", file=TRAINER,
+         find='self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))',
+         replace='self.step, self.tokens_seen = int(loaded.meta["step"]), 0',
+         tests=T_TRAIN),
+    dict(id="checkpoint-prune-keeps-one-less", module="checkpoint", file=CKPT,
+         find="        for old in done[: max(0, len(done) - self.keep_last)]:",
+         replace="        for old in done[: max(0, len(done) - self.keep_last + 1)]:",
+         tests=T_TRAIN),
+    # ---- schedules ---------------------------------------------------------------------------------------------
+    dict(id="schedule-cosine-to-linear", module="schedules", file=OPTIM,
+         find="return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))",
+         replace="return floor + (1.0 - floor) * (1.0 - progress)",
+         tests=["tests/test_train.py"]),
+    dict(id="schedule-warmup-starts-at-zero", module="schedules", file=OPTIM,
+         find="        return (step + 1) / cfg.warmup_steps",
+         replace="        return step / cfg.warmup_steps",
+         tests=["tests/test_train.py"]),
+    dict(id="schedule-cosine-span-off-by-one", module="schedules", file=OPTIM,
+         find="        span = max(1, total_steps - cfg.warmup_steps - 1)",
+         replace="        span = max(1, total_steps - cfg.warmup_steps)",
+         tests=["tests/test_train.py"]),
+    dict(id="schedule-wsd-decay-starts-late", module="schedules", file=OPTIM,
+         find="        if step < decay_start:",
+         replace="        if step <= decay_start:",
+         tests=["tests/test_train.py"]),
+    # ---- sql_tool (security gates) -----------------------------------------------------------------------------
+    # validation checks the catalog but forgets the schema: main.x / temp.x pass the first gate
+    dict(id="sql-schema-qualified-table-passes", module="sql_tool", file=SQL,
+         find='        if t.args.get("db") or t.args.get("catalog"):\n'
+              '            raise SqlError(f"schema-qualified table',
+         replace='        if t.args.get("catalog"):\n            raise SqlError(f"schema-qualified table',
+         tests=T_SQL),
+    # a qualified column (p.salary) of an allowed table is not checked against the allowed columns
+    dict(id="sql-qualified-column-unchecked", module="sql_tool", file=SQL,
+         find="                    if name.lower() not in self._tables[scope[q]][1]:\n"
+              "                        raise self._unknown_column(name, [scope[q]])\n",
+         replace="",
+         tests=T_SQL),
+    # an allowlist turned into a denylist: any unknown function passes validation
+    dict(id="sql-anonymous-function-denylist", module="sql_tool", file=SQL,
+         find="            if f.name.lower() not in _ANONYMOUS_FUNCS:",
+         replace='            if f.name.lower() in ("load_extension",):',
+         tests=T_SQL),
+    dict(id="sql-only-first-statement-checked", module="sql_tool", file=SQL,
+         find='        if len(statements) > 1:\n            raise SqlError(f"more than 1 statement',
+         replace='        if False:\n            raise SqlError(f"more than 1 statement',
+         tests=T_SQL),
+    # the authorizer lets any column of an allowed table be read
+    dict(id="sql-authorizer-any-column", module="sql_tool", file=SQL,
+         find=' and (arg2 == "" or (db and arg2.lower() in entry[1])):',
+         replace=":",
+         tests=T_SQL),
+    # the authorizer lets any function run
+    dict(id="sql-authorizer-any-function", module="sql_tool", file=SQL,
+         find="        if action == sqlite3.SQLITE_FUNCTION and arg2 and arg2.lower() in _SQLITE_FUNCS:",
+         replace="        if action == sqlite3.SQLITE_FUNCTION:",
+         tests=T_SQL),
+    # ---- dialog_masks ------------------------------------------------------------------------------------------
+    # the assistant's own begin token (part of the prompt) is trained on
+    dict(id="dialog-mask-assistant-begin-token", module="dialog_masks", file=TOKENIZERS,
+         find="            mask.append(int(prev_assistant))\n            ids = encode(content)",
+         replace='            mask.append(int(source == "assistant"))\n            ids = encode(content)',
+         tests=T_DIALOG),
+    # a turn's content gets the previous turn's mask (shifted by one turn)
+    dict(id="dialog-mask-content-previous-turn", module="dialog_masks", file=TOKENIZERS,
+         find="            mask.extend([int(is_assistant)] * len(ids))",
+         replace="            mask.extend([int(prev_assistant)] * len(ids))",
+         tests=T_DIALOG),
+    # <|end_of_dialog|> is always trained on, even after a user turn
+    dict(id="dialog-mask-end-always", module="dialog_masks", file=TOKENIZERS,
+         find="        tokens.append(self._end)\n        mask.append(int(prev_assistant))",
+         replace="        tokens.append(self._end)\n        mask.append(1)",
+         tests=T_DIALOG),
+]
