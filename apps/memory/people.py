@@ -561,18 +561,21 @@ def make_practice(n: int, seed: int, exclude: set[str], *, alpha: float = 0.0) -
 _ONSETS = ("", "b", "br", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kh", "kl", "l", "m", "n", "ng", "p", "ph",
            "pr", "qu", "r", "s", "sh", "sk", "st", "t", "th", "tr", "ts", "v", "w", "x", "y", "z", "zh")
 _NUCLEI = ("a", "e", "i", "o", "u", "aa", "ae", "ai", "au", "ee", "ei", "ia", "io", "oo", "ou", "ua", "y")
-_CODAS = ("", "", "", "n", "r", "s", "l", "k", "m", "t", "nd", "rk", "sh", "x", "ng")
+_CODAS = ("", "", "", "n", "r", "s", "l", "k", "m", "t", "nd", "rk", "sh", "x", "ng", "tt", "ll", "ss", "nn", "pp",
+          "rr", "dd", "ff", "mm", "gg")
 _PSEUDO_UNIVERSITIES = ("University of {}", "{} University", "{} Institute of {}", "Universidad de {}",
                         "{} State University", "Universite de {}", "{} College")
 
 
 def pseudo_word(rng: random.Random, min_len: int = 2, max_len: int = 12) -> str:
-    """A pronounceable made-up word of ``min_len`` to ``max_len`` letters (lower case), from random syllables."""
+    """A pronounceable made-up word of ``min_len`` to ``max_len`` letters (lower case), from random syllables, some
+    repeated and some with doubled consonants."""
     target = rng.randint(min_len, max_len)
     word = ""
     while len(word) < target:
-        word += rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
-    return word[:target]
+        syllable = rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+        word += syllable * (2 if rng.random() < 0.2 else 1)  # repeats ("nana") and double letters are the hard
+    return word[:target]                                      # cases of copying
 
 
 def _pseudo_values(rng: random.Random) -> dict[str, str]:
