@@ -232,8 +232,9 @@ class Trainer:
         t0 = time.time()
         out = run_recall_sets(self.model, self.tokenizer, self.cfg.evals.recall, self.cfg.engine,
                               out_dir=self.run_dir / "recall" if self.rank == 0 else None, step=self.step)
+        shown = {k.removeprefix("recall/"): v for k, v in out.items() if not k.endswith("/n") and "/miss/" not in k}
         log.info("recall at step %d (%.1f s): %s", self.step, time.time() - t0,
-                 ", ".join(f"{k.removeprefix('recall/')}={v:.3f}" for k, v in out.items() if not k.endswith("/n") and "/miss/" not in k))
+                 ", ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         return out
 
     def _watch(self, row: dict[str, Any]) -> None:
