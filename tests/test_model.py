@@ -204,3 +204,33 @@ def test_backward_reaches_every_parameter():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_smear_arithmetic_equals_a_loop_over_tokens(per_channel):
+    """lmlab.models.smear against the definition written as loops: key j -> sum_d a_d k_{j-d} (d = 0..N, zero
+    before a sequence's start), query j += sum_d w_d k_{j-d} (d = 1..N), with GQA head sharing; and the cache-side
+    gather of predecessors equals the whole-sequence one."""
+    from lmlab.models.smear import gather_previous, previous_keys, smear_keys, smear_queries
+
+    g = torch.Generator().manual_seed(3)
+    b, h, t, d, n, n_heads = 2, 2, 7, 4, 3, 4
+    k = torch.randn(b, h, t, d, generator=g)
+    weight = torch.randn(*((h, d) if per_channel else (h,)), n + 1, generator=g)
+    qweight = torch.randn(n_heads, d, n, generator=g)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3]])  # row 1: two sequences packed
+    a = torch.softmax(weight, -1)
+    want_k, want_q = torch.zeros_like(k), torch.zeros(b, n_heads, t, d)
+    for r in range(b):
+        for j in range(t):
+            for back in range(n + 1):
+                if pos[r, j] >= back:
+                    w = a[..., back] if per_channel else a[:, back, None]
+                    want_k[r, :, j] += w * k[r, :, j - back]
+                    if back:
+                        want_q[r, :, j] += qweight[..., back - 1] * k[r, :, j - back].repeat_interleave(2, 0)
+    prev = previous_keys(k, pos, n)
+    torch.testing.assert_close(smear_keys(k, prev, weight), want_k)
+    torch.testing.assert_close(smear_queries(prev, qweight, n_heads), want_q)
+    # a cache returning each token's predecessors from the keys of its context gives the same
+    torch.testing.assert_close(gather_previous(k, torch.arange(t).expand(b, t), pos, n), prev)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmlab.models.smear import gather_previous
+
 __all__ = ["KVCache", "KVCacheStep"]
 
 
@@ -52,6 +54,7 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        raw_keys: bool = False,
     ) -> None:
         for name, val in (("n_layers", n_layers), ("batch_size", batch_size), ("max_len", max_len),
                           ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -62,6 +65,7 @@ class KVCache:
         # zeros, not empty: a padding query may read the (finite) slot 0 of an empty row
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kr = torch.zeros(shape, dtype=dtype, device=device) if raw_keys else None  # smeared-key models' raw keys
         self.lengths = torch.zeros(batch_size, dtype=torch.int64)
 
     @classmethod
@@ -84,7 +88,7 @@ class KVCache:
             raise ValueError(f"KVCache: max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         w = model.tok_embeddings.weight
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads,
-                   dtype=dtype or w.dtype, device=device or w.device)
+                   dtype=dtype or w.dtype, device=device or w.device, raw_keys=bool(cfg.smear_keys))
 
     @property
     def device(self) -> torch.device:
@@ -175,6 +179,17 @@ class KVCacheStep:
         # for a real token, s <= qpos already implies s < end; the second term only limits padding queries
         mask = (keys <= qpos[:, :, None]) & (keys < end_d.clamp(min=1)[:, None, None])
         return KVCacheStep(cache, positions, slots, mask[:, None], s_keys)
+
+    def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Write the new raw keys (B, H, T, D) of ``layer``; the raw keys of the ``n`` tokens before each back."""
+        if self.cache.kr is None:
+            raise ValueError("this KV cache keeps no raw keys, which a model with smeared keys needs: build it with "
+                             "KVCache.for_model(model, ...) or raw_keys=True")
+        kr = self.cache.kr[layer]
+        rows = torch.arange(kr.shape[0], device=kr.device)[:, None]
+        kr[rows, :, self.slots] = k.transpose(1, 2).to(kr.dtype)
+        # a row holds one sequence from slot 0: a token's own key lies at its position
+        return gather_previous(kr[:, :, : self.n_keys].to(k.dtype), self.positions, self.positions, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, T, D) keys/values of ``layer`` and return its first ``n_keys`` slots."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmlab.models.smear import gather_previous
+
 __all__ = ["DecodeBatch", "DecodeStep", "PagePool", "PagedStep", "PoolFullError", "Segment"]
 
 
@@ -45,7 +47,8 @@ class PagePool:
     """
 
     def __init__(self, n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 raw_keys: bool = False) -> None:
         for name, val in (("n_layers", n_layers), ("n_pages", n_pages), ("page_size", page_size),
                           ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             if int(val) <= 0:
@@ -54,6 +57,8 @@ class PagePool:
         shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the raw keys beside the (smeared) keys, for models with smeared keys (lmlab.models.smear)
+        self.kr = torch.zeros(shape, dtype=dtype, device=device) if raw_keys else None
         self.refcount = [0] * n_pages
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
 
@@ -65,7 +70,7 @@ class PagePool:
         w = next(model.parameters())
         n_pages = -(-int(n_tokens) // int(page_size))
         return cls(cfg.n_layers, n_pages, page_size, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads,
-                   dtype=dtype or w.dtype, device=device or w.device)
+                   dtype=dtype or w.dtype, device=device or w.device, raw_keys=bool(getattr(cfg, "smear_keys", 0)))
 
     @property
     def n_free(self) -> int:
@@ -111,6 +116,13 @@ class Segment:
     pages: Sequence[int]
     start: int
     n: int
+
+
+def _raw_store(pool: PagePool) -> torch.Tensor:
+    if pool.kr is None:
+        raise ValueError("this page pool keeps no raw keys, which a model with smeared keys needs: build it with "
+                         "PagePool.for_model(model, ...) or raw_keys=True")
+    return pool.kr
 
 
 def _ints(xs: list[int]) -> torch.Tensor:
@@ -171,7 +183,6 @@ class PagedStep:
         mask[:, :, 0] |= qs == -2  # padding queries see key 0, so that no softmax row is empty
         self.pool = pool
         self.positions = qp_t.to(dev)
-        self.key_positions = kp.to(dev)  # (B, 1, n_keys): each key's position in its own sequence
         self.query_key_index = _ints(q_key).view(b, t).to(dev)  # (B, T): each new token's own key among them
         self.mask = mask[:, None].to(dev)
         self._pages = _ints(k_page).to(dev)
@@ -190,6 +201,14 @@ class PagedStep:
                 self.blocks.append((col, col + seg.n, kcol, kcol + ctx, m))
                 col += seg.n
                 kcol += -(-ctx // ps) * ps
+
+    def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Write the new tokens' raw keys and return the raw keys of the ``n`` tokens before each (B, H, T, n, D)."""
+        kr = _raw_store(self.pool)[layer]
+        b, h, t, d = k.shape
+        kr.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(kr.dtype))
+        ctx = kr.view(-1, self.pool.page_size, h, d).index_select(0, self._pages).view(*self._shape, h, d)
+        return gather_previous(ctx.transpose(1, 2).to(k.dtype), self.query_key_index, self.positions, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, T, D) keys/values of real tokens and gather each row's keys (B, H, S, D)."""
@@ -231,6 +250,7 @@ class DecodeBatch:
         # zeros, not empty: slots past a row's length are read (and masked out), so they must be finite
         self.k = torch.zeros((n_layers, rows, h, capacity, d), dtype=pool.k.dtype, device=pool.device)
         self.v = torch.zeros_like(self.k)
+        self.kr = torch.zeros_like(self.k) if pool.kr is not None else None  # raw keys (smeared-key models)
         self.lengths: list[int] = []  # tokens held by each live row
 
     @property
@@ -249,14 +269,19 @@ class DecodeBatch:
         """Drop every row (the buffers stay allocated)."""
         self.lengths, self.tables, self._shared = [], [], 0
 
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.k, self.v] + ([self.kr] if self.kr is not None else [])
+
     def _grow(self, rows: int, capacity: int) -> None:
         n_layers, _, h, _, d = self.k.shape
-        new_k = torch.zeros((n_layers, rows, h, capacity, d), dtype=self.k.dtype, device=self.k.device)
-        new_v = torch.zeros_like(new_k)
         n, c = self.n, min(self.capacity, capacity)
-        new_k[:, :n, :, :c] = self.k[:, :n, :, :c]
-        new_v[:, :n, :, :c] = self.v[:, :n, :, :c]
-        self.k, self.v = new_k, new_v
+        grown = []
+        for old in self._buffers():
+            new = torch.zeros((n_layers, rows, h, capacity, d), dtype=old.dtype, device=old.device)
+            new[:, :n, :, :c] = old[:, :n, :, :c]
+            grown.append(new)
+        self.k, self.v = grown[0], grown[1]
+        self.kr = grown[2] if self.kr is not None else None
 
     def reserve(self, rows: int, capacity: int) -> None:
         """Room for at least ``rows`` rows of ``capacity`` tokens (grows by copying when short)."""
@@ -276,7 +301,9 @@ class DecodeBatch:
         if n_pages:
             pages = _ints(list(seg.pages[:n_pages])).to(self.pool.device)
             n_layers, _, h, d = self.pool.k.shape
-            for src, dst in ((self.pool.k, self.k), (self.pool.v, self.v)):
+            pairs = [(self.pool.k, self.k), (self.pool.v, self.v)] + ([(self.pool.kr, self.kr)] if self.kr is not None
+                                                                      else [])
+            for src, dst in pairs:
                 ctx = src.view(n_layers, -1, ps, h, d).index_select(1, pages).view(n_layers, n_pages * ps, h, d)
                 dst[:, row, :, :seg.start] = ctx[:, :seg.start].transpose(1, 2)
         self.lengths.append(seg.start)
@@ -302,8 +329,8 @@ class DecodeBatch:
         last = self.n - 1
         if row != last:
             m = self.lengths[last]
-            self.k[:, row, :, :m] = self.k[:, last, :, :m]
-            self.v[:, row, :, :m] = self.v[:, last, :, :m]
+            for buf in self._buffers():
+                buf[:, row, :, :m] = buf[:, last, :, :m]
             self.lengths[row] = m
             self.tables[row] = self.tables[last]
         self.lengths.pop()
@@ -335,12 +362,24 @@ class DecodeStep:
         self._slot = ((torch.arange(b)[:, None] * h + torch.arange(h)) * cap + cols[:, None]).view(-1).to(dev)
         self._dst = _ints([s.pages[p // ps] * ps + p % ps for s, p in zip(segs, lengths)]).to(dev)
         cols = cols.to(dev)
-        self.positions = cols[:, None]
+        self.positions = cols[:, None]  # (B, 1): also where each row's new key lands among its keys
         self._n = max(lengths) + 1  # keys past the longest row are never read
         self.mask = (torch.arange(self._n, device=dev) <= cols[:, None])[:, None, None, :]
         shared = batch.shared_keys
         self.shared_keys = shared if batch.cascade_min and shared >= batch.cascade_min else 0
         batch.lengths = [n + 1 for n in lengths]
+
+    def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Write the new raw keys (B, H, 1, D) to the pool and the batch; the raw keys of the ``n`` tokens before
+        each back (B, H, 1, n, D): a gather of n slots per row, whatever the rows' lengths."""
+        batch = self.batch
+        pkr = _raw_store(batch.pool)[layer]
+        b, h, _, d = k.shape
+        k1 = k.reshape(b * h, d).to(pkr.dtype)
+        pkr.index_copy_(0, self._dst, k1.view(b, h, d))
+        bkr = batch.kr[layer]
+        bkr.view(-1, d).index_copy_(0, self._slot, k1)
+        return gather_previous(bkr[:b].to(k.dtype), self.positions, self.positions, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, 1, D) keys/values to the pool and the batch; the batch's (B, H, S, D) back, S the

@@ -30,8 +30,9 @@ what followed: copying tasks (a name from a question into a SQL query) are learn
 With ``cfg.smear_queries``, each query also gets ``sum_d w_d * k_{j-d}`` over ``d = 1..N`` (learned per query
 channel, zero at first) from the raw keys of the tokens before it, so that a query says which tokens precede it
 too and the match is on a context on both sides (copying "Svetlana" without jumping from its first "a" to the
-second). The cache keeps the raw keys; the smear is applied to each sequence's keys as the cache returns them, so
-cached decoding equals full recomputation.
+second). The arithmetic lives in :mod:`lmlab.models.smear`: a token's smeared key is computed once, when the token
+goes through the model, from the raw keys of the tokens before it (which a cache keeps beside the keys), so cached
+decoding equals full recomputation and costs the same whatever the cached length.
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
 ``lmlab.hf`` maps them to and from Hugging Face names.
@@ -56,6 +57,7 @@ from lmlab.models.layers import (
     document_causal_mask,
     positions_from_doc_ids,
 )
+from lmlab.models.smear import previous_keys, smear_keys, smear_queries
 
 
 class AttentionCache(Protocol):
@@ -66,10 +68,10 @@ class AttentionCache(Protocol):
     ``update`` returns; ``None`` means those keys are exactly the T new tokens, attended causally.
     ``update(layer, k, v)``: store the new keys/values (B, n_kv_heads, T, head_dim) of layer ``layer`` and
     return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
-    Optional ``key_positions`` (B or 1, 1, S): the position of each returned key within its own sequence, needed
-    by smeared keys when a row holds several sequences; without it, each row holds one sequence from position 0.
-    Optional ``query_key_index`` (B, T): where each new token's own key lies among the S returned keys, needed by
-    smeared queries when a row holds several sequences; without it, a token's key lies at its position.
+    ``previous_keys(layer, k, n)``, needed by models with smeared keys only (``lmlab.models.smear``): store the
+    new tokens' raw keys (B, n_kv_heads, T, head_dim) and return, for each, the raw keys of the ``n`` tokens before
+    it in its sequence (B, n_kv_heads, T, n, head_dim; zeros before the sequence's first token). ``update`` then
+    receives the smeared keys, which the cache stores as the tokens' keys.
     Optional ``blocks`` (a cache may leave it out, or set it to None): with one row (B = 1), a list of
     ``(q0, q1, k0, k1, mask)``: queries ``q0:q1`` attend keys ``k0:k1`` only, under ``mask`` (boolean
     (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
@@ -120,42 +122,6 @@ class Attention(nn.Module):
         if self.query_smear is not None:
             nn.init.zeros_(self.query_smear)  # queries start as plain queries
 
-    def _smear(self, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Smeared keys over (B, H, T, D) ``k``; ``pos`` (B or 1, 1, T): each key's position in its sequence
-        (a key ``d`` places back exists when ``pos >= d``)."""
-        weights = torch.softmax(self.smear.float(), dim=-1).to(k.dtype)  # (H, N + 1) or per channel (H, D, N + 1)
-        weights = weights.view(weights.shape[0], 1, -1 if weights.dim() == 3 else 1, weights.shape[-1])
-        out = k * weights[..., 0]
-        for d in range(1, min(weights.shape[-1], k.shape[2])):  # no key lies d >= T places back
-            shifted = F.pad(k[:, :, :-d], (0, 0, d, 0)) * (pos >= d).unsqueeze(-1).to(k.dtype)
-            out = out + shifted * weights[..., d]
-        return out
-
-    def _query_context(self, k: torch.Tensor, index: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-        """What smeared queries add to the (B, n_heads, T, D) queries: ``sum_d w_d * k_{j-d}`` over ``d = 1..N``,
-        ``k_j`` the raw key of the query's own token. ``k``: the (B, n_kv_heads, S, D) raw keys the queries
-        attend over; ``index`` (B or 1, T): where each query's own key lies among them (None: key ``t`` is query
-        ``t``'s); ``pos`` (B or 1, T): each query's position in its sequence (earlier keys exist for ``pos >= d``)."""
-        b, t = k.shape[0], pos.shape[-1]
-        w = self.query_smear.to(k.dtype)  # (n_heads, D, N)
-        rep = self.n_heads // self.n_kv_heads
-        out = None
-        for d in range(1, w.shape[-1] + 1):
-            if index is None:
-                if d >= k.shape[2]:
-                    break
-                prev = F.pad(k[:, :, :-d], (0, 0, d, 0))
-            else:
-                j = (index - d).clamp(min=0).expand(b, t)
-                prev = k.gather(2, j[:, None, :, None].expand(b, k.shape[1], t, k.shape[3]))
-            prev = prev * (pos >= d).to(k.dtype)[:, None, :, None]
-            if rep > 1:
-                prev = prev.repeat_interleave(rep, dim=1)
-            term = prev * w[None, :, None, :, d - 1]
-            out = term if out is None else out + term
-        return out if out is not None else torch.zeros(b, self.n_heads, t, k.shape[3], dtype=k.dtype,
-                                                        device=k.device)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -169,21 +135,20 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.smear is not None:  # optional (lmlab.models.smear): the new tokens' keys, smeared once
+            n = self.smear.shape[-1] - 1
+            if cache is None:  # packed documents: a token's position is the count of its document's keys before it
+                pos = torch.arange(t, device=k.device).view(1, -1) if mask is None else mask.sum(-1)[:, 0] - 1
+                prev = previous_keys(k, pos, n)
+            else:
+                prev = cache.previous_keys(self.layer_id, k, n)
+            if self.query_smear is not None:
+                q = q + smear_queries(prev, self.query_smear, self.n_heads)
+            k = smear_keys(k, prev, self.smear)
         blocks = None
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
             blocks = getattr(cache, "blocks", None)
-            if self.query_smear is not None:  # a query's own key: at its position unless the cache says where
-                index = getattr(cache, "query_key_index", None)
-                q = q + self._query_context(k, cache.positions if index is None else index, cache.positions)
-            if self.smear is not None:  # without key_positions, each row holds one sequence from its first token
-                pos = getattr(cache, "key_positions", None)
-                k = self._smear(k, torch.arange(k.shape[2], device=k.device).view(1, 1, -1) if pos is None else pos)
-        elif self.smear is not None:  # packed documents: a key's position is the count of its document's keys
-            pos = torch.arange(t, device=k.device).view(1, 1, -1) if mask is None else mask.sum(-1) - 1
-            if self.query_smear is not None:
-                q = q + self._query_context(k, None, pos[:, 0])
-            k = self._smear(k, pos)
         shared = getattr(cache, "shared_keys", 0) if cache is not None else 0
         if blocks is not None:
             y = self._blocks(q, k, v, blocks)
