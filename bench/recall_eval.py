@@ -37,6 +37,7 @@ import torch
 from lmlab.config import EngineConfig
 from lmlab.evals.recall import build_tool, judge, load_questions
 from lmlab.inference import Engine, Request, Result, SamplingParams
+from lmlab.models.smear import gather_previous
 from lmlab.tokenizers import DialogTokenizer
 from lmlab.train.checkpoint import load_run
 
@@ -53,6 +54,7 @@ class StaticCache:
         kvh, hd = c.n_kv_heads or c.n_heads, c.dim // c.n_heads
         self.k = torch.zeros(c.n_layers, batch, kvh, max_len, hd)
         self.v = torch.zeros_like(self.k)
+        self.kr = torch.zeros_like(self.k) if c.smear_keys else None  # raw keys, for smeared-key models
         self.t, self.cur, self.batch = 0, 0, batch
         self.positions = torch.zeros(batch, 1, dtype=torch.long)
         self.mask: torch.Tensor | None = None
@@ -63,6 +65,10 @@ class StaticCache:
         self.positions = torch.full((self.batch, 1), self.cur, dtype=torch.long)
         self.mask = torch.ones(1, 1, 1, self.t, dtype=torch.bool)
         return self
+
+    def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
+        self.kr[layer, :, :, self.cur] = k[:, :, 0]
+        return gather_previous(self.kr[layer, :, :, : self.t], self.positions, self.positions, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer, :, :, self.cur] = k[:, :, 0]
@@ -127,7 +133,7 @@ def sampled_tokens(results: list[Result], tok) -> int:
 @torch.no_grad()
 def engine_answers(model, dtok: DialogTokenizer, questions, tool, max_batch: int, max_new: int) -> list[Result]:
     """What ``evaluate_recall`` runs: an engine built for the call, every question submitted at once."""
-    engine = Engine.from_config(model, dtok, EngineConfig(max_batch=max_batch, pool_tokens=max_batch * 512),
+    engine = Engine.from_config(model, dtok, EngineConfig(max_batch=max_batch, pool_tokens=max_batch * 256),
                                 tools=[tool])
     params = SamplingParams(max_new_tokens=max_new, temperature=0)
     return engine.generate([Request(dialog=q.dialog, params=params, id=i) for i, q in enumerate(questions)])
