@@ -237,7 +237,8 @@ MUTANTS = [
          replace="    return prev * (pos[:, None, :, None] > back).unsqueeze(-1).to(ctx.dtype)",
          tests=["tests/test_model.py", "tests/test_engine.py"]),
     dict(id="smear-paged-own-position-as-index", module="smear", file="src/lmlab/inference/pool.py",
-         find="        return gather_previous(ctx.transpose(1, 2).to(k.dtype), self.query_key_index, self.positions, n)",
+         find="        return gather_previous(ctx.transpose(1, 2).to(k.dtype), self.query_key_index, "
+              "self.positions, n)",
          replace="        return gather_previous(ctx.transpose(1, 2).to(k.dtype), self.positions, self.positions, n)",
          tests=["tests/test_engine.py"]),
     dict(id="smear-decode-raw-key-not-kept", module="smear", file="src/lmlab/inference/pool.py",
