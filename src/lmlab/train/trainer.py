@@ -389,9 +389,10 @@ class Trainer:
         self._check_config_change(self._saved_config())
         finished = self._finished()
         if finished is not None:
-            log.info("%s is finished (%s at step %d, %s): nothing to do; raise train.steps to train further, or "
-                     "delete the run folder to start over", self.run_dir, finished["status"], finished["step"],
-                     self.ckpt.latest())
+            how = ("delete the run folder to train it again" if finished["status"] != "completed" else
+                   "raise train.steps to train further, or delete the run folder to start over")
+            log.info("%s is finished (%s at step %d, %s): nothing to do; %s", self.run_dir, finished["status"],
+                     finished["step"], self.ckpt.latest(), how)
             return {**finished, "resumed": False}
         resumed = tc.resume and self.resume()
         # the resume succeeded (or there was nothing to resume): from here on the run folder may change
