@@ -713,3 +713,29 @@ def test_real_model_with_tools_stop_strings_preemption_and_prefix_cache_equals_f
     from_cache = [r2.cached_tokens >= len(r1.prompt) for r1, r2 in zip(res1, res2)]
     assert sum(from_cache) >= 3, [r.cached_tokens for r in res2]  # their history came from the cache
     check_pool_is_whole(engine)
+
+
+def test_a_hung_tool_call_does_not_hold_back_the_next_ones():
+    """Tool calls run on shared worker threads: while one call hangs, the others still run at once (served in
+    seconds with their real answers, not after the hung call or as timeouts)."""
+    release, first, lock = threading.Event(), [], threading.Lock()
+
+    def db(sql):
+        with lock:
+            hang = not first
+            first.append(1)
+        if hang:
+            release.wait(20)
+        return "36"
+
+    engine = tool_engine(db, timeout=15.0)
+    early, t0 = [], time.monotonic()
+    for ev in engine.stream([ask("How old is Ada?")] * 3):
+        if ev.result is not None and not release.is_set():
+            early.append(ev.result)
+            if len(early) == 2:
+                release.set()  # the two other questions are answered: let the hung call go
+    assert time.monotonic() - t0 < 10
+    assert [r.tool_calls[0][1] for r in early] == ["36", "36"]
+    assert all(r.dialog[3]["content"] == "Ada is 36." for r in early)
+    check_pool_is_whole(engine)
