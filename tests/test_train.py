@@ -365,6 +365,62 @@ def test_early_stop_on_a_target_and_on_a_plateau_resumes_exactly(tmp_path, corpu
     assert hit["step"] == 2 and "reached the target 100" in hit["status"]
 
 
+def test_early_stop_cooldown_decays_the_lr_to_zero_then_stops_and_resumes_exactly(tmp_path, corpus):
+    # plateau by construction (min_delta=10) at the third evaluation, step 6; then 8 steps of linear decay
+    cool = ["train.steps=40", "train.eval_every=2", "train.eval_batches=1", "train.early_stop.metric=val_loss",
+            "train.early_stop.mode=min", "train.early_stop.patience=2", "train.early_stop.min_delta=10",
+            "train.early_stop.cooldown=8", "optim.schedule=constant"]
+    straight = Trainer(make_cfg(tmp_path, corpus, *cool, name="cool")).fit()
+    assert straight["step"] == 14, straight
+    assert "plateaued at step 6" in straight["status"] and "decayed to 0 over 8 steps" in straight["status"]
+    rows = [r for r in read_metrics(tmp_path / "runs" / "cool" / "metrics.jsonl") if "lr" in r]
+    lrs = {r["step"]: r["lr"] for r in rows}
+    assert lrs[6] == pytest.approx(0.01)  # the schedule's (constant) value up to the plateau
+    # step 6+k (k = 1..8) runs at 0.01 * (1 - (k-1)/8): from the plateau's value down, the last one 1/8 of it
+    assert [lrs[6 + k] for k in range(1, 9)] == pytest.approx([0.01 * (1 - (k - 1) / 8) for k in range(1, 9)])
+    split = make_cfg(tmp_path, corpus, *cool, name="split")
+    assert Trainer(split).fit(stop_after=9)["step"] == 9  # paused inside the cooldown
+    resumed = Trainer(split).fit()
+    assert resumed["step"] == 14 and resumed["status"] == straight["status"]
+    assert losses(split.run_dir) == losses(tmp_path / "runs" / "cool")
+    from lmlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.early_stop.cooldown: starts on a plateau"):
+        load_config(None, ["train.early_stop.metric=val_loss", "train.eval_every=5", "train.early_stop.target=1",
+                           "train.early_stop.cooldown=10"])
+
+
+def test_loss_over_target_positions_only_equals_the_full_logits_loss(tmp_path):
+    """The trainer's fast path (output head at target positions only) against the full-logits reference."""
+    import torch.nn.functional as F
+
+    from lmlab.data.base import IGNORE
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"dialog": [{"source": "user", "content": f"question {i} " * (1 + i % 5)},
+                                                   {"source": "assistant", "content": f"answer {i}"}]}) + "\n"
+                            for i in range(40)))
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "data.kind=dialog", f"data.train_files=[{data}]",
+                             "data.val_fraction=0", "data.packing=false", "data.batch_size=8", "model.dim=32",
+                             "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=128", "data.seq_len=128"])
+    tr = Trainer(cfg)
+    batch = tr._to_device(next(iter(tr.train_loader)))
+    keep = batch["targets"] != IGNORE
+    assert 0 < int(keep.sum()) < keep.numel() // 2  # answers only: most positions are no target
+    fast = tr._loss_sum(tr.model, batch)
+    g_fast = torch.autograd.grad(fast, list(tr.model.parameters()))
+    tr.cfg.train.sparse_logits = False  # the reference path of the trainer itself
+    assert torch.allclose(tr._loss_sum(tr.model, batch), fast, rtol=1e-5)
+    logits = tr.model(batch["inputs"])
+    ref = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+    g_ref = torch.autograd.grad(ref, list(tr.model.parameters()))
+    assert torch.allclose(fast, ref, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_fast, g_ref))
+    assert torch.equal(tr.model(batch["inputs"], logits_at=keep), logits[keep])
+    with pytest.raises(ValueError, match="logits_at must be a bool mask"):
+        tr.model(batch["inputs"], logits_at=keep.long())
+
+
 def test_early_stop_config_is_checked():
     from lmlab.config import ConfigError
 

@@ -178,6 +178,9 @@ class DataConfig:
     packing: bool = F(True, "dialog: pack several dialogs per row with a document mask; false: one per padded row")
     truncate: bool = F(False, "dialog: cut a dialog longer than seq_len+1 tokens; false: such a dialog is an error")
     shuffle: bool = F(True, "shuffle rows each epoch (seeded)")
+    length_grouping: int = F(0, "dialog, packing false: within each window of this many batches of the shuffled "
+                             "order, batch dialogs of similar length together (less padding), then shuffle the "
+                             "batches; 0: off")
     seed: int | None = F(None, "seed of the data order and split; null: the run seed")
     prefetch: Literal["none", "thread", "process"] = F("none", "build batches in the background")
     prefetch_depth: int = F(2, "batches built ahead when prefetching")
@@ -192,6 +195,10 @@ class DataConfig:
             errs.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction}"))
         if self.prefetch_depth <= 0:
             errs.append(("prefetch_depth", "must be positive"))
+        if self.length_grouping < 0:
+            errs.append(("length_grouping", "must be >= 0"))
+        elif self.length_grouping and (self.kind != "dialog" or self.packing):
+            errs.append(("length_grouping", "groups padded dialog rows: needs kind: dialog and packing: false"))
         return errs
 
 
@@ -239,11 +246,18 @@ class EarlyStopConfig:
     patience: int = F(0, "stop once the metric has not improved by more than min_delta for this many evaluations "
                       "in a row (a plateau); 0: never")
     min_delta: float = F(0.0, "smallest change that counts as an improvement")
+    cooldown: int = F(0, "on a plateau, instead of stopping at once: decay the learning rate linearly from its "
+                      "value then to 0 over this many steps, then stop (a WSD schedule's final decay, started "
+                      "when the metric stops improving); 0: stop at once")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         if self.patience < 0:
             errs.append(("patience", "must be >= 0"))
+        if self.cooldown < 0:
+            errs.append(("cooldown", "must be >= 0"))
+        elif self.cooldown and not self.patience:
+            errs.append(("cooldown", "starts on a plateau: set a patience too"))
         if self.min_delta < 0:
             errs.append(("min_delta", "must be >= 0"))
         if self.metric and self.target is None and not self.patience:
@@ -261,6 +275,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = F(
         "auto", "compute dtype: auto = bf16 autocast on CUDA, float32 on CPU; bfloat16 = autocast on any device")
     compile: bool = F(False, "torch.compile the model")
+    sparse_logits: bool = F(True, "output head and softmax only at the positions that have a target (the same "
+                            "loss; dialogs train on the answers only); false: at every position, the reference "
+                            "path (torch.compile always takes it)")
     threads: int = F(0, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default")
     peak_flops: float = F(0.0, "peak FLOP/s of one device for the MFU column; 0: known GPUs only (none on CPU)")
     max_time: float = F(0.0, "stop after this many seconds of training (then evaluate and save); 0: no limit")

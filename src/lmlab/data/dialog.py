@@ -58,6 +58,7 @@ from lmlab.jsonl import iter_jsonl
 __all__ = [
     "DialogCorpus",
     "DialogRows",
+    "group_by_length",
     "load_dialogs",
     "pack_greedy",
     "packing_efficiency",
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 _STREAM_ORDER = 3
+_STREAM_GROUP = 4
 
 
 def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
@@ -192,6 +194,24 @@ def packing_efficiency(row_tokens: Sequence[int] | np.ndarray, seq_len: int) -> 
     return float(used.sum() / (len(used) * seq_len)) if len(used) else 0.0
 
 
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch: int, window: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``order`` rearranged so that each run of ``batch`` consecutive dialogs has similar lengths.
+
+    Each window of ``window * batch`` dialogs of ``order`` is sorted by length (stably), then the full batches
+    are shuffled with ``rng`` (so that the length of a step's batch does not follow the step); a tail shorter
+    than a batch stays last. Every dialog keeps exactly one place: a permutation of ``order``.
+    """
+    span = window * batch
+    out = order.copy()
+    for start in range(0, len(order), span):
+        chunk = out[start : start + span]
+        out[start : start + span] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    n_full = len(out) // batch
+    blocks = out[: n_full * batch].reshape(n_full, batch)[rng.permutation(n_full)]
+    return np.concatenate([blocks.reshape(-1), out[n_full * batch :]])
+
+
 class DialogRows:
     """Packed or padded dialog rows for training (shuffled per epoch) or evaluation (file order, once).
 
@@ -214,12 +234,16 @@ class DialogRows:
         packing: bool = True,
         train: bool = True,
         name: str = "the dialog data",
+        length_grouping: int = 0,
     ) -> None:
         check_rank(rank, world_size)
         self.corpus, self.seq_len, self.batch_size = corpus, int(seq_len), int(batch_size)
         self.seed, self.shuffle, self.rank, self.world_size = int(seed), bool(shuffle), rank, world_size
         self.pad_id, self.packing, self.train = int(pad_id), bool(packing), bool(train)
         self.kind = f"dialog-{'packed' if packing else 'padded'}-{'train' if train else 'val'}"
+        if length_grouping < 0 or (length_grouping and packing):
+            raise ValueError(f"length_grouping={length_grouping}: must be >= 0, and 0 with packing")
+        self.length_grouping = int(length_grouping)
         if len(corpus) == 0:
             raise DataError(f"{name} has no dialog")
         too_long = np.nonzero(corpus.lengths > self.seq_len + 1)[0]
@@ -247,6 +271,9 @@ class DialogRows:
             n = len(self.corpus)
             if self.train and self.shuffle:
                 order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(n)
+                if self.length_grouping:
+                    order = group_by_length(order, self.corpus.lengths, self.batch_size * self.world_size,
+                                            self.length_grouping, epoch_rng(self.seed, epoch, _STREAM_GROUP))
             else:
                 order = np.arange(n)
             if self.packing:
@@ -328,6 +355,7 @@ class DialogRows:
             "checksum": self._checksum,
             "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
             "rank": self.rank, "world_size": self.world_size,
+            **({"length_grouping": self.length_grouping} if self.length_grouping else {}),
         }
 
     def __getstate__(self) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def build_source(
             corpus = _split_dialogs(load(cfg.train_files, "data.train_files"), cfg.val_fraction)[0 if train else 1]
         name = f"the dialog {split} split"
         return DialogRows(corpus, seed=seed, shuffle=cfg.shuffle, pad_id=_pad_id(tokenizer), packing=cfg.packing,
-                          train=train, name=name, **common)
+                          train=train, name=name, length_grouping=getattr(cfg, "length_grouping", 0), **common)
 
     if cfg.kind == "text":
         def load(files: Sequence[str], what: str) -> Any:

@@ -268,6 +268,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache: AttentionCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T).
 
@@ -275,6 +276,8 @@ class Transformer(nn.Module):
         ``positions`` (B, T): rotary positions; default 0..T-1, or per-document when ``doc_ids`` is given.
         ``cache``: the new tokens extend cached sequences; positions and mask then come from the cache
         (see :class:`AttentionCache`), so ``positions`` and ``doc_ids`` must be left out.
+        ``logits_at`` (B, T) bool: only the logits of these positions, as (N, vocab) in row-major order (what a
+        loss over a few target positions needs: the output head and the softmax skip the others).
         """
         h = self.tok_embeddings(tokens)
         mask = None
@@ -294,6 +297,11 @@ class Transformer(nn.Module):
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
+        if logits_at is not None:
+            if logits_at.shape != tokens.shape or logits_at.dtype != torch.bool:
+                raise ValueError(f"logits_at must be a bool mask of the tokens' shape {tuple(tokens.shape)}, got "
+                                 f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            h = h[logits_at]
         return self.output(self.norm(h))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -160,17 +160,24 @@ class Trainer:
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of next-token cross-entropy over the batch's target tokens (float32)."""
+        targets = batch["targets"]
+        kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
+        if self.cfg.train.compile or not self.cfg.train.sparse_logits:  # (a data-dependent shape breaks a graph)
+            with autocast(self.device, self.cfg.train.dtype):
+                logits = model(batch["inputs"], **kw)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        keep = targets != IGNORE  # the output head and the softmax only where a target is (dialogs: the answers)
         with autocast(self.device, self.cfg.train.dtype):
-            logits = model(batch["inputs"], doc_ids=batch.get("doc_ids"), positions=batch.get("positions"))
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
+            logits = model(batch["inputs"], logits_at=keep, **kw)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns loss, grad norm, lr, token counts."""
         cfg = self.cfg
         micro = [self._to_device(next(self.train_loader)) for _ in range(cfg.train.grad_accum)]
         n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
-        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        lr = self._lr()
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -237,22 +244,48 @@ class Trainer:
                  ", ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         return out
 
+    def _lr(self) -> float:
+        """The learning rate of the coming step: the schedule's, or during an early-stop cooldown a linear decay
+        from the schedule's value at the plateau to 0."""
+        cfg = self.cfg
+        start = self.early.get("cooldown_from")
+        if start is None:
+            return lr_at(self.step, cfg.optim, cfg.train.steps)
+        left = 1.0 - (self.step - start) / cfg.train.early_stop.cooldown
+        return lr_at(start, cfg.optim, cfg.train.steps) * max(left, 0.0)
+
     def _watch(self, row: dict[str, Any]) -> None:
-        """Early stopping: update the watched metric's best value from an evaluation row; set the stop reason."""
+        """Early stopping: update the watched metric's best value from an evaluation row; set the stop reason
+        (or start the cooldown)."""
         es = self.cfg.train.early_stop
         if not es.metric or es.metric not in row or row[es.metric] is None:
             return
         value, best = float(row[es.metric]), self.early["best"]
         sign = 1.0 if es.mode == "max" else -1.0
         if best is None or sign * (value - best) > es.min_delta:
-            self.early = {"best": value, "since": 0}
+            self.early = {**self.early, "best": value, "since": 0}
         else:
-            self.early = {"best": best, "since": self.early["since"] + 1}
+            self.early = {**self.early, "best": best, "since": self.early["since"] + 1}
         if es.target is not None and sign * (value - es.target) >= 0:
             self._early_reason = f"{es.metric}={value:.4g} reached the target {es.target:g}"
-        elif es.patience and self.early["since"] >= es.patience:
-            self._early_reason = (f"{es.metric} has not improved on {self.early['best']:.4g} for {es.patience} "
-                                  "evaluations")
+        elif es.patience and self.early["since"] >= es.patience and self.early.get("cooldown_from") is None:
+            plateau = f"{es.metric} has not improved on {self.early['best']:.4g} for {es.patience} evaluations"
+            if es.cooldown:
+                self.early["cooldown_from"] = self.step
+                log.info("%s at step %d: the learning rate decays to 0 over %d steps, then the run stops", plateau,
+                         self.step, es.cooldown)
+            else:
+                self._early_reason = plateau
+
+    def _cooled_down(self) -> bool:
+        """True (with the stop reason set) once an early-stop cooldown has run its steps."""
+        start = self.early.get("cooldown_from")
+        if start is None or self.step - start < self.cfg.train.early_stop.cooldown:
+            return False
+        self._early_reason = (f"{self.cfg.train.early_stop.metric} plateaued at step {start} (best "
+                              f"{self.early['best']:.4g}); the learning rate then decayed to 0 over "
+                              f"{self.step - start} steps")
+        return True
 
     def save(self) -> Path:
         meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name, "early_stop": self.early}
@@ -435,7 +468,7 @@ class Trainer:
                                 window_t, window_pos, window_targets = time.time(), 0, 0
                             if self.step < tc.steps and self._stop_signal is None and self._periodic(sink):
                                 window_t = time.time()  # the rate counts training time only
-                            if self._early_reason is not None:
+                            if self._early_reason is not None or self._cooled_down():
                                 status = f"stopped by early stop: {self._early_reason}"
                                 break
                             if self._stop_signal is not None:
