@@ -1,0 +1,253 @@
+"""Tiny-model training: wall time to 95% train recall, today's path vs the fast path, side by side in one process.
+
+The memory app's models are tiny (tens of thousands of parameters) and its grids train hundreds of them, so what
+counts is the time to the answer: the training seconds until recall on the training facts reaches ``--target``,
+at the same final recall. Two variants train the same point of the memory app, one thread each, in one process:
+
+* ``today``: the preset as it was before this benchmark's levers (every position through the output head and the
+  softmax, dialogs batched in shuffled order, the preset's batch size, learning rate and steps);
+* ``fast``: the output head only at target positions (``train.sparse_logits``), dialogs of similar length batched
+  together (``data.length_grouping``), and the recipe given by ``--fast`` (default: the point's tuned recipe).
+
+They alternate in chunks of ``--chunk`` steps (so that a noisy minute slows both), each evaluating recall every
+``--every`` steps (the time of the evaluations is reported apart, never counted as training); a variant stops at
+the target or at the end of its steps. Reported per variant: the step and the training seconds at which recall first
+reached the target, exposures per fact by then, loss tokens/s and positions/s per core, achieved GFLOP/s (the
+model's FLOPs per position, ``6 N + 12 L d T`` at the batch's width, over every position, for both variants) and its
+share of the single-thread float32 matmul ceiling, measured each round (a 1024^3 ``torch.mm``).
+
+Points (``--point``): ``tool256`` (the quickstart's in-tool run at 256 people: 2 layers, width 64, smeared keys,
+the in-tool file with its absent and practice people) and ``weight`` (an in-weight point of the capacity grid:
+plain Llama, ``--weight-people`` people, ``--weight-dim`` wide). Datasets are built under ``--data`` (kept between
+runs).
+
+Usage::
+
+    .venv/bin/python bench/train_tiny.py --point tool256            # ~10 minutes on 2 cores
+    .venv/bin/python bench/train_tiny.py --point weight --weight-people 64
+    .venv/bin/python bench/train_tiny.py --point tool256 --fast optim.lr=1e-2 train.steps=1200
+
+The last line of stdout is one JSON object; target (issue 14): ``speedup`` (today's seconds / fast's) >= 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "apps"))
+
+from lmlab.config import load_config  # noqa: E402
+from lmlab.train.trainer import Trainer  # noqa: E402
+from memory.build_data import build_dataset  # noqa: E402
+
+TARGET_SPEEDUP = 2.0
+# the landed presets' settings (today) and the tuned recipe of each point (fast); both start from the point's base
+POINTS = {
+    "tool256": {
+        "data": {"people": 256, "ood": 0, "absent": 4096, "practice": 8192, "practice_style": "mixed"},
+        "base": ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.smear_keys=3", "data.seq_len=512",
+                 "model.max_seq_len=512", "optim.warmup_steps=30", "optim.schedule=wsd", "optim.decay_fraction=0.4",
+                 "optim.min_lr_ratio=0.0"],
+        "mode": "tool",
+        "today": ["data.batch_size=16", "optim.lr=5e-3", "train.steps=2750"],
+        "fast": ["data.batch_size=16", "optim.lr=5e-3", "train.steps=1400"],
+    },
+    "weight": {
+        "data": {"people": 256, "ood": 0},
+        "base": ["model.n_layers=2", "model.multiple_of=8", "data.seq_len=256", "model.max_seq_len=256",
+                 "optim.warmup_steps=100", "optim.schedule=wsd", "optim.min_lr_ratio=0.0"],
+        "mode": "weight",
+        "today": ["data.batch_size=16", "optim.lr=3e-3", "optim.decay_fraction=0.4", "train.steps=6000"],
+        "fast": ["data.batch_size=64", "optim.lr=3e-3", "optim.decay_fraction=0.2", "train.steps=6000"],
+    },
+}
+FAST_PATH = ["train.sparse_logits=true", "data.length_grouping=16"]
+TODAY_PATH = ["train.sparse_logits=false", "data.length_grouping=0"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def matmul_gflops(n: int = 1024, reps: int = 3) -> float:
+    """Best single-thread float32 GFLOP/s of ``reps`` n^3 matmuls: the core's practical ceiling, now."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all cpus' busy ticks, this process's ticks) from /proc: what others took between two reads."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(v) - v[3] - v[4]
+    with open("/proc/self/stat") as f:
+        s = f.read().rsplit(")", 1)[1].split()
+    return busy, int(s[11]) + int(s[12])
+
+
+class Variant:
+    """One configuration trained step by step; times training and recall evaluations apart."""
+
+    def __init__(self, name: str, overrides: list[str], run_dir: Path, a: argparse.Namespace):
+        self.name = name
+        self.cfg = load_config(None, overrides + [f"name={name}", f"runs_dir={run_dir}", "train.threads=1",
+                                                  "logging.progress=false", "train.resume=false"])
+        self.trainer = Trainer(self.cfg)
+        self.trainer.train_loader.__enter__()
+        self.train_s = self.eval_s = 0.0
+        self.positions = self.targets = 0
+        self.flops = 0.0
+        self.curve: list[tuple[int, float, float]] = []  # (step, train seconds so far, recall)
+        self.hit: tuple[int, float] | None = None
+        self.every = a.every
+        self.facts = a.facts
+        self.target = a.target
+
+    @property
+    def done(self) -> bool:
+        return self.hit is not None or self.trainer.step >= self.cfg.train.steps
+
+    def run(self, steps: int) -> None:
+        t = self.trainer
+        model = t.model
+        for _ in range(steps):
+            if self.done:
+                return
+            t0 = time.perf_counter()
+            m = t.train_step()
+            self.train_s += time.perf_counter() - t0
+            self.positions += m["positions"]
+            self.targets += m["targets"]
+            width = m["positions"] // self.cfg.data.batch_size
+            self.flops += model.flops_per_token(width) * m["positions"]
+            if t.step % self.every == 0 or t.step == self.cfg.train.steps:
+                t0 = time.perf_counter()
+                recall = t.evaluate_recall().get("recall/train/correct", 0.0)
+                self.eval_s += time.perf_counter() - t0
+                self.curve.append((t.step, round(self.train_s, 2), recall))
+                log(f"  {self.name}: step {t.step} recall {recall:.3f} ({self.train_s:.0f} s of training)")
+                if recall >= self.target:
+                    self.hit = (t.step, self.train_s)
+
+    def summary(self, ceiling: float) -> dict:
+        c = self.cfg
+        gflops = self.flops / max(self.train_s, 1e-9) / 1e9
+        out = {"overrides": None, "steps": self.trainer.step, "train_s": round(self.train_s, 1),
+               "eval_s": round(self.eval_s, 1), "batch_size": c.data.batch_size, "lr": c.optim.lr,
+               "reached": self.hit is not None,
+               "step_at_target": self.hit[0] if self.hit else None,
+               "train_s_at_target": round(self.hit[1], 1) if self.hit else None,
+               "exposures_per_fact_at_target": (round(self.hit[0] * c.data.batch_size / self.facts, 1)
+                                                if self.hit else None),
+               "final_recall": self.curve[-1][2] if self.curve else None,
+               "loss_tokens_per_s": round(self.targets / max(self.train_s, 1e-9)),
+               "positions_per_s": round(self.positions / max(self.train_s, 1e-9)),
+               "gflops": round(gflops, 2), "share_of_matmul_ceiling": round(gflops / ceiling, 3),
+               "num_params": self.trainer.model.num_params(), "curve": self.curve}
+        return out
+
+    def close(self) -> None:
+        self.trainer.train_loader.__exit__(None, None, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--point", choices=sorted(POINTS), default="tool256")
+    p.add_argument("--weight-people", type=int, default=256, help="people of the in-weight point")
+    p.add_argument("--weight-dim", type=int, default=32, help="width of the in-weight point's model")
+    p.add_argument("--target", type=float, default=0.95, help="train recall to reach")
+    p.add_argument("--every", type=int, default=100, help="steps between recall evaluations")
+    p.add_argument("--questions", type=int, default=100, help="questions per recall evaluation")
+    p.add_argument("--chunk", type=int, default=50, help="steps per variant before the other takes its turn")
+    p.add_argument("--today", nargs="*", default=None, help="overrides of today's variant (default: the preset's)")
+    p.add_argument("--fast", nargs="*", default=None, help="overrides of the fast variant (default: the tuned recipe)")
+    p.add_argument("--data", default=str(ROOT / "runs" / "bench" / "data"), help="datasets folder (kept)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    point = POINTS[a.point]
+    data_args = dict(point["data"])
+    if a.point == "weight":
+        data_args["people"] = a.weight_people
+    tag = "_".join(f"{k}{v}" for k, v in sorted(data_args.items()))
+    data_dir = Path(a.data) / f"{a.point}_{tag}_seed{a.seed}"
+    if not (data_dir / "manifest.json").is_file():
+        log(f"building {data_dir}")
+        build_dataset(out=str(data_dir), seed=a.seed, **data_args)
+    m = json.loads((data_dir / "manifest.json").read_text())
+    a.facts = m["counts"]["facts"]
+    mode = point["mode"]
+    common = point["base"] + [
+        "tokenizer.kind=byte", "data.kind=dialog", f"data.train_files=[{data_dir}/{mode}_train.jsonl]",
+        "data.val_fraction=0", "data.packing=false", f"seed={a.seed}",
+        f"evals.recall.sets=[{data_dir}/eval_train.jsonl]", f"evals.recall.max_questions={a.questions}",
+        "evals.recall.save_outputs=false"]
+    if mode == "tool":
+        common.append(f"evals.recall.db={data_dir}/people.sqlite")
+    else:
+        heads = max(1, a.weight_dim // 16)
+        common += [f"model.dim={a.weight_dim}", f"model.n_heads={heads}"]
+    today = TODAY_PATH + (point["today"] if a.today is None else a.today)
+    fast = FAST_PATH + (point["fast"] if a.fast is None else a.fast)
+    tmp = Path(tempfile.mkdtemp(prefix="train_tiny_"))
+    busy0, own0 = cpu_ticks()
+    load0 = os.getloadavg()[0]
+    try:
+        variants = [Variant("today", common + today, tmp, a), Variant("fast", common + fast, tmp, a)]
+        ceilings = []
+        while not all(v.done for v in variants):
+            ceilings.append(matmul_gflops())
+            for v in variants:
+                v.run(a.chunk)
+        ceiling = sorted(ceilings)[len(ceilings) // 2]
+        out = {"point": a.point, "facts": a.facts, "target_recall": a.target, "matmul_ceiling_gflops_1thread": {
+            "median": round(ceiling, 1), "min": round(min(ceilings), 1), "max": round(max(ceilings), 1)}}
+        for v, ov in zip(variants, (today, fast)):
+            s = v.summary(ceiling)
+            s["overrides"] = ov
+            out[v.name] = s
+            v.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    busy1, own1 = cpu_ticks()
+    ncpu = os.cpu_count() or 1
+    wall_ticks = max(busy1 - busy0, 1)
+    out["other_processes_cpu_share"] = round(max(0, (busy1 - busy0) - (own1 - own0)) / wall_ticks, 2)
+    out["loadavg_start_end"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    out["cpus"] = ncpu
+    t, f = out["today"], out["fast"]
+    if t["reached"] and f["reached"]:
+        out["speedup"] = round(t["train_s_at_target"] / f["train_s_at_target"], 2)
+        out["meets_target"] = out["speedup"] >= TARGET_SPEEDUP
+    else:
+        out["speedup"] = None
+        out["meets_target"] = False
+    for name in ("today", "fast"):
+        s = out[name]
+        print(f"{name:6s} steps {s['steps']:5d}  target at step {s['step_at_target']} after "
+              f"{s['train_s_at_target']} s ({s['exposures_per_fact_at_target']} exposures/fact)  "
+              f"loss tok/s {s['loss_tokens_per_s']:,}  positions/s {s['positions_per_s']:,}  "
+              f"{s['gflops']} GFLOP/s = {100 * s['share_of_matmul_ceiling']:.0f}% of one core's matmul ceiling")
+    print(f"speedup (time to {a.target:.0%} train recall): {out['speedup']}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
