@@ -22,7 +22,8 @@ def make_dataset(root, people):
                 "bits_per_fact": BITS_PER_FACT}
     if people == 400:  # the layout memory.build_data writes: counts nested, the data seed at the top
         manifest = {"seed": 3, "bits_per_person": ATTRS * BITS_PER_FACT, "bits_per_fact": BITS_PER_FACT,
-                    "counts": {"people": people, "facts": people * ATTRS, "ood": 10}}
+                    "paraphrases": 2, "counts": {"people": people, "facts": people * ATTRS, "ood": 10,
+                                                 "lines": {"weight_train.jsonl": people * ATTRS * 2}}}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -42,7 +43,7 @@ def make_memory_runs(tmp_path, modes=("weight", "tool"), people=(100, 200, 400),
                 name = f"mem/mode={mode}_people={p}_dim={dim}"
                 run = root / name
                 run.mkdir(parents=True)
-                cfg = {"name": name, "seed": 0, "model": {"dim": dim, "n_layers": 2},
+                cfg = {"name": name, "seed": 0, "model": {"dim": dim, "n_layers": 2}, "data": {"batch_size": 32},
                        "tags": {"mode": mode, "people": p, "data_dir": f"data/p{p}",
                                 **({"data_seed": 7} if p != 400 else {})}}
                 (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -77,6 +78,14 @@ def test_results_rows(tmp_path):
     assert t["recall_train_final"] == pytest.approx(0.99) and t["step_recall_95"] == 50
     assert t["tool_call_rate_ood"] == 1.0 and t["valid_sql_rate_train"] == 0.98
     assert by[("weight", 100, 32)]["step_recall_95"] == 50  # recall 1.0 reached only at the last row
+    # exposures per fact (in-weight, where the manifest says how many dialogs teach each fact): 50 steps x 32
+    # dialogs over 1,600 facts; bits per parameter: best recall x facts x bits per fact / params
+    w400 = by[("weight", 400, 32)]
+    assert w400["exposures_final"] == pytest.approx(50 * 32 / 1600) == w400["exposures_95"]  # reached at step 50
+    assert w400["bits_per_param"] == pytest.approx(1.0 * 1600 * BITS_PER_FACT / 12800)
+    assert by[("weight", 100, 32)]["exposures_95"] is None  # no paraphrase count in that manifest: unknown
+    assert t["exposures_final"] is None and t["bits_per_param"] is None  # in-tool: no fact is in the weights
+    assert w["batch_size"] == 32 and w["smear_keys"] == 0
 
 
 def test_min_params_means_over_seeds():
@@ -109,6 +118,12 @@ def test_loglog_fit_and_capacity():
     fit = capacity_fit(mins + [{"mode": "tool", "facts": 100, "params": 5, "bits_per_fact": 10.0}])
     assert fit["slope"] == pytest.approx(1.0) and fit["params_per_fact"] == 8
     assert fit["bits_per_param"] == pytest.approx(10.0 / 8) and fit["points"] == 4
+    assert fit["params_per_added_fact"] == pytest.approx(8.0) and fit["largest_facts"] == 6400
+    assert fit["params_per_fact_largest"] == 8 and fit["bits_per_param_largest"] == pytest.approx(10.0 / 8)
+    # an intercept (embeddings) makes the params per fact fall with facts, while the added cost stays 8
+    shifted = capacity_fit([{**m, "params": 8 * m["facts"] + 5000} for m in mins])
+    assert shifted["params_per_added_fact"] == pytest.approx(8.0)
+    assert shifted["params_per_fact_largest"] == pytest.approx(8 + 5000 / 6400)
     one = capacity_fit(mins[:1])
     assert one["slope"] is None and one["params_per_fact"] == 8
     assert capacity_fit([], "tool")["params_per_fact"] is None
@@ -131,12 +146,12 @@ def test_make_report_writes_everything(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == 12 and {r["mode"] for r in table} == {"weight", "tool"}
     assert table[0]["name"].startswith("mem/") and "recall_train_best" in table[0]
-    for png in ("recall_vs_facts", "min_params_vs_facts", "recall_vs_step", "ood_recall"):
+    for png in ("recall_vs_facts", "min_params_vs_facts", "recall_vs_step", "ood_recall", "bits_vs_exposures"):
         data = (out / f"{png}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "mem/mode=tool_people=400_dim=16" in html
-    assert "facts^" in html
+    assert html.count("data:image/png;base64,") == 5 and "mem/mode=tool_people=400_dim=16" in html
+    assert "facts^" in html and "params per added fact" in html
 
     assert main([str(root), "--out", str(tmp_path / "cli")]) == 0
     text = capsys.readouterr().out

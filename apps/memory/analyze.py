@@ -47,7 +47,8 @@ MODES = ("weight", "tool")
 MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "bits_per_fact", "seed", "data_seed", "dim", "n_layers", "params",
-           "steps", "status", "recall_train_final", "recall_train_best", "step_recall_95", "recall_ood_final",
+           "smear_keys", "batch_size", "lr", "steps", "status", "recall_train_final", "recall_train_best",
+           "step_recall_95", "exposures_95", "exposures_final", "bits_per_param", "recall_ood_final",
            "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood",
            "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
 TABLE_COLUMNS = ["name", "mode", "facts", "seed", "params", "steps", "recall_train_final", "recall_train_best",
@@ -99,6 +100,12 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
         steps = r.summary.get("step")
         if steps is None and r.metrics:
             steps = max(int(row["step"]) for row in r.metrics)
+        facts = manifest.get("facts", counts.get("facts"))
+        per_step = _exposures_per_step(r, manifest, counts, facts)
+        step95 = r.first_step_reaching(RECALL, threshold)
+        best = r.best(RECALL)
+        params = r.summary.get("num_params")
+        bits = manifest.get("bits_per_fact")
         rows.append({
             "name": r.name,
             "mode": mode,
@@ -109,12 +116,20 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "data_seed": r.get("tags.data_seed", manifest.get("seed")),
             "dim": r.get("model.dim"),
             "n_layers": r.get("model.n_layers"),
-            "params": r.summary.get("num_params"),
+            "params": params,
+            "smear_keys": r.get("model.smear_keys", 0),
+            "batch_size": r.get("data.batch_size"),
+            "lr": r.get("optim.lr"),
             "steps": steps,
             "status": r.summary.get("status", "unfinished"),
             "recall_train_final": r.final(RECALL),
-            "recall_train_best": r.best(RECALL),
-            "step_recall_95": r.first_step_reaching(RECALL, threshold),
+            "recall_train_best": best,
+            "step_recall_95": step95,
+            "exposures_95": None if per_step is None or step95 is None else round(step95 * per_step, 1),
+            "exposures_final": None if per_step is None or steps is None else round(steps * per_step, 1),
+            # information stored in the weights: the recalled share of the facts' bits, per parameter
+            "bits_per_param": (best * facts * bits / params if mode == "weight" and None not in (best, facts, bits)
+                               and params else None),
             "recall_ood_final": r.final("recall/ood/correct"),
             "tool_call_rate_train": r.final("recall/train/tool_call_rate"),
             "valid_sql_rate_train": r.final("recall/train/valid_sql_rate"),
@@ -125,6 +140,20 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "train_time_s": r.summary.get("train_time_s"),
         })
     return rows
+
+
+def _exposures_per_step(r: RunRecord, manifest: dict, counts: dict, facts: Any) -> float | None:
+    """Dialogs about each training fact seen per optimizer step (in-weight runs: every training dialog teaches one
+    fact; the in-tool files also hold absent and practice questions, which teach no fact): None when unknown."""
+    if r.get("tags.mode") != "weight" or not facts:
+        return None
+    batch = r.get("data.batch_size")
+    lines = (counts.get("lines") or {}).get("weight_train.jsonl")
+    paraphrases = manifest.get("paraphrases")
+    if not batch or not lines or not paraphrases:
+        return None
+    accum = r.get("train.grad_accum") or 1
+    return batch * accum * (facts * paraphrases / lines) / facts
 
 
 def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> list[dict[str, Any]]:
@@ -169,9 +198,20 @@ def capacity_fit(min_rows: Sequence[dict[str, Any]], mode: str = "weight") -> di
     """
     pts = [r for r in min_rows if r["mode"] == mode]
     out: dict[str, Any] = {"mode": mode, "points": len(pts), "slope": None, "intercept": None,
-                           "params_per_fact": None, "bits_per_param": None}
+                           "params_per_fact": None, "bits_per_param": None, "params_per_added_fact": None,
+                           "largest_facts": None, "params_per_fact_largest": None, "bits_per_param_largest": None}
     if not pts:
         return out
+    top = max(pts, key=lambda r: r["facts"])
+    out["largest_facts"] = top["facts"]
+    out["params_per_fact_largest"] = top["params"] / top["facts"]
+    if top.get("bits_per_fact") is not None:
+        out["bits_per_param_largest"] = top["facts"] * top["bits_per_fact"] / top["params"]
+    if len({r["facts"] for r in pts}) >= 2:  # least squares of params against facts: the cost of one more fact
+        mx = statistics.fmean(r["facts"] for r in pts)
+        my = statistics.fmean(r["params"] for r in pts)
+        out["params_per_added_fact"] = (sum((r["facts"] - mx) * (r["params"] - my) for r in pts)
+                                        / sum((r["facts"] - mx) ** 2 for r in pts))
     out["params_per_fact"] = statistics.median(r["params"] / r["facts"] for r in pts)
     bpp = [r["facts"] * r["bits_per_fact"] / r["params"] for r in pts if r.get("bits_per_fact") is not None]
     out["bits_per_param"] = statistics.median(bpp) if bpp else None
@@ -210,6 +250,26 @@ def _by_facts(rows: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list,
     return out
 
 
+def _bits_vs_exposures(records: Sequence[RunRecord], rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list, list]]:
+    """One curve per in-weight run: bits stored per parameter (train recall x facts x bits per fact / params) at
+    each recall evaluation, against exposures per fact by then."""
+    by_name = {row["name"]: row for row in rows}
+    out: dict[str, tuple[list, list]] = {}
+    for r in records:
+        row = by_name.get(r.name)
+        if not row or row["mode"] != "weight" or None in (row["facts"], row["bits_per_fact"], row["params"]):
+            continue
+        per_step = row["exposures_final"] / row["steps"] if row.get("exposures_final") and row.get("steps") else None
+        steps, values = r.series(RECALL)
+        if per_step is None or not steps:
+            continue
+        scale = row["facts"] * row["bits_per_fact"] / row["params"]
+        pts = [(s * per_step, v * scale) for s, v in zip(steps, values) if s > 0]
+        if pts:
+            out[f"{row['facts']} facts, {_size_label(row)}"] = ([x for x, _ in pts], [y for _, y in pts])
+    return out
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """A plain fixed-width text table."""
     cells = [[format_value(row.get(c)) for c in columns] for row in rows]
@@ -221,7 +281,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_
 
 def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = 0.95,
                 runs: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
-    """Write results.csv, four PNGs and report.html under ``out_dir``; return a summary dict (with the fits).
+    """Write results.csv, five PNGs and report.html under ``out_dir``; return a summary dict (with the fits).
     The runs are every run folder under ``root``, or only the folders ``runs`` (e.g. one grid's runs, so that
     older runs left in the same folder stay out)."""
     out = Path(out_dir)
@@ -286,6 +346,9 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
         notes.append("no run logged recall/train/correct")
     files["recall_vs_step"] = plot_lines(step_series, out / "recall_vs_step.png", "step", "train recall",
                                          "Train recall during training, with and without the tool")
+    files["bits_vs_exposures"] = plot_lines(
+        _bits_vs_exposures(records, rows), out / "bits_vs_exposures.png", "exposures per fact",
+        "bits stored per parameter", "In-weight: bits per parameter vs exposures (Physics of LMs 3.3)", logx=True)
     ood = _by_facts(rows, "recall_ood_final")
     if not ood and rows:
         notes.append("no run logged recall/ood/correct")
@@ -299,6 +362,10 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
             fit_lines.append(f"{MODE_LABEL[m]}: min params ~ facts^{f['slope']:.3f} over {f['points']} points; "
                              f"median {f['params_per_fact']:.4g} params/fact"
                              + (f", {f['bits_per_param']:.3g} bits/param" if f["bits_per_param"] is not None else ""))
+        if m == "weight" and f["params_per_added_fact"] is not None:
+            fit_lines.append(f"in-weight: {f['params_per_added_fact']:.3g} params per added fact (linear fit); at the "
+                             f"largest number of facts ({f['largest_facts']}): {f['params_per_fact_largest']:.3g} "
+                             f"params/fact, {f['bits_per_param_largest']:.3g} bits/param")
     counts = ", ".join(f"{sum(r['mode'] == m for r in rows)} {MODE_LABEL[m]}" for m in MODES)
     intro = f"{len(rows)} memory runs under {root} ({counts}); threshold {pct} train recall."
     sections = [
@@ -307,6 +374,9 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
                 text="" if mins else f"No (mode, facts) reaches {pct}.", images=[files["min_params_vs_facts"]]),
         Section("Recall vs facts", images=[files["recall_vs_facts"]]),
         Section("Recall during training", images=[files["recall_vs_step"]]),
+        Section("Bits per parameter vs exposures", images=[files["bits_vs_exposures"]],
+                text="In-weight runs: recalled share of the facts' information (bits) per parameter at each "
+                     "evaluation, against the dialogs seen per fact."),
         Section("Out-of-distribution recall", images=[files["ood_recall"]]),
         Section("All runs", table=rows, columns=COLUMNS, text="" if rows else "No runs."),
     ]
