@@ -8,7 +8,6 @@ nothing observable, ``equivalent``: why.
 ENGINE = "src/lmlab/inference/engine.py"
 POOL = "src/lmlab/inference/pool.py"
 PREFIX = "src/lmlab/inference/prefix_cache.py"
-KV = "src/lmlab/inference/kv_cache.py"
 SAMPLING = "src/lmlab/inference/sampling.py"
 LOADER, DIALOG, TEXT = "src/lmlab/data/loader.py", "src/lmlab/data/dialog.py", "src/lmlab/data/text.py"
 CKPT, TRAINER = "src/lmlab/train/checkpoint.py", "src/lmlab/train/trainer.py"
@@ -84,23 +83,6 @@ MUTANTS = [
          find="not nd.children and self.pool.refcount[nd.page] == 1]",
          replace="not nd.children and self.pool.refcount[nd.page] >= 1]",
          tests=T_ENGINE),
-    # ---- kv_cache ----------------------------------------------------------------------------------------------
-    dict(id="kv-padding-counted-valid", module="kv_cache", file=KV,
-         find="        valid = col < n_d[:, None]",
-         replace="        valid = col <= n_d[:, None]",
-         tests=T_SAMPLING),
-    dict(id="kv-padding-writes-last-slot", module="kv_cache", file=KV,
-         find="        slots = torch.where(valid, qpos, cache.max_len)",
-         replace="        slots = torch.where(valid, qpos, cache.max_len - 1)",
-         tests=T_SAMPLING),
-    dict(id="kv-overflow-check-ge", module="kv_cache", file=KV,
-         find="        if (end > self.max_len).any():",
-         replace="        if (end >= self.max_len).any():",
-         tests=T_SAMPLING),
-    dict(id="kv-mask-drops-end-term", module="kv_cache", file=KV,
-         find="        mask = (keys <= qpos[:, :, None]) & (keys < end_d.clamp(min=1)[:, None, None])",
-         replace="        mask = keys <= qpos[:, :, None]",
-         tests=T_SAMPLING),
     # ---- sampling ----------------------------------------------------------------------------------------------
     dict(id="sampling-top-p-strict", module="sampling", file=SAMPLING,
          find="probs.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)",
@@ -113,16 +95,6 @@ MUTANTS = [
     dict(id="sampling-same-seed-every-row", module="sampling", file=SAMPLING,
          find="        rows = [dataclasses.replace(params, seed=base + i) for i in range(n)]",
          replace="        rows = [dataclasses.replace(params, seed=base) for i in range(n)]",
-         tests=T_SAMPLING),
-    # finished rows keep adding (meaningless) tokens to the cache
-    dict(id="sampling-finished-rows-keep-caching", module="sampling", file=SAMPLING,
-         find="        last = model(nxt[:, None], cache=cache.step([int(a) for a in active]))[:, 0]",
-         replace="        last = model(nxt[:, None], cache=cache.step(1))[:, 0]",
-         tests=T_SAMPLING),
-    # the first token is sampled from the last column of the padded prefill, not each row's last real token
-    dict(id="sampling-prefill-last-column", module="sampling", file=SAMPLING,
-         find="    last = logits[torch.arange(n, device=device), torch.tensor(lens, device=device) - 1]",
-         replace="    last = logits[:, -1]",
          tests=T_SAMPLING),
     # ---- loader ------------------------------------------------------------------------------------------------
     dict(id="loader-drop-saved-epoch", module="loader", file=LOADER,

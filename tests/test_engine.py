@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import randomize_smear
+from reference import generate_reference, reference_text
 from torch import nn
 
 from lmlab.config import EngineConfig, InitConfig, ModelConfig
@@ -22,7 +23,6 @@ from lmlab.inference import (
     SamplingParams,
     Segment,
     filtered_probs,
-    generate_reference,
 )
 from lmlab.models import build_model
 from lmlab.models.transformer import cascade_attention
@@ -593,9 +593,7 @@ def test_stop_strings_cut_the_text():
     assert res.finish_reason == "stop_string" and res.text == "Hello there, "
 
 
-def test_engine_text_equals_the_library_text_and_streams_it():
-    from lmlab.inference import generate_text
-
+def test_engine_text_equals_the_reference_text_and_streams_it():
     tok = ByteTokenizer()
     model = small_model(vocab_size=tok.vocab_size, seed=4)
     prompts = ["To be", "Or not to", "A"]
@@ -606,7 +604,7 @@ def test_engine_text_equals_the_library_text_and_streams_it():
         def on_text(row, piece, pieces=pieces):
             pieces[row] += piece
 
-        want = generate_text(model, tok, prompts, params)
+        want = reference_text(model, tok, prompts, params)
         assert engine.generate_text(prompts, params, on_text=on_text) == want
         assert [pieces[i] for i in range(3)] == want
 

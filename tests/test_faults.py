@@ -331,9 +331,10 @@ def test_generate_caps_the_default_to_the_context_and_says_so(trained, capsys, c
     out = capsys.readouterr().out
     assert "capped to 62" in caplog.text
     from lmlab.train.checkpoint import load_run
-    _, model, tok = load_run(trained)
-    from lmlab.inference.sampling import SamplingParams, generate_text
-    expected = generate_text(model, tok, ["To"], SamplingParams(max_new_tokens=62, temperature=0))[0]
+    run_cfg, model, tok = load_run(trained)
+    from lmlab.inference import Engine, SamplingParams
+    engine = Engine.from_config(model, tok, run_cfg.engine)  # as the CLI builds it
+    expected = engine.generate_text(["To"], SamplingParams(max_new_tokens=62, temperature=0))[0]
     assert out == "To" + expected + "\n"
 
 

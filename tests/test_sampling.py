@@ -1,4 +1,6 @@
-"""KV-cache decoding equals full recomputation; sampling filters, seeds, stops; the text-level helper."""
+"""The engine's cached decoding against the slow reference (``tests/reference.py``) for every model variant;
+sampling filters, seeds and stop tokens; SamplingParams; the text level (stops, special tokens, streaming);
+read_prompts."""
 
 import dataclasses
 import json
@@ -6,19 +8,21 @@ import json
 import pytest
 import torch
 from conftest import randomize_smear
+from reference import generate_reference, reference_text
 
-import lmlab.inference.sampling as sampling_mod
 from lmlab.config import InitConfig, ModelConfig, SampleConfig
 from lmlab.data import DataError
 from lmlab.inference import (
-    KVCache,
+    Engine,
+    PagedStep,
+    PagePool,
+    Request,
     Sampler,
     SamplingParams,
+    Segment,
     filtered_probs,
-    generate,
-    generate_reference,
-    generate_text,
     read_prompts,
+    row_params,
 )
 from lmlab.models import build_model
 from lmlab.tokenizers import ByteTokenizer
@@ -57,7 +61,38 @@ def prompts_of(lengths, vocab=97, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-# ---- the cache against full recomputation ---------------------------------------------------------
+# continuous batching (fewer rows than requests), pages, and prompts prefilled in chunks over several steps
+ENGINE = dict(pool_tokens=1024, page_size=8, max_batch=4, prefill_chunk=32)
+
+
+def generate(model, prompts, params, engine=None):
+    """The engine's new tokens for each prompt; ``params``: one for all (row ``i`` seeded ``seed + i``, as
+    :func:`row_params` says) or one per prompt."""
+    engine = engine if engine is not None else Engine(model, **ENGINE)
+    rows = row_params(params, len(prompts))
+    return [r.tokens for r in engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, rows)])]
+
+
+def record_logits(engine):
+    """Every (context, logits) row the engine samples a token from: the sequence so far, and the float32 logits
+    its cached forward gave for the next token (hooked where the engine samples)."""
+    seen = []
+    sample = engine._sample
+
+    def recording(items, logits, events):
+        seen.extend((list(s.tokens), row.clone()) for s, row in zip(items, logits))
+        return sample(items, logits, events)
+
+    engine._sample = recording
+    return seen
+
+
+def pool_is_whole(engine):
+    cached = engine.prefix.n_pages if engine.prefix is not None else 0
+    return engine.pool.n_free + cached == engine.pool.n_pages and not engine.active and not engine.waiting
+
+
+# ---- the engine's cache against full recomputation --------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -65,158 +100,105 @@ def test_cached_greedy_equals_reference_token_for_token(variant):
     model = small_model(**VARIANTS[variant])
     prompts = prompts_of(LENGTHS)
     params = SamplingParams(max_new_tokens=12, temperature=0)
-    out = generate(model, prompts, params)
+    engine = Engine(model, **ENGINE)
+    out = generate(model, prompts, params, engine)
     ref = generate_reference(model, prompts, params)
     assert out == ref
     assert all(len(o) == 12 for o in out)
     assert len({tuple(o) for o in out}) == len(out)  # rows really differ: a mixed-up row would show
+    assert engine.stats["prefill_forwards"] > 1 and engine.stats["decode_batch_joins"] == len(prompts)
+    assert pool_is_whole(engine)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_logits_equal_full_recompute_at_every_step(variant):
-    """Ragged prefill, decode steps where some rows pause, then a ragged multi-token extension."""
+    """Every logit row the engine samples from equals the full forward of the sequence so far: rows from packed,
+    chunked prefills (a prompt split over steps, several prompts in one forward), from the decode batch as
+    sequences join and leave it, after a preemption's re-prefill, and over prompt pages taken from the prefix
+    cache."""
     torch.manual_seed(0)
     # a moderate init keeps logits O(1), where float32 rounding stays well below the tolerance
     model = small_model(**VARIANTS[variant], init=InitConfig(scheme="normal", std=0.1))
-    lengths = [1, 9, 40, 4, 17]
-    seqs = prompts_of(lengths)
-    b = len(seqs)
-    cache = KVCache.for_model(model, b, 64)
-    schedule = [lengths] + [[1] * b] * 3 + [[1, 0, 1, 0, 1], [0, 1, 1, 1, 0], [3, 0, 5, 1, 2], [1] * b]
+    system = prompts_of([19], seed=5)[0]
+    prompts = prompts_of([1, 9, 40, 4, 17]) + [system + p for p in prompts_of([3, 11, 6], seed=6)]
+    params = [SamplingParams(max_new_tokens=8 + 5 * (i % 4), temperature=1.0, seed=i) for i in range(len(prompts))]
+    engine = Engine(model, pool_tokens=96, page_size=8, max_batch=4, prefill_chunk=24)
+    seen = record_logits(engine)
+    res = engine.generate([Request(prompt=p, params=q) for p, q in zip(prompts, params)])
+    assert len(seen) == sum(len(r.tokens) for r in res) == sum(q.max_new_tokens for q in params)
     with torch.no_grad():
-        for step_no, n_new in enumerate(schedule):
-            width = max(n_new)
-            tokens = torch.zeros(b, width, dtype=torch.long)
-            for i, n in enumerate(n_new):
-                if step_no:  # after the prompts: fresh random tokens
-                    seqs[i] = seqs[i] + torch.randint(0, 97, (n,)).tolist()
-                tokens[i, :n] = torch.tensor(seqs[i][len(seqs[i]) - n:], dtype=torch.long)
-            logits = model(tokens, cache=cache.step(n_new))
-            assert cache.lengths.tolist() == [len(s) for s in seqs]
-            for i, n in enumerate(n_new):
-                if n == 0:
-                    continue
-                full = model(torch.tensor([seqs[i]]))[0, len(seqs[i]) - n:]
-                torch.testing.assert_close(logits[i, :n], full, rtol=0, atol=1e-5,
-                                           msg=lambda m, s=step_no, r=i: f"step {s} row {r}: {m}")
+        for n, (ctx, logits) in enumerate(seen):
+            full = model(torch.tensor([ctx]))[0, -1]
+            where = f"sample {n} (context of {len(ctx)} tokens)"
+            torch.testing.assert_close(logits, full, rtol=0, atol=1e-5, msg=lambda m, w=where: f"{w}: {m}")
+    assert engine.stats["preemptions"] > 0
+    assert any(r.cached_tokens >= 16 for r in res[5:])  # the shared prompt prefix came from the prefix cache
+    assert pool_is_whole(engine)
 
 
-def test_uniform_prefill_takes_the_causal_path_and_matches_exactly():
-    model = small_model(n_kv_heads=2)
-    x = torch.randint(0, 97, (3, 20))
-    cache = KVCache.for_model(model, 3, 32)
-    step = cache.step(20)
-    assert step.mask is None and step.n_keys == 20
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, cache=step), model(x), rtol=0, atol=0)
-    step = cache.step([1, 0, 1])  # decode: an explicit mask that lets each row see its own prefix only
-    assert step.mask is not None and step.mask.shape == (3, 1, 1, 21)
-    assert step.mask[:, 0, 0].sum(-1).tolist() == [21, 20, 21]
-    assert step.positions[:, 0].tolist() == [20, 0, 20]  # the paused row's padding token sits at 0
-    assert step.slots[:, 0].tolist() == [20, 32, 20]  # ... and writes to the scratch slot
-
-
-def test_cache_is_allocated_once_and_each_step_is_one_forward(monkeypatch):
-    model = small_model(n_kv_heads=2)
-    made = []
-
-    class Recording(KVCache):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            made.append(self)
-            self.ptrs = (self.k.data_ptr(), self.v.data_ptr())
-
-    monkeypatch.setattr(sampling_mod, "KVCache", Recording)
-    batches = []
-    model.register_forward_hook(lambda mod, args, kwargs, out: batches.append(tuple(args[0].shape)), with_kwargs=True)
-    prompts = prompts_of([3, 11, 1, 8])
-    out = generate(model, prompts, SamplingParams(max_new_tokens=6, temperature=0))
-    assert len(made) == 1
-    cache = made[0]
-    assert (cache.k.data_ptr(), cache.v.data_ptr()) == cache.ptrs
-    assert cache.k.shape == (2, 4, 2, 11 + 6 + 1, 16)  # layers, rows, kv heads, longest prompt + new + scratch
-    # one prefill, then one forward per step for the whole batch (the last token needs no forward)
-    assert batches == [(4, 11)] + [(4, 1)] * 5
-    assert cache.lengths.tolist() == [len(p) + len(o) - 1 for p, o in zip(prompts, out)]
-
-
-def test_rows_that_finish_early_add_nothing_to_the_cache(monkeypatch):
-    """A long prompt with few new tokens beside a short prompt with many: the cache is sized for the longest
-    prompt + max_new_tokens of any row (42 here), which holds only if a finished row stops growing. Each row's
-    length ends at its prompt + its new tokens - 1 (the last token needs no forward)."""
+def test_rows_that_finish_early_give_their_room_back():
+    """A long prompt with few new tokens beside a short prompt with many: at their peaks the three sequences need
+    12 pages, the pool has 9. It runs without a preemption only if a finished row's pages come back at once."""
     model = small_model()
-    made = []
-
-    class Recording(KVCache):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            made.append(self)
-
-    monkeypatch.setattr(sampling_mod, "KVCache", Recording)
     prompts = prompts_of([40, 1, 9], seed=3)
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (2, 30, 5)]
-    out = generate(model, prompts, params)
+    engine = Engine(model, pool_tokens=72, page_size=8, max_batch=3, prefix_cache=False)
+    assert sum(-(-(len(p) + q.max_new_tokens - 1) // 8) for p, q in zip(prompts, params)) > engine.pool.n_pages
+    out = generate(model, prompts, params, engine)
     assert out == generate_reference(model, prompts, params)
     assert [len(o) for o in out] == [2, 30, 5]
-    assert made[0].max_len == 42
-    assert made[0].lengths.tolist() == [40 + 2 - 1, 1 + 30 - 1, 9 + 5 - 1]
+    assert engine.stats["preemptions"] == 0
+    assert pool_is_whole(engine)
 
 
-def test_cache_overflow_and_bad_lengths_are_clear_errors():
+def test_bad_prompts_are_clear_errors():
     model = small_model()
-    cache = KVCache.for_model(model, 2, 8)
-    cache.step([5, 8])
-    with pytest.raises(ValueError, match=r"overflow: row 0 holds 5 tokens and 4 more would exceed max_len=8"):
-        cache.step([4, 0])
-    assert cache.lengths.tolist() == [5, 8]  # a refused step reserves nothing
-    cache.step([3, 0])
-    with pytest.raises(ValueError, match="one per row"):
-        cache.step([1, 1, 1])
-    with pytest.raises(ValueError, match="exceeds the model's max_seq_len=128"):
-        KVCache.for_model(model, 1, 129)
-    cache.reset([1])
-    assert cache.lengths.tolist() == [8, 0]
-    with pytest.raises(ValueError, match="max_len=20"):
-        generate(model, [[1] * 15], SamplingParams(max_new_tokens=6, temperature=0), max_len=20)
+    engine = Engine(model)  # the default pool (8192 tokens) is larger than the context: the model's 128 limit
+    greedy = SamplingParams(max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match=r"request 1: 100 prompt tokens \+ max_new_tokens=29 exceed 128 .*"
+                                         r"model.max_seq_len=128"):
+        engine.generate([Request(prompt=[2], params=greedy),
+                         Request(prompt=[1] * 100, params=SamplingParams(max_new_tokens=29, temperature=0))])
+    with pytest.raises(ValueError, match="request 1: the prompt is empty"):
+        engine.generate([Request(prompt=[1], params=greedy), Request(prompt=[], params=greedy)])
+    with pytest.raises(ValueError, match=r"request 0: token id 97 is outside the model vocabulary \[0, 97\)"):
+        engine.generate([Request(prompt=[1, 97], params=greedy)])
+    assert pool_is_whole(engine)  # nothing was admitted
+    # the reference refuses the same prompts
     with pytest.raises(ValueError, match="model.max_seq_len=128"):
-        generate(model, [[1] * 100, [2]], SamplingParams(max_new_tokens=29, temperature=0))
+        generate_reference(model, [[1] * 100, [2]], SamplingParams(max_new_tokens=29, temperature=0))
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(model, [[1], []], SamplingParams(max_new_tokens=2, temperature=0))
+        generate_reference(model, [[1], []], greedy)
     with pytest.raises(ValueError, match="token id 97 outside"):
-        generate(model, [[1, 97]], SamplingParams(max_new_tokens=2, temperature=0))
+        generate_reference(model, [[1, 97]], greedy)
+    # with a cache, the positions and the mask come from the cache
     with pytest.raises(ValueError, match="drop positions/doc_ids"):
-        model(torch.zeros(2, 1, dtype=torch.long), positions=torch.zeros(2, 1, dtype=torch.long),
-              cache=KVCache.for_model(model, 2, 8).step(1))
+        pool = PagePool.for_model(model, 16, page_size=8)
+        step = PagedStep(pool, [[Segment(pool.alloc(1), 0, 1)], [Segment(pool.alloc(1), 0, 1)]])
+        model(torch.zeros(2, 1, dtype=torch.long), positions=torch.zeros(2, 1, dtype=torch.long), cache=step)
 
 
-def test_a_paused_full_row_is_left_untouched():
-    """Padding tokens of rows that add nothing write to the scratch slot, even when the row is full."""
-    model = small_model(n_kv_heads=2)
-    cache = KVCache.for_model(model, 2, 8)
-    with torch.no_grad():
-        model(torch.randint(0, 97, (2, 8)), cache=cache.step([8, 5]))
-        before = cache.k[:, 0, :, :8].clone(), cache.v[:, 0, :, :8].clone()
-        model(torch.randint(0, 97, (2, 3)), cache=cache.step([0, 3]))
-    assert torch.equal(cache.k[:, 0, :, :8], before[0]) and torch.equal(cache.v[:, 0, :, :8], before[1])
-    assert cache.lengths.tolist() == [8, 8]
-
-
-def test_cache_follows_the_model_dtype():
+def test_the_engine_follows_the_model_dtype():
+    """A bfloat16 model gets a bfloat16 pool and decode batch; its cached logits (a prefill chunk, then decode
+    tokens) equal bfloat16 full recompute, and stay within bfloat16 rounding of float32 on the same (rounded)
+    weights."""
     model = small_model().to(torch.bfloat16)
-    cache = KVCache.for_model(model, 2, 16)
-    assert cache.dtype == torch.bfloat16 and cache.nbytes == 2 * 2 * 2 * 4 * 17 * 16 * 2
-    # bf16 logits through the cache (a prefill chunk, then a decode token) equal bf16 full recompute, and stay
-    # within bf16 rounding of float32 on the same (rounded) weights; the decode token without its context is off by
-    # more than the logits' scale
-    x = torch.tensor(prompts_of([9, 9]))
+    engine = Engine(model, pool_tokens=64, page_size=8, max_batch=2, prefill_chunk=8, prefix_cache=False)
+    assert engine.pool.k.dtype == engine.pool.v.dtype == torch.bfloat16
+    assert engine.pool.k.nbytes == 2 * 64 * 4 * 16 * 2  # layers, slots, kv heads, head dim, 2 bytes
     fp32 = small_model()
     fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    seen = record_logits(engine)
+    engine.generate([Request(prompt=p, params=SamplingParams(max_new_tokens=4, temperature=0))
+                     for p in prompts_of([9, 12])])
+    assert engine._dec.k.dtype == torch.bfloat16
+    assert len(seen) == 8
     with torch.no_grad():
-        got = torch.cat([model(x[:, :8], cache=cache.step([8, 8])), model(x[:, 8:], cache=cache.step([1, 1]))], 1)
-        full, want = model(x), fp32(x)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, full, atol=1e-2, rtol=0)
-    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+        for ctx, got in seen:
+            full, want = model(torch.tensor([ctx]))[0, -1], fp32(torch.tensor([ctx]))[0, -1]
+            assert full.dtype == torch.bfloat16
+            torch.testing.assert_close(got, full.float(), atol=1e-2, rtol=0)
+            assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -226,8 +208,10 @@ def test_seeded_sampling_is_reproducible_and_equals_the_reference():
     model = small_model(n_kv_heads=2)
     prompts = prompts_of(LENGTHS)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=40, top_p=0.9, seed=3)
-    out = generate(model, prompts, params)
-    assert out == generate(model, prompts, params)
+    engine = Engine(model, **ENGINE)
+    out = generate(model, prompts, params, engine)
+    assert out == generate(model, prompts, params, engine)  # the same engine again (pages from the prefix cache)
+    assert out == generate(model, prompts, params)  # a fresh engine
     assert out == generate_reference(model, prompts, params)
     other = generate(model, prompts, SamplingParams(max_new_tokens=10, temperature=1.0, top_k=40, top_p=0.9, seed=4))
     assert other != out
@@ -309,15 +293,17 @@ def test_stop_tokens_end_a_row_while_others_continue():
     model = small_model(n_kv_heads=2)
     prompts = prompts_of(LENGTHS)
     free = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0))
-    # a stop token that row 3 emits as its 3rd token
+    # a stop token that some row emits as its 3rd token
     row = next(i for i, o in enumerate(free) if o[2] not in o[:2])
     stop = free[row][2]
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[stop])
-    out = generate(model, prompts, params)
+    res = Engine(model, **ENGINE).generate([Request(prompt=p, params=params) for p in prompts])
+    out = [r.tokens for r in res]
     assert out[row] == free[row][:3]  # the stop token ends the row and is its last output token
-    for o, f in zip(out, free):
+    for r, f in zip(res, free):
         expect = f[: f.index(stop) + 1] if stop in f else f
-        assert o == expect
+        assert r.tokens == expect
+        assert r.finish_reason == ("stop" if stop in f else "length")
     assert any(len(o) == 12 for o in out)  # other rows went on to max_new_tokens
     assert out == generate_reference(model, prompts, params)
 
@@ -330,9 +316,17 @@ def test_sampling_params_validation_and_config():
     assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed) == (7, 0.8, 5, 1.0, 9)
     assert SamplingParams.from_config(SampleConfig(seed=2), run_seed=9, temperature=0).seed == 2
     assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
-    assert generate(small_model(), [[1, 2]], SamplingParams(max_new_tokens=0)) == [[]]
+    res = Engine(small_model()).generate([Request(prompt=[1, 2], params=SamplingParams(max_new_tokens=0))])
+    assert (res[0].tokens, res[0].finish_reason) == ([], "length")
+    # one params per prompt, or one for all; a null seed comes from torch's global generator
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
-        generate(small_model(), [[1]] * 3, [SamplingParams()] * 2)
+        row_params([SamplingParams()] * 2, 3)
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        Engine(byte_model(), ByteTokenizer()).generate_text(["a"] * 3, [SamplingParams()] * 2)
+    torch.manual_seed(0)
+    first = row_params(SamplingParams(), 2)
+    torch.manual_seed(0)
+    assert row_params(SamplingParams(), 2) == first and first[1].seed == first[0].seed + 1
 
 
 # ---- text level -----------------------------------------------------------------------------------
@@ -354,40 +348,42 @@ def byte_model(vocab=264, boost=None):
 def test_generate_text_stops_on_end_tokens_and_leaves_them_out():
     tok = ByteTokenizer()
     params = SamplingParams(max_new_tokens=5, temperature=0)
-    assert generate_text(byte_model(boost={tok.eos_id: 100.0}), tok, ["hi", "there"], params) == ["", ""]
+    assert Engine(byte_model(boost={tok.eos_id: 100.0}), tok).generate_text(["hi", "there"], params) == ["", ""]
     end = tok.special_id("<|end_of_dialog|>")
-    model = byte_model(boost={end: 100.0})
-    assert generate_text(model, tok, ["hi"], params) == [""]
-    assert generate(model, [tok.encode("hi")], params) == [[end] * 5]  # generate() has no default stops
+    engine = Engine(byte_model(boost={end: 100.0}), tok)
+    assert engine.generate_text(["hi"], params) == [""]
+    res = engine.generate([Request(prompt=tok.encode("hi"), params=params)])[0]
+    assert (res.tokens, res.finish_reason) == ([end] * 5, "length")  # a token prompt has no default stops
     # explicit stop ids replace the defaults
-    assert generate_text(model, tok, ["hi"], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[]),
-                         allow_special=True) == ["<|end_of_dialog|>" * 3]
+    assert engine.generate_text(["hi"], SamplingParams(max_new_tokens=3, temperature=0, stop_token_ids=[]),
+                                allow_special=True) == ["<|end_of_dialog|>" * 3]
 
 
 def test_generate_text_never_samples_other_specials_unless_asked():
     tok = ByteTokenizer()
     pad, user = tok.pad_id, tok.special_id("<|user|>")
-    model = byte_model(vocab=300, boost={pad: 100.0, user: 90.0, 290: 200.0})
+    engine = Engine(byte_model(vocab=300, boost={pad: 100.0, user: 90.0, 290: 200.0}), tok)
     for params in (SamplingParams(max_new_tokens=6, temperature=0), SamplingParams(max_new_tokens=6, seed=0)):
-        texts = generate_text(model, tok, ["ab", "c"], params)
+        texts = engine.generate_text(["ab", "c"], params)
         assert all("<|" not in t and t for t in texts)
     # allowed: the boosted pad wins; id 290 (beyond the tokenizer) is still never produced
-    texts = generate_text(model, tok, ["ab"], SamplingParams(max_new_tokens=3, temperature=0), allow_special=True)
+    texts = engine.generate_text(["ab"], SamplingParams(max_new_tokens=3, temperature=0), allow_special=True)
     assert texts == ["<|pad|>" * 3]
 
 
 def test_generate_text_streams_the_same_text():
     tok = ByteTokenizer()
     model = byte_model()
-    pieces: dict[int, list[str]] = {0: [], 1: []}
+    prompts = ["héllo", "x", "x"]
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
     params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=1)
-    texts = generate_text(model, tok, ["héllo", "x"], params, on_text=lambda row, s: pieces[row].append(s))
-    # the slow reference, with the same stops and suppressed ids that generate_text derives from the tokenizer
-    rows = [sampling_mod._text_params(p, tok, model.cfg.vocab_size, False) for p in sampling_mod._row_params(params, 2)]
-    ref = generate_reference(model, [tok.encode("héllo"), tok.encode("x")], rows)
-    assert texts == [tok.decode(t[:-1] if t and t[-1] in r.stop_token_ids else t) for t, r in zip(ref, rows)]
-    assert ["".join(pieces[i]) for i in range(2)] == texts
-    assert all(len(pieces[i]) > 1 for i in range(2))  # streamed in pieces, not at the end
+    engine = Engine(model, tok, pool_tokens=256, page_size=8, max_batch=2)
+    texts = engine.generate_text(prompts, params, on_text=lambda row, s: pieces[row].append(s))
+    # the slow reference, with the same stops, suppressed ids and seeds (row i: seed + i)
+    assert texts == reference_text(model, tok, prompts, params)
+    assert texts[1] != texts[2]  # equal prompts, different seeds
+    assert ["".join(pieces[i]) for i in range(3)] == texts
+    assert all(len(pieces[i]) > 1 for i in range(3))  # streamed in pieces, not at the end
 
 
 def test_read_prompts(tmp_path):

@@ -296,15 +296,16 @@ def test_cli_errors_are_one_line(tmp_path, corpus):
 
 
 def test_generate_cli_streams_the_same_text_as_the_library(tmp_path, corpus):
-    from lmlab.inference.sampling import SamplingParams, generate_text
+    from lmlab.inference import Engine, SamplingParams
 
     cfg = make_cfg(tmp_path, corpus, "train.steps=3")
     Trainer(cfg).fit()
     res = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(cfg.run_dir), "--prompt", "To be",
                           "--max-new-tokens", "12", "--temperature", "0"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    _, model, tok = load_run(cfg.run_dir)
-    expected = generate_text(model, tok, ["To be"], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+    run_cfg, model, tok = load_run(cfg.run_dir)
+    engine = Engine.from_config(model, tok, run_cfg.engine)  # as the CLI builds it
+    expected = engine.generate_text(["To be"], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
     assert res.stdout == "To be" + expected + "\n"
     prompts = tmp_path / "p.txt"
     prompts.write_text("To be\nOr not\n")

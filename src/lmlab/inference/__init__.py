@@ -1,5 +1,5 @@
-"""Inference: the generation engine (continuous batching, paged KV pool, prefix cache, tools), a simple
-preallocated KV cache, sampling, and batched generation.
+"""Inference: the generation engine (continuous batching, paged KV pool, prefix cache, tools), the one decode
+path, and the sampling primitives it uses.
 
 Usage::
 
@@ -10,17 +10,16 @@ Usage::
 """
 
 from lmlab.inference.engine import Engine, ModelRunner, Request, Result, StreamEvent
-from lmlab.inference.kv_cache import KVCache, KVCacheStep
 from lmlab.inference.pool import DecodeBatch, DecodeStep, PagedStep, PagePool, Segment
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import (
     Sampler,
     SamplingParams,
+    TextStream,
     filtered_probs,
-    generate,
-    generate_reference,
-    generate_text,
     read_prompts,
+    row_params,
+    text_params,
 )
 
 __all__ = [
@@ -35,13 +34,11 @@ __all__ = [
     "Result",
     "Segment",
     "StreamEvent",
-    "KVCache",
-    "KVCacheStep",
     "Sampler",
     "SamplingParams",
+    "TextStream",
     "filtered_probs",
-    "generate",
-    "generate_reference",
-    "generate_text",
     "read_prompts",
+    "row_params",
+    "text_params",
 ]

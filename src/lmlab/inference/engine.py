@@ -52,7 +52,7 @@ from torch import nn
 from lmlab.config import EngineConfig
 from lmlab.inference.pool import DecodeBatch, PagedStep, PagePool, Segment
 from lmlab.inference.prefix_cache import PrefixCache
-from lmlab.inference.sampling import Sampler, SamplingParams, _row_params, _text_params, _TextStream
+from lmlab.inference.sampling import Sampler, SamplingParams, TextStream, row_params, text_params
 from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
 
 __all__ = ["Engine", "ModelRunner", "Request", "Result", "StreamEvent"]
@@ -347,12 +347,17 @@ class Engine:
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
                       *, allow_special: bool = False, on_text: Callable[[int, str], None] | None = None) -> list[str]:
-        """Completions of text prompts, as :func:`lmlab.inference.sampling.generate_text` (same stops, same
-        suppressed ids, same seeds: row ``i`` of a single params is seeded ``seed + i``), on this engine.
-        ``on_text(row, piece)`` receives each row's text as it grows."""
+        """Completions of text prompts (the prompt not included, nor the stop token that ended a row).
+
+        ``params``: one for every prompt (row ``i`` seeded ``seed + i``) or one per prompt (see
+        :func:`~lmlab.inference.sampling.row_params`). Stop tokens default to the tokenizer's ``<|eos|>`` and
+        ``<|end_of_dialog|>`` (when ``params.stop_token_ids`` is None). Other special tokens, and ids beyond the
+        tokenizer's vocabulary, are never sampled unless ``allow_special`` (ids beyond the vocabulary never are;
+        see :func:`~lmlab.inference.sampling.text_params`). ``on_text(row, piece)`` receives each row's text as it
+        grows (streaming)."""
         requests = self.text_requests(prompts, params, allow_special=allow_special)
         rows = [r.params for r in requests]
-        stream = _TextStream(self.tokenizer, len(prompts), on_text) if on_text is not None else None
+        stream = TextStream(self.tokenizer, len(prompts), on_text) if on_text is not None else None
         new: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
         for ev in self.stream(requests):
@@ -377,8 +382,8 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("Engine.generate_text needs a tokenizer")
         params = SamplingParams() if params is None else params
-        rows = _row_params(params, len(prompts))
-        rows = [_text_params(p, self.tokenizer, self.runner.cfg.vocab_size, allow_special) for p in rows]
+        rows = row_params(params, len(prompts))
+        rows = [text_params(p, self.tokenizer, self.runner.cfg.vocab_size, allow_special) for p in rows]
         requests = []
         for i, (text, p) in enumerate(zip(prompts, rows)):
             ids = self.tokenizer.encode(text)

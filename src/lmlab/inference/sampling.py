@@ -1,29 +1,33 @@
-"""Sampling and batched generation with a KV cache, and the slow reference it must agree with.
+"""Sampling primitives, and the text helpers of the generation engine (:class:`~lmlab.inference.engine.Engine`,
+the one generator: ``Engine.generate`` for token prompts, ``Engine.generate_text`` for text).
 
-* :class:`SamplingParams`: temperature (0 = greedy), top-k, top-p, seed, max new tokens, stop and
+* :class:`SamplingParams`: temperature (0 = greedy), top-k, top-p, min-p, seed, max new tokens, stop and
   suppressed token ids, for one request.
 * :class:`Sampler`: a batch of logits -> next tokens, each row with its own params and its own seeded
   random generator, so a request's samples do not depend on what else is in the batch.
-* :func:`generate`: ragged prompts in one batch: one forward prefills every prompt, then one forward per
-  step decodes one token for every unfinished row, through a :class:`~lmlab.inference.kv_cache.KVCache`.
-* :func:`generate_reference`: the same samples, recomputing each row's whole sequence at every step
-  without a cache (slow; the test oracle).
-* :func:`generate_text` / :func:`read_prompts`: the text level for ``lmlab generate``.
+* :func:`filtered_probs`: the distribution a row is sampled from, after every filter.
+* :func:`row_params`: one params per prompt with a concrete seed (a single params for many prompts seeds
+  row ``i`` with ``seed + i``).
+* :func:`text_params`: a row's params for text generation with a tokenizer: default stop tokens, special and
+  undecodable ids suppressed.
+* :class:`TextStream`: each row's new tokens as growing text, for streaming.
+* :func:`read_prompts`: prompts from a file, for ``lmlab generate``.
 
 Filters apply in this order: suppressed ids removed, logits divided by the temperature, the ``top_k``
 most likely ids kept, then the smallest set of most likely ids whose probability reaches ``top_p``, then
 (min-p) only the ids at least ``min_p`` times as likely as the most likely one.
 A row draws one uniform number per sampled token from its generator and picks the token where it falls
-in the cumulative distribution (ids sorted by probability, ties by id), so cached and reference decoding
-draw the same tokens from the same logits. Generators live on the CPU: a seed means the same draws on
-every device.
+in the cumulative distribution (ids sorted by probability, ties by id), so any decoding that computes the
+same logits (the engine's cached decoding, or a full recomputation of each sequence) draws the same tokens.
+Generators live on the CPU: a seed means the same draws on every device.
 
 Usage::
 
-    from lmlab.inference import SamplingParams, generate, generate_text
+    from lmlab.inference import Engine, Request, SamplingParams
     params = SamplingParams(max_new_tokens=50, temperature=0.8, top_p=0.95, seed=0, stop_token_ids=[tok.eos_id])
-    new_ids = generate(model, [tok.encode("ROMEO:"), tok.encode("JULIET:")], params)
-    texts = generate_text(model, tok, ["ROMEO:", "JULIET:"], params, on_text=lambda row, s: print(row, s))
+    engine = Engine(model, tok, pool_tokens=8192)
+    new_ids = [r.tokens for r in engine.generate([Request(prompt=tok.encode("ROMEO:"), params=params)])]
+    texts = engine.generate_text(["ROMEO:", "JULIET:"], params, on_text=lambda row, s: print(row, s))
 """
 
 from __future__ import annotations
@@ -34,21 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lmlab.config import SampleConfig, sampling_errors
-from lmlab.inference.kv_cache import KVCache
 from lmlab.jsonl import iter_jsonl
 from lmlab.tokenizers import END_OF_DIALOG, EOS, Tokenizer
 
 __all__ = [
     "Sampler",
     "SamplingParams",
+    "TextStream",
     "filtered_probs",
-    "generate",
-    "generate_reference",
-    "generate_text",
     "read_prompts",
+    "row_params",
+    "text_params",
 ]
 
 
@@ -56,10 +58,10 @@ __all__ = [
 class SamplingParams:
     """How one request is sampled.
 
-    ``stop_token_ids``: generation of a row ends right after it emits one of these (the stop token is part
-    of :func:`generate`'s output; :func:`generate_text` leaves it out of the text). ``None`` means "the
-    default": no stop tokens for :func:`generate`, the tokenizer's ``<|eos|>`` and ``<|end_of_dialog|>``
-    for :func:`generate_text`. ``suppress_token_ids`` are never sampled (not even greedily).
+    ``stop_token_ids``: generation of a row ends right after it emits one of these (the stop token is the
+    last of the result's tokens; text leaves it out). ``None`` means "the default": no stop tokens for a
+    token prompt, the tokenizer's ``<|eos|>`` and ``<|end_of_dialog|>`` for text (:func:`text_params`) and for
+    the engine's dialog requests. ``suppress_token_ids`` are never sampled (not even greedily).
     """
 
     max_new_tokens: int = 200
@@ -92,12 +94,13 @@ class SamplingParams:
         return cls(**kw)
 
 
-def _row_params(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
-    """One params per row with a concrete seed.
+def row_params(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    """One params per row (prompt) of ``n``, each with a concrete seed.
 
     A single params stands for every row, row ``i`` seeded ``seed + i`` (so equal prompts give different
     samples). In a list each row keeps its own seed, so a request samples the same in any batch. A null
-    seed is drawn from torch's global generator (reproducible under ``torch.manual_seed``).
+    seed is drawn from torch's global generator (reproducible under ``torch.manual_seed``). ValueError when a
+    list does not hold one params per row.
     """
     if isinstance(params, SamplingParams):
         base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
@@ -153,7 +156,7 @@ def filtered_probs(
 class Sampler:
     """Next tokens for a batch of rows, row ``i`` sampled with ``params[i]`` and its own generator.
 
-    Each non-greedy params needs a seed (see :func:`_row_params`). Every call draws one uniform number from
+    Each non-greedy params needs a seed (see :func:`row_params`). Every call draws one uniform number from
     the generator of each active, non-greedy row; inactive rows draw nothing and get an arbitrary token.
     """
 
@@ -207,109 +210,13 @@ class Sampler:
         return torch.where(self._greedy, argmax, sampled)
 
 
-def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]], rows: list[SamplingParams],
-                   max_len: int | None) -> int:
-    """Validate prompt ids and lengths; return the cache length needed."""
-    cfg = model.cfg
-    if max_len is not None and max_len > cfg.max_seq_len:
-        raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    limit, what = (cfg.max_seq_len, "model.max_seq_len") if max_len is None else (max_len, "max_len")
-    need = 0
-    for i, (prompt, p) in enumerate(zip(prompts, rows)):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
-        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the model vocabulary [0, {cfg.vocab_size})")
-        total = len(prompt) + p.max_new_tokens
-        if total > limit:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens and max_new_tokens={p.max_new_tokens}: "
-                             f"{total} tokens exceed {what}={limit}")
-        need = max(need, total)
-    return need if max_len is None else max_len
+def text_params(p: SamplingParams, tokenizer: Tokenizer, model_vocab: int, allow_special: bool) -> SamplingParams:
+    """``p`` for generating text with ``tokenizer`` from a model of ``model_vocab`` ids.
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    return model.tok_embeddings.weight.device
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams | Sequence[SamplingParams],
-    *,
-    max_len: int | None = None,
-    on_token: Callable[[int, int], None] | None = None,
-) -> list[list[int]]:
-    """New tokens for each prompt (not the prompt), decoded together with a KV cache.
-
-    A row ends after ``max_new_tokens`` tokens or right after emitting one of its stop tokens, which is
-    then the last token of its output. ``params``: one for all prompts (row ``i`` seeded ``seed + i``) or
-    one per prompt. ``max_len``: the cache length (default: the longest prompt + max_new_tokens).
-    ``on_token(row, token)`` is called for every new token as soon as it is chosen (streaming).
-    Every step runs one forward for the whole batch; finished rows add nothing to the cache.
+    Stop tokens: ``p.stop_token_ids``, or when None the tokenizer's ``<|eos|>`` and ``<|end_of_dialog|>`` (those
+    it has). Suppressed: ``p.suppress_token_ids``, every id the tokenizer cannot decode (``tokenizer.vocab_size``
+    and up), and unless ``allow_special`` every special token that is not a stop token.
     """
-    n = len(prompts)
-    rows = _row_params(params, n)
-    prompts = [[int(t) for t in p] for p in prompts]
-    cache_len = _check_prompts(model, prompts, rows, max_len)
-    out: list[list[int]] = [[] for _ in range(n)]
-    active = [p.max_new_tokens > 0 for p in rows]
-    if not any(active):
-        return out
-    device = _model_device(model)
-    lens = [len(p) for p in prompts]
-    tokens = torch.zeros(n, max(lens), dtype=torch.int64)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    cache = KVCache.for_model(model, n, cache_len)
-    logits = model(tokens.to(device), cache=cache.step(lens))
-    last = logits[torch.arange(n, device=device), torch.tensor(lens, device=device) - 1]
-    sampler = Sampler(rows)
-    stops = [set(p.stop_token_ids or ()) for p in rows]
-    while True:
-        nxt = sampler(last, active)
-        for i, tok in enumerate(nxt.tolist()):
-            if not active[i]:
-                continue
-            out[i].append(tok)
-            if on_token is not None:
-                on_token(i, tok)
-            if tok in stops[i] or len(out[i]) >= rows[i].max_new_tokens:
-                active[i] = False
-        if not any(active):
-            return out
-        last = model(nxt[:, None], cache=cache.step([int(a) for a in active]))[:, 0]
-
-
-@torch.no_grad()
-def generate_reference(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams | Sequence[SamplingParams],
-) -> list[list[int]]:
-    """What :func:`generate` returns, computed slowly: one row at a time, the whole sequence every step."""
-    rows = _row_params(params, len(prompts))
-    prompts = [[int(t) for t in p] for p in prompts]
-    _check_prompts(model, prompts, rows, None)
-    device = _model_device(model)
-    out = []
-    for prompt, p in zip(prompts, rows):
-        sampler, seq, new = Sampler([p]), list(prompt), []
-        stops = set(p.stop_token_ids or ())
-        while len(new) < p.max_new_tokens:
-            logits = model(torch.tensor([seq], device=device))[:, -1]
-            tok = int(sampler(logits)[0])
-            seq.append(tok)
-            new.append(tok)
-            if tok in stops:
-                break
-        out.append(new)
-    return out
-
-
-def _text_params(p: SamplingParams, tokenizer: Tokenizer, model_vocab: int, allow_special: bool) -> SamplingParams:
     specials = tokenizer.special_tokens
     stops = p.stop_token_ids
     if stops is None:
@@ -320,8 +227,14 @@ def _text_params(p: SamplingParams, tokenizer: Tokenizer, model_vocab: int, allo
     return dataclasses.replace(p, stop_token_ids=stops, suppress_token_ids=tuple(sorted(suppress)))
 
 
-class _TextStream:
-    """Turns each row's new tokens into text pieces, holding back a trailing partial UTF-8 character."""
+class TextStream:
+    """Turns each of ``n`` rows' new tokens into text pieces for ``on_text(row, piece)`` (streaming).
+
+    :meth:`push` takes a row's whole list of new tokens so far; the text decoded from them is sent in pieces,
+    each the part not sent before. A trailing partial UTF-8 character (decoded as U+FFFD) is held back until
+    the next token completes it, or until the final push; a text that does not extend what was sent (the
+    tokenizer decoded earlier tokens differently) sends nothing.
+    """
 
     def __init__(self, tokenizer: Tokenizer, n: int, on_text: Callable[[int, str], None]) -> None:
         self.tokenizer, self.on_text = tokenizer, on_text
@@ -329,6 +242,7 @@ class _TextStream:
         self.sent = [""] * n
 
     def push(self, row: int, tokens: list[int], final: bool = False) -> None:
+        """Row ``row``'s new tokens are now ``tokens``: send the text they add (``final``: the row's last push)."""
         self.tokens[row] = tokens
         text = self.tokenizer.decode(tokens)
         if text.endswith("\ufffd") and not final:
@@ -336,50 +250,6 @@ class _TextStream:
         if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
             self.on_text(row, text[len(self.sent[row]):])
             self.sent[row] = text
-
-
-def generate_text(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str],
-    params: SamplingParams | Sequence[SamplingParams] | None = None,
-    *,
-    allow_special: bool = False,
-    on_text: Callable[[int, str], None] | None = None,
-    max_len: int | None = None,
-) -> list[str]:
-    """Completions of text prompts (the prompt not included, nor the stop token that ended a row).
-
-    Stop tokens default to the tokenizer's ``<|eos|>`` and ``<|end_of_dialog|>`` (when
-    ``params.stop_token_ids`` is None). Other special tokens, and ids beyond the tokenizer's vocabulary,
-    are never sampled unless ``allow_special`` (out-of-vocabulary ids never are).
-    ``on_text(row, piece)`` receives each row's text as it grows (streaming).
-    """
-    params = SamplingParams() if params is None else params
-    rows = _row_params(params, len(prompts))  # resolve seeds before rewriting stops
-    rows = [_text_params(p, tokenizer, model.cfg.vocab_size, allow_special) for p in rows]
-    ids = [tokenizer.encode(p) for p in prompts]
-    for i, x in enumerate(ids):
-        if not x:
-            raise ValueError(f"prompt {i} encodes to no tokens: give at least one character of text")
-    stream = _TextStream(tokenizer, len(prompts), on_text) if on_text is not None else None
-    stops = [set(p.stop_token_ids or ()) for p in rows]
-    new: list[list[int]] = [[] for _ in prompts]
-
-    def on_token(row: int, tok: int) -> None:
-        new[row].append(tok)
-        if stream is not None and tok not in stops[row]:
-            stream.push(row, new[row])
-
-    out = generate(model, ids, rows, max_len=max_len, on_token=on_token)
-    texts = []
-    for i, toks in enumerate(out):
-        if toks and toks[-1] in stops[i]:
-            toks = toks[:-1]
-        if stream is not None:
-            stream.push(i, toks, final=True)
-        texts.append(tokenizer.decode(toks))
-    return texts
 
 
 def read_prompts(path: str | Path) -> list[str]:

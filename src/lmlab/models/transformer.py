@@ -12,7 +12,7 @@ Usage::
     model = build_model(ModelConfig(vocab_size=264, dim=128, n_layers=4, n_heads=4))
     logits = model(tokens)                        # (B, T, vocab) float32
     logits = model(tokens, doc_ids=doc_ids)       # packed documents
-    logits = model(tokens, cache=cache.step(n))   # incremental decoding (lmlab.inference.kv_cache)
+    logits = model(tokens, cache=step)            # incremental decoding (a PagedStep of lmlab.inference.pool)
     meta = build_model(cfg, device="meta")        # no memory; later: materialize(meta, "cpu", seed=0)
 
 Incremental decoding: ``cache`` is any object with the :class:`AttentionCache` interface. It tells the model
