@@ -46,9 +46,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "apps"))
 
+from memory.build_data import build_dataset  # noqa: E402
+
 from lmlab.config import load_config  # noqa: E402
 from lmlab.train.trainer import Trainer  # noqa: E402
-from memory.build_data import build_dataset  # noqa: E402
 
 TARGET_SPEEDUP = 2.0
 # the landed presets' settings (today) and the tuned recipe of each point (fast); both start from the point's base

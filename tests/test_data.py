@@ -362,8 +362,11 @@ def test_length_grouping_batches_similar_lengths_and_keeps_every_dialog_once(tmp
         assert grouped.packing_efficiency(epoch) > plain.packing_efficiency(epoch) + 0.1  # less padding
         # each window of 4 batches was sorted by length: within a batch, lengths span far less than in the plain order
         lengths = plain.corpus.lengths
-        spread = lambda src: np.mean([np.ptp(lengths[[src.row_dialogs(epoch, int(r))[0] for r in b]])
-                                      for b in src.plan(epoch)[2]])
+
+        def spread(src, epoch=epoch, lengths=lengths):
+            return np.mean([np.ptp(lengths[[src.row_dialogs(epoch, int(r))[0] for r in b]])
+                            for b in src.plan(epoch)[2]])
+
         assert spread(grouped) < 0.5 * spread(plain)
         # the batches are shuffled after grouping: the batch length does not rise through the epoch
         longest = [lengths[[grouped.row_dialogs(epoch, int(r))[0] for r in b]].max() for b in rows_g]
