@@ -118,16 +118,16 @@ def test_interleaved_rotary_weights_permute_to_the_half_layout():
     assert not torch.equal(w_half, w_meta)
 
 
-@pytest.mark.parametrize("scheme", ["normal", "gpt2", "small", "depth"])
+@pytest.mark.parametrize("scheme", ["normal", "gpt2", "small", "depth", "width"])
 def test_init_schemes_give_the_configured_statistics(scheme):
     cfg = ModelConfig(vocab_size=512, dim=256, n_layers=4, n_heads=4, qkv_bias=True,
                       init=InitConfig(scheme=scheme, std=0.05))
     model = build_model(cfg, seed=0)
-    small = math.sqrt(2 / (5 * 256))
+    small = {"small": math.sqrt(2 / (5 * 256)), "width": 1 / 16}.get(scheme)  # schemes that ignore std
     for i, layer in enumerate(model.layers):
-        expect_in = small if scheme == "small" else 0.05
-        expect_out = {"normal": 0.05, "gpt2": 0.05 / math.sqrt(8), "small": small,
-                      "depth": 0.05 / math.sqrt(2 * (i + 1))}[scheme]
+        expect_in = small or 0.05
+        expect_out = small or {"normal": 0.05, "gpt2": 0.05 / math.sqrt(8),
+                               "depth": 0.05 / math.sqrt(2 * (i + 1))}[scheme]
         for w in (layer.attention.wq.weight, layer.attention.wk.weight, layer.feed_forward.w1.weight,
                   layer.feed_forward.w3.weight):
             assert abs(w.std().item() / expect_in - 1) < 0.03, (scheme, i, w.std().item(), expect_in)
@@ -136,7 +136,7 @@ def test_init_schemes_give_the_configured_statistics(scheme):
             assert abs(w.std().item() / expect_out - 1) < 0.03, (scheme, i, w.std().item(), expect_out)
         assert torch.equal(layer.attention_norm.weight, torch.ones(256))
         assert torch.count_nonzero(layer.attention.wq.bias) == 0
-    emb = small if scheme == "small" else 0.05
+    emb = small or 0.05
     assert abs(model.tok_embeddings.weight.std().item() / emb - 1) < 0.03
     assert abs(model.output.weight.std().item() / emb - 1) < 0.03
 

@@ -100,9 +100,10 @@ def F(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the 
 class InitConfig:
     """How weights are initialised (see lmlab.models.init for the schemes)."""
 
-    scheme: Literal["normal", "gpt2", "small", "depth"] = F(
+    scheme: Literal["normal", "gpt2", "small", "depth", "width"] = F(
         "gpt2", "normal: N(0,std) everywhere; gpt2: residual projections scaled by 1/sqrt(2*layers); "
-        "small: std=sqrt(2/(5*dim)); depth: residual projections scaled by 1/sqrt(2*(layer+1))")
+        "small: std=sqrt(2/(5*dim)); depth: residual projections scaled by 1/sqrt(2*(layer+1)); "
+        "width: std=1/sqrt(dim) everywhere (tiny models)")
     std: float = F(0.02, "base standard deviation for the normal, gpt2 and depth schemes")
     seed: int | None = F(None, "seed for the initial weights; null: derive from the run seed")
 

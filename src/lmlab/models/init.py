@@ -12,6 +12,9 @@ module only decides the numbers, so a scheme is one small function.
   independent of ``std``.
 - ``depth``: residual output projections of block ``l`` (0-based) use ``std / sqrt(2 * (l + 1))``
   (the "current depth" rule used by OLMo and Lingua).
+- ``width``: every matrix ~ N(0, 1 / sqrt(dim)), independent of ``std`` (the init of the in-tool learning paper's
+  own code, arXiv 2508.20755). For tiny models a fixed ``std = 0.02`` is far below ``1 / sqrt(dim)`` (0.25 at
+  width 16): attention starts uniform and memorisation sets in much later.
 
 Usage::
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from lmlab.config import ModelConfig
 
-SCHEMES = ("normal", "gpt2", "small", "depth")
+SCHEMES = ("normal", "gpt2", "small", "depth", "width")
 
 
 @dataclass(frozen=True)
@@ -49,4 +52,7 @@ def init_stds(cfg: ModelConfig, layer_id: int = 0) -> InitStds:
         return InitStds(s, s, s, s)
     if scheme == "depth":
         return InitStds(std, std, std / math.sqrt(2 * (layer_id + 1)), std)
+    if scheme == "width":
+        s = 1.0 / math.sqrt(cfg.dim)
+        return InitStds(s, s, s, s)
     raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
