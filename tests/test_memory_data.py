@@ -88,6 +88,18 @@ def test_bits_per_person_and_dates() -> None:
     assert len(ATTRIBUTES) >= 4 and len(set(cards.values())) >= 3
     assert bits_per_person() == pytest.approx(sum(math.log2(c) for c in cards.values()))
     assert bits_per_person() == pytest.approx(42.4003, abs=1e-3)
+    # dependent attributes (alpha): the entropy of a value given the last-name rule (the mixture's entropy written
+    # out by hand), its limits, and its fall with alpha
+    assert people.bits_per_value(191, 0.0) == math.log2(191) and people.bits_per_value(191, 1.0) == 0.0
+    k, a = 10, 0.5
+    p_rule, p_other = a + (1 - a) / k, (1 - a) / k
+    assert people.bits_per_value(k, a) == pytest.approx(-(p_rule * math.log2(p_rule)
+                                                          + (k - 1) * p_other * math.log2(p_other)))
+    curve = [bits_per_person(x / 10) for x in range(11)]
+    assert curve[0] == bits_per_person() and curve[-1] == 0.0 and curve == sorted(curve, reverse=True)
+    assert people.rule_bits(3) == pytest.approx(3 * bits_per_person())
+    with pytest.raises(ValueError, match="alpha must be in"):
+        people.bits_per_value(10, 1.5)
     dates = VALUES["birth_date"]
     assert len(dates) == len(set(dates)) == cards["birth_date"] == 24107  # 66 years, 16 of them leap
     assert dates[0] == "January 1, 1940" and dates[-1] == "December 31, 2005"
@@ -234,6 +246,12 @@ def test_build_is_deterministic_and_seeded(tmp_path: Path) -> None:
     assert m3["sha256"]["people.sqlite"] != m1["sha256"]["people.sqlite"]
     with pytest.raises(ValueError, match="paraphrases"):
         build_dataset(tmp_path / "d", people=5, ood=0, seed=0, paraphrases=99)
+    assert m1["rule_bits"] == 0.0
+    dep = build_dataset(tmp_path / "e", people=120, ood=0, seed=7, alpha=0.5)  # what is left to store, per fact
+    assert dep["bits_per_fact"] == pytest.approx(bits_per_person(0.5) / len(ATTRIBUTES))
+    assert dep["bits_per_fact"] < m1["bits_per_fact"]
+    lasts = {json.loads(x)["name"].split(" ", 1)[1] for x in (tmp_path / "e" / "people.jsonl").read_text().splitlines()}
+    assert dep["rule_bits"] == pytest.approx(people.rule_bits(len(lasts))) and len(lasts) > 1
 
 
 def test_manifest_matches_files(big: Path) -> None:

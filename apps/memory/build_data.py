@@ -79,6 +79,7 @@ from memory.people import (  # noqa: E402
     qa_dialog,
     render_question,
     rng_stream,
+    rule_bits,
     sql_query,
     tool_dialog,
 )
@@ -265,7 +266,7 @@ def build_dataset(
     lines["eval_train.jsonl"] = _write_lines(out / "eval_train.jsonl", _eval_lines(train, seed, "train"))
     lines["eval_ood.jsonl"] = _write_lines(out / "eval_ood.jsonl", _eval_lines(test, seed, "ood"))
 
-    bits = bits_per_person()
+    bits = bits_per_person(alpha)
     manifest = {
         "format_version": FORMAT_VERSION,
         "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice, novel,
@@ -283,6 +284,8 @@ def build_dataset(
         "cardinalities": {a: CARDINALITIES[a] for a in ATTRIBUTES},
         "bits_per_person": bits,
         "bits_per_fact": bits / len(ATTRIBUTES),
+        # alpha > 0: the last-name rule's own table, shared by the people of each last name (on top of bits_per_fact)
+        "rule_bits": rule_bits(len({p["name"].split(" ", 1)[1] for p in train})) if alpha > 0 else 0.0,
         "counts": {
             "people": len(train),
             "ood": len(test),

@@ -95,6 +95,8 @@ __all__ = [
     "VALUES",
     "answer_regex",
     "bits_per_person",
+    "bits_per_value",
+    "rule_bits",
     "biography",
     "build_database",
     "cardinality",
@@ -163,9 +165,30 @@ def cardinality(attribute: str) -> int:
     return CARDINALITIES[attribute]
 
 
-def bits_per_person() -> float:
-    """Information content of one person's attributes drawn uniformly and independently: sum of log2(cardinality)."""
-    return float(sum(math.log2(c) for c in CARDINALITIES.values()))
+def bits_per_value(cardinality: int, alpha: float = 0.0) -> float:
+    """Entropy (bits) of one attribute value that equals a known function of the last name with probability
+    ``alpha`` and is otherwise uniform over ``cardinality`` values: what a model that knows the rule must still
+    store per fact. ``alpha=0``: log2(cardinality); ``alpha=1``: 0."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    k = int(cardinality)
+    if alpha == 0.0:
+        return math.log2(k)
+    rule = alpha + (1.0 - alpha) / k  # the rule's value: drawn by the rule, or by the uniform draw landing on it
+    other = (1.0 - alpha) / k  # each of the k - 1 other values
+    return float(-sum(q * math.log2(q) for q in (rule, *([other] * (k - 1))) if q > 0))
+
+
+def bits_per_person(alpha: float = 0.0) -> float:
+    """Information content of one person's attributes: with ``alpha=0`` (uniform, independent draws) the sum of
+    log2(cardinality); with ``alpha > 0``, the sum of :func:`bits_per_value` (given the last-name rule, which costs
+    :func:`rule_bits` once per last name on top)."""
+    return float(sum(bits_per_value(c, alpha) for c in CARDINALITIES.values()))
+
+
+def rule_bits(last_names: int) -> float:
+    """Bits of the last-name rule itself (alpha > 0): one value per attribute for each distinct last name."""
+    return float(last_names * sum(math.log2(c) for c in CARDINALITIES.values()))
 
 
 def _check_attribute(attribute: str) -> None:
