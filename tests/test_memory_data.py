@@ -252,6 +252,22 @@ def test_build_is_deterministic_and_seeded(tmp_path: Path) -> None:
     assert dep["bits_per_fact"] < m1["bits_per_fact"]
     lasts = {json.loads(x)["name"].split(" ", 1)[1] for x in (tmp_path / "e" / "people.jsonl").read_text().splitlines()}
     assert dep["rule_bits"] == pytest.approx(people.rule_bits(len(lasts))) and len(lasts) > 1
+    # families: the paper's compressibility data puts many people in few families (a dependent value is a family's)
+    fam = build_dataset(tmp_path / "f", people=120, ood=10, seed=7, alpha=0.5, families=6)
+    rows = [json.loads(x) for x in (tmp_path / "f" / "people.jsonl").read_text().splitlines()]
+    assert len({r["name"] for r in rows}) == 120 and len({r["name"].split(" ", 1)[1] for r in rows}) == 6
+    assert fam["build_args"]["families"] == 6 and "families" not in m1["build_args"]  # old manifests keep matching
+    assert fam["rule_bits"] == pytest.approx(people.rule_bits(6))
+    by_family: dict = {}
+    for r in rows:  # with alpha 0.5, about half of a family's values of an attribute are the family's own value
+        by_family.setdefault(r["name"].split(" ", 1)[1], []).append(r["occupation"])
+    shares = [max(map(vals.count, vals)) / len(vals) for vals in by_family.values()]
+    assert sum(shares) / len(shares) > 0.4  # independent draws over 110 occupations: ~0.1
+    with pytest.raises(ValueError, match="families must be in"):
+        people.make_people(5, 0, families=10**6)
+    with pytest.raises(ValueError, match=r"name pool holds only \d+ names \(2 families\)"):
+        people.make_people(10**5, 0, families=2)
+    assert people.make_people(50, 3) == people.make_people(50, 3, families=0)
 
 
 def test_manifest_matches_files(big: Path) -> None:

@@ -145,16 +145,19 @@ def _eval_lines(people: list[dict[str, str]], seed: int, stream: str) -> Iterato
 
 def build_args(people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
                absent_in_weight: bool = False, practice: int = 0, novel: int = 0,
-               practice_style: str = "lists") -> dict[str, Any]:
+               practice_style: str = "lists", families: int = 0) -> dict[str, Any]:
     """The arguments that decide a dataset's content, as the manifest records them (``build_args``): a folder
-    whose manifest holds the same ones (and the same ``format_version``) holds the same files."""
+    whose manifest holds the same ones (and the same ``format_version``) holds the same files. ``families`` is
+    recorded only when set (datasets built before it existed keep matching)."""
     return {"people": int(people), "ood": int(ood), "seed": int(seed), "alpha": float(alpha),
             "paraphrases": int(paraphrases), "absent": int(absent), "absent_in_weight": bool(absent_in_weight),
-            "practice": int(practice), "novel": int(novel), "practice_style": str(practice_style)}
+            "practice": int(practice), "novel": int(novel), "practice_style": str(practice_style),
+            **({"families": int(families)} if families else {})}
 
 
 def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice: int,
-                 alpha: float = 0.0, novel: int = 0, practice_style: str = "lists") -> list[tuple[str, str]]:
+                 alpha: float = 0.0, novel: int = 0, practice_style: str = "lists",
+                 families: int = 0) -> list[tuple[str, str]]:
     """What is wrong with these build arguments, as ``(name, message)`` pairs (checked before anything is written)."""
     n_q = min(len(t) for t in QUESTION_TEMPLATES.values())
     errs = []
@@ -169,12 +172,15 @@ def build_errors(people: int, ood: int, paraphrases: int, absent: int, practice:
         errs.append(("practice-style", f"must be one of {', '.join(PRACTICE_STYLES)}, got {practice_style!r}"))
     if not 0.0 <= alpha <= 1.0:
         errs.append(("alpha", f"must be a probability in [0, 1], got {alpha}"))
+    if families < 0:
+        errs.append(("families", f"must be >= 0 (0: any last name), got {families}"))
     return errs
 
 
 def build_dataset(
     out: str | Path, people: int, ood: int, seed: int, alpha: float = 0.0, paraphrases: int = 4, absent: int = 0,
     absent_in_weight: bool = False, practice: int = 0, novel: int = 0, practice_style: str = "lists",
+    families: int = 0,
 ) -> dict[str, Any]:
     """Write every file of the dataset into ``out`` (created if missing) and return the manifest. The ``absent``
     questions go into the in-tool file, and into the in-weight file too when ``absent_in_weight``; the
@@ -182,15 +188,16 @@ def build_dataset(
     ``memory.novel``) join the database and get an evaluation set of their own, ``eval_novel.jsonl``; no training
     file changes with them. ``practice_style``: "lists" draws practice people from the training name and value
     lists, "pseudo" makes them of made-up words (``make_pseudo_practice``), "mixed" half of each."""
-    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel, practice_style):
+    for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel, practice_style,
+                                   families):
         raise ValueError(f"{key} {value}")
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    train = make_people(people, seed, alpha=alpha)
-    test = make_people(ood, seed, ood=True, alpha=alpha)
+    train = make_people(people, seed, alpha=alpha, families=families)
+    test = make_people(ood, seed, ood=True, alpha=alpha, families=families)
     novel_people = make_novel_people(novel, seed)
     lines: dict[str, int] = {}
     lines["people.jsonl"] = _write_lines(out / "people.jsonl", [_dumps(p) for p in train])
@@ -270,7 +277,8 @@ def build_dataset(
     manifest = {
         "format_version": FORMAT_VERSION,
         "build_args": build_args(people, ood, seed, alpha, paraphrases, absent, absent_in_weight, practice, novel,
-                                 practice_style),
+                                 practice_style, families),
+        "families": int(families),
         "seed": int(seed),
         "alpha": float(alpha),
         "paraphrases": int(paraphrases),
@@ -323,17 +331,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--novel", type=int, default=0,
                     help="novel people (held-out names and attribute values, memory.novel): in the database, asked "
                          "about in eval_novel.jsonl; no training file changes")
+    ap.add_argument("--families", type=int, default=0,
+                    help="draw last names from this many families (many people per last name, for --alpha); 0: any")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     for key, msg in build_errors(args.people, args.ood, args.paraphrases, args.absent, args.practice, args.alpha,
-                                 args.novel, args.practice_style):
+                                 args.novel, args.practice_style, args.families):
         ap.error(f"--{key}: {msg}")  # one line, exit status 2, before anything is written
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out: {args.out} exists and is not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     manifest = build_dataset(args.out, args.people, args.ood, args.seed, args.alpha, args.paraphrases, args.absent,
-                             args.absent_in_weight, args.practice, args.novel, args.practice_style)
+                             args.absent_in_weight, args.practice, args.novel, args.practice_style, args.families)
     print(json.dumps({"out": str(args.out), **manifest["counts"], "seconds": round(time.perf_counter() - t0, 2)}))
     return manifest
 

@@ -261,20 +261,28 @@ def make_novel_people(n: int, seed: int) -> list[dict[str, str]]:
     return people
 
 
-def make_people(n: int, seed: int, *, ood: bool = False, alpha: float = 0.0) -> list[dict[str, str]]:
+def make_people(n: int, seed: int, *, ood: bool = False, alpha: float = 0.0, families: int = 0
+                ) -> list[dict[str, str]]:
     """``n`` people with distinct full names, deterministic given the arguments.
 
     ``ood=False`` draws names from the in-distribution halves of the name lists, ``ood=True`` from the OOD
     parts; ``alpha`` in [0, 1] is the probability that an attribute is a function of the last name.
+    ``families > 0``: every last name comes from a seeded choice of that many last names (many people per family,
+    as in the paper's compressibility data: there a dependent attribute is shared by a whole family); 0: any.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     firsts, lasts = name_pool(ood)
+    if families:
+        if not 0 < families <= len(lasts):
+            raise ValueError(f"families must be in 1..{len(lasts)} (last names of the pool), got {families}")
+        lasts = rng_stream(seed, "families", "ood" if ood else "id").sample(list(lasts), families)
     pool = len(firsts) * len(lasts)
     if n > pool:
-        raise ValueError(f"{n} people asked for, but the {'OOD' if ood else 'ID'} name pool holds only {pool} names")
+        raise ValueError(f"{n} people asked for, but the {'OOD' if ood else 'ID'} name pool holds only {pool} names"
+                         + (f" ({families} families)" if families else ""))
     rng = rng_stream(seed, "people", "ood" if ood else "id")
     picks = rng.sample(range(pool), n)
     people = []

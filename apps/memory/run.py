@@ -18,7 +18,8 @@ Tags the YAML must set (see quickstart.yaml): ``mode`` (weight | tool), ``people
 database and the OOD eval set), ``data_seed``, ``data_dir``; optional ``alpha`` (dependent attributes, default 0)
 ``paraphrases`` (dialogs per fact, default 4), ``absent`` (questions about people absent from the database,
 default 0), ``absent_in_weight`` (put them in the in-weight file too, default false) and ``practice`` (questions
-about practice people of a database of their own, in-tool file only, default 0); see build_data.py.
+about practice people of a database of their own, in-tool file only, default 0) and ``families`` (last names drawn
+from this many families, for ``alpha`` experiments, default 0: any); see build_data.py.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def dataset_args(tags: dict) -> dict:
                 "paraphrases": int(tags.get("paraphrases", 4)), "absent": int(tags.get("absent", 0)),
                 "absent_in_weight": bool(tags.get("absent_in_weight", False)),
                 "practice": int(tags.get("practice", 0)), "novel": int(tags.get("novel", 0)),
-                "practice_style": str(tags.get("practice_style", "lists"))}
+                "practice_style": str(tags.get("practice_style", "lists")),
+                "families": int(tags.get("families", 0))}
     except KeyError as e:
         raise ConfigError(f"tags.{e.args[0]}: the memory app needs this tag (see quickstart.yaml)") from None
     except (TypeError, ValueError) as e:
