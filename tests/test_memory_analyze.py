@@ -104,6 +104,38 @@ def test_min_params_means_over_seeds():
     assert [(r["mode"], r["facts"], r["params"], r["seeds"]) for r in got] == [("weight", 400, 300, 1),
                                                                              ("tool", 800, 100, 1)]
     assert [r["params"] for r in min_params_for(rows, threshold=0.9)][0] == 100  # mean 0.935 >= 0.9
+    # alpha (compressible facts) is a group of its own, and the capacity fit uses alpha 0 only
+    dep = [{"mode": "weight", "facts": 400, "alpha": 0.8, "params": 100, "recall_train_best": 0.99,
+            "bits_per_fact": 2.4}]
+    got = min_params_for(rows + dep)
+    assert [(r["facts"], r["alpha"], r["params"]) for r in got if r["mode"] == "weight"] == [(400, 0.0, 300),
+                                                                                         (400, 0.8, 100)]
+    assert capacity_fit(got)["params_per_fact"] == 300 / 400
+
+
+def test_alpha_runs_get_their_own_minimum_and_figure(tmp_path):
+    root = tmp_path / "runs"
+    for alpha, bits, cap in ((0.0, 8.0, 1.0), (0.8, 2.0, 4.0)):  # compressible facts: 4x the facts per parameter
+        d = tmp_path / "data" / f"a{alpha}"
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"alpha": alpha, "bits_per_fact": bits, "paraphrases": 1,
+                                                     "counts": {"people": 100, "facts": 400,
+                                                                "lines": {"weight_train.jsonl": 400}}}))
+        for dim, params in SIZES.items():
+            run = root / f"alpha{alpha}_dim{dim}"
+            run.mkdir(parents=True)
+            cfg = {"name": run.name, "seed": 0, "model": {"dim": dim, "n_layers": 2}, "data": {"batch_size": 8},
+                   "tags": {"mode": "weight", "people": 100, "data_dir": f"data/a{alpha}"}}
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+            recall = min(1.0, cap * params / 8 / 400 / 4)  # alpha 0: only the large size; alpha 0.8: both
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 50, "recall/train/correct": recall}) + "\n")
+            (run / "summary.json").write_text(json.dumps({"status": "completed", "step": 50, "num_params": params}))
+    summary = make_report(root, tmp_path / "out")
+    mins = [(r["alpha"], r["params"]) for r in summary["min_params"]]
+    assert mins == [(0.0, 12800), (0.8, 3200)]
+    assert {r["alpha"] for r in summary["rows"]} == {0.0, 0.8}
+    assert (tmp_path / "out" / "params_vs_alpha.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "Compressibility (alpha)" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_loglog_fit_and_capacity():

@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 MODES = ("weight", "tool")
 MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
-COLUMNS = ["name", "mode", "people", "facts", "bits_per_fact", "seed", "data_seed", "dim", "n_layers", "params",
-           "smear_keys", "batch_size", "lr", "steps", "status", "recall_train_final", "recall_train_best",
+COLUMNS = ["name", "mode", "people", "facts", "alpha", "bits_per_fact", "seed", "data_seed", "dim", "n_layers",
+           "params", "smear_keys", "batch_size", "lr", "steps", "status", "recall_train_final", "recall_train_best",
            "step_recall_95", "exposures_95", "exposures_final", "bits_per_param", "recall_ood_final",
            "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood",
            "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
@@ -111,6 +111,7 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "mode": mode,
             "people": r.get("tags.people", manifest.get("people", counts.get("people"))),
             "facts": manifest.get("facts", counts.get("facts")),
+            "alpha": float(manifest.get("alpha") or 0.0),
             "bits_per_fact": manifest.get("bits_per_fact"),
             "seed": r.get("seed"),
             "data_seed": r.get("tags.data_seed", manifest.get("seed")),
@@ -157,27 +158,28 @@ def _exposures_per_step(r: RunRecord, manifest: dict, counts: dict, facts: Any) 
 
 
 def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> list[dict[str, Any]]:
-    """For each (mode, facts): the smallest ``params`` whose mean over seeds of best train recall >= threshold.
+    """For each (mode, facts, alpha): the smallest ``params`` whose mean over seeds of best train recall >= threshold.
 
-    Returns rows ``{mode, facts, params, recall, seeds, bits_per_fact}`` sorted by mode then facts; a
-    (mode, facts) that no model size reaches is left out.
+    Returns rows ``{mode, facts, alpha, params, recall, seeds, bits_per_fact}`` sorted by mode, alpha, facts; a
+    (mode, facts, alpha) that no model size reaches is left out.
     """
     groups: dict[tuple, list[float]] = defaultdict(list)
     bits: dict[tuple, Any] = {}
     for row in rows:
         if row.get("facts") is None or row.get("params") is None or row.get("recall_train_best") is None:
             continue
-        key = (row["mode"], row["facts"], row["params"])
+        key = (row["mode"], row["facts"], float(row.get("alpha") or 0.0), row["params"])
         groups[key].append(float(row["recall_train_best"]))
-        bits.setdefault(key[:2], row.get("bits_per_fact"))
+        bits.setdefault(key[:3], row.get("bits_per_fact"))
     best: dict[tuple, dict[str, Any]] = {}
-    for (mode, facts, params), recalls in groups.items():
+    for (mode, facts, alpha, params), recalls in groups.items():
         mean = statistics.fmean(recalls)
-        if mean >= threshold and ((mode, facts) not in best or params < best[(mode, facts)]["params"]):
-            best[(mode, facts)] = {"mode": mode, "facts": facts, "params": params, "recall": mean,
-                                   "seeds": len(recalls), "bits_per_fact": bits.get((mode, facts))}
+        k = (mode, facts, alpha)
+        if mean >= threshold and (k not in best or params < best[k]["params"]):
+            best[k] = {"mode": mode, "facts": facts, "alpha": alpha, "params": params, "recall": mean,
+                       "seeds": len(recalls), "bits_per_fact": bits.get(k)}
     order = {m: i for i, m in enumerate(MODES)}
-    return sorted(best.values(), key=lambda d: (order.get(d["mode"], len(order)), d["facts"]))
+    return sorted(best.values(), key=lambda d: (order.get(d["mode"], len(order)), d["alpha"], d["facts"]))
 
 
 def fit_loglog(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -196,7 +198,7 @@ def capacity_fit(min_rows: Sequence[dict[str, Any]], mode: str = "weight") -> di
 
     With fewer than two points the slope and intercept are None (the medians still come when there is one).
     """
-    pts = [r for r in min_rows if r["mode"] == mode]
+    pts = [r for r in min_rows if r["mode"] == mode and not r.get("alpha")]  # independent facts (alpha 0) only
     out: dict[str, Any] = {"mode": mode, "points": len(pts), "slope": None, "intercept": None,
                            "params_per_fact": None, "bits_per_param": None, "params_per_added_fact": None,
                            "largest_facts": None, "params_per_fact_largest": None, "bits_per_param_largest": None}
@@ -346,6 +348,18 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
         notes.append("no run logged recall/train/correct")
     files["recall_vs_step"] = plot_lines(step_series, out / "recall_vs_step.png", "step", "train recall",
                                          "Train recall during training, with and without the tool")
+    alphas = sorted({r["alpha"] for r in rows if r["mode"] == "weight" and r.get("facts")})
+    if len(alphas) > 1:  # the compressibility experiment: params per fact against alpha, beside its bits per fact
+        series_a: dict[str, tuple[list, list]] = {}
+        for facts in sorted({r["facts"] for r in mins if r["mode"] == "weight" and r["alpha"] in alphas}):
+            pts = sorted((r["alpha"], r["params"] / facts) for r in mins
+                         if r["mode"] == "weight" and r["facts"] == facts)
+            series_a[f"{facts} facts: min params per fact for {pct}"] = ([a for a, _ in pts], [v for _, v in pts])
+        bits_a = sorted({(r["alpha"], r["bits_per_fact"]) for r in rows
+                         if r["mode"] == "weight" and r.get("bits_per_fact") is not None})
+        series_a["bits per fact to store (given the family rule)"] = ([a for a, _ in bits_a], [b for _, b in bits_a])
+        files["alpha"] = plot_lines(series_a, out / "params_vs_alpha.png", "alpha (share of family-determined values)",
+                                    "parameters per fact / bits per fact", "In-weight: compressibility", logy=True)
     files["bits_vs_exposures"] = plot_lines(
         _bits_vs_exposures(records, rows), out / "bits_vs_exposures.png", "exposures per fact",
         "bits stored per parameter", "In-weight: bits per parameter vs exposures (Physics of LMs 3.3)", logx=True)
@@ -374,6 +388,7 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
                 text="" if mins else f"No (mode, facts) reaches {pct}.", images=[files["min_params_vs_facts"]]),
         Section("Recall vs facts", images=[files["recall_vs_facts"]]),
         Section("Recall during training", images=[files["recall_vs_step"]]),
+        *([Section("Compressibility (alpha)", images=[files["alpha"]])] if "alpha" in files else []),
         Section("Bits per parameter vs exposures", images=[files["bits_vs_exposures"]],
                 text="In-weight runs: recalled share of the facts' information (bits) per parameter at each "
                      "evaluation, against the dialogs seen per fact."),
