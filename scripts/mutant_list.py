@@ -47,6 +47,16 @@ MUTANTS = [
          find="        key = tuple(s.uid for s in items)",
          replace="        key = tuple(s.index for s in items)",
          tests=T_ENGINE),
+    # a decoding sequence whose pages are full takes no new page before its next token
+    dict(id="engine-decode-fast-path-past-its-pages", module="engine", file=ENGINE,
+         find="if pending == 1 and not s.fresh and s.n_cached < len(s.pages) * ps:",
+         replace="if pending == 1 and not s.fresh and s.n_cached <= len(s.pages) * ps:",
+         tests=T_ENGINE),
+    # a finished sequence's decoded keys never reach the pages that the prefix cache keeps
+    dict(id="engine-release-without-flush", module="engine", file=ENGINE,
+         find="self._leave_decode(s, flush=self.prefix is not None)",
+         replace="self._leave_decode(s, flush=False)",
+         tests=T_ENGINE),
     # ---- pool --------------------------------------------------------------------------------------------------
     dict(id="pool-pages-rounded-down", module="pool", file=POOL,
          find="        n_pages = -(-int(n_tokens) // int(page_size))",
@@ -64,6 +74,15 @@ MUTANTS = [
     dict(id="pool-decode-remove-own-length", module="pool", file=POOL,
          find="            m = self.lengths[last]\n",
          replace="            m = self.lengths[row]\n",
+         tests=T_ENGINE),
+    # a row that leaves the decode batch does not write what it decoded to its pages
+    dict(id="pool-decode-remove-without-flush", module="pool", file=POOL,
+         find="        if flush:\n            self.flush(row)\n",
+         replace="",
+         tests=T_ENGINE),
+    dict(id="pool-flush-from-its-length", module="pool", file=POOL,
+         find="        a, b = self.flushed[row], self.lengths[row]\n",
+         replace="        a, b = self.flushed[row] + 1, self.lengths[row]\n",
          tests=T_ENGINE),
     # ---- prefix_cache ------------------------------------------------------------------------------------------
     dict(id="prefix-insert-no-incref", module="prefix_cache", file=PREFIX,

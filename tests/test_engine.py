@@ -135,6 +135,57 @@ def test_decode_batch_joins_leaves_and_growth_equal_the_page_gather(variant):
         dec.step([Segment(tables[i], lengths[i] + 1, 1) for i in live])
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2, smear_keys=2)], ids=["mha", "gqa_smear"])
+def test_decode_batch_writes_decoded_keys_to_the_pool_when_a_row_leaves(variant):
+    """Decode steps write the new keys/values to the batch only; a row that leaves (or is flushed) writes what it
+    decoded to its pages: the pool then holds what a decode through the pages (PagedStep) writes there."""
+    model = small_model(**variant)
+    fast, slow = (PagePool.for_model(model, n_tokens=256, page_size=8) for _ in range(2))
+    prompts = prompts_of([13, 7, 16], seed=9)
+    tables = [fast.alloc(4) for _ in prompts]
+    assert [slow.alloc(4) for _ in prompts] == tables
+    lengths = [len(p) for p in prompts]
+    with torch.no_grad():
+        for pool in (fast, slow):
+            for t, p in zip(tables, prompts):
+                model(torch.tensor([p]), cache=PagedStep(pool, [[Segment(t, 0, len(p))]]))
+        dec = DecodeBatch(fast, rows=3, capacity=32)
+        for t, n in zip(tables, lengths):
+            dec.add(Segment(t, n, 1))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            tokens = torch.randint(0, 97, (3, 1), generator=g)
+            segs = [Segment(t, n, 1) for t, n in zip(tables, lengths)]
+            model(tokens, cache=dec.step(segs))
+            model(tokens, cache=PagedStep(slow, [[seg] for seg in segs]))
+            lengths = [n + 1 for n in lengths]
+    stores = [(fast.k, slow.k), (fast.v, slow.v)] + ([(fast.kr, slow.kr)] if fast.kr is not None else [])
+    slots = [t[p // 8] * 8 + p % 8 for t, n in zip(tables, lengths) for p in range(n - 5, n)]
+    assert all(not a[:, slots].any() for a, _ in stores)  # nothing decoded reached the pool yet
+    dec.remove(0)  # the row leaves: its keys reach its pages; the last row moves into row 0
+    dec.flush(0)
+    dec.flush(1)
+    dec.flush(1)  # a second flush writes nothing new
+    assert dec.lengths == [lengths[2], lengths[1]] and dec.flushed == dec.lengths
+    for a, b in stores:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_and_stream_give_the_same_results():
+    """generate() runs without per-token events; its results equal the stream's."""
+    model = small_model(seed=2)
+    prompts = prompts_of([5, 12, 3, 9], seed=3)
+    reqs = [Request(prompt=p, params=SamplingParams(max_new_tokens=9, temperature=0.8, seed=i))
+            for i, p in enumerate(prompts)]
+    engine = Engine(model, pool_tokens=256, page_size=8, max_batch=2)
+    got = engine.generate(reqs)
+    events = list(engine.stream(reqs))
+    streamed = sorted((e.result for e in events if e.result is not None), key=lambda r: prompts.index(r.prompt))
+    assert [r.tokens for r in got] == [r.tokens for r in streamed]
+    for i, r in enumerate(streamed):
+        assert [t for e in events if e.index == i for t in e.tokens] == r.tokens
+
+
 def test_greedy_fast_path_equals_the_sampler():
     g = torch.Generator().manual_seed(0)
     logits = torch.randint(0, 4, (16, 50), generator=g).float()  # many ties: the lowest id must win

@@ -14,8 +14,11 @@ cache, per-request sampling and stop conditions, and tool calls in token space.
   in one row with a block-diagonal causal mask. Long prompts are prefilled in chunks over several steps.
   Decoding sequences keep their contexts in one contiguous :class:`~lmlab.inference.pool.DecodeBatch`
   (allocated once; a sequence's context is copied in from its pages when it starts decoding, one token is
-  appended per step, and a sequence that stops decoding gives its row to the last one) instead of being
-  gathered from the pages on every layer of every step. The packed prefill attends one prompt at a time
+  appended per step, to the batch only, and a sequence that stops decoding writes what it decoded to its pages
+  and gives its row to the last one) instead of being gathered from the pages on every layer of every step.
+  The per-step host work is one pass over the running sequences: only a sequence whose token may end it or call a
+  tool (a stop token, a stop string, its length, a trigger) is looked at further, and :meth:`Engine.generate`
+  makes no per-token events. The packed prefill attends one prompt at a time
   (``PagedStep.blocks``), not through one dense block-diagonal mask.
 * Prefix cache (:class:`~lmlab.inference.prefix_cache.PrefixCache`): a request whose prompt starts with
   cached full pages reuses them and prefills only the rest.
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 from lmlab.config import EngineConfig
-from lmlab.inference.pool import DecodeBatch, PagedStep, PagePool, Segment
+from lmlab.inference.pool import DecodeBatch, PagedStep, PagePool, Segment, _ints
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import Sampler, SamplingParams, TextStream, row_params, text_params
 from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
@@ -196,6 +199,8 @@ class _Seq:
         self.tool: _ToolCall | None = None
         self.tool_calls: list[tuple[str | None, str]] = []
         self.finish_reason: str | None = None
+        self.running = False  # in Engine.active
+        self.row = -1  # its row in the decode batch (-1: none)
 
 
 class Engine:
@@ -247,6 +252,8 @@ class Engine:
         self.active: list[_Seq] = []
         self._dec: DecodeBatch | None = None  # contiguous contexts of the decoding sequences, kept across steps
         self._dec_rows: list[_Seq] = []  # the sequence of each live row of self._dec
+        self._tool_seqs: list[_Seq] = []  # running sequences waiting for a tool's answer
+        self._token_events = True  # whether _sample reports each sampled token (generate() needs results only)
         self._suppress_key: tuple[int, ...] | None = None  # the rows (sequence uids) of _suppress_rows
         self._suppress_rows: torch.Tensor | None = None
         self.stats = {"forwards": 0, "prefill_forwards": 0, "decode_forwards": 0, "preemptions": 0,
@@ -318,14 +325,19 @@ class Engine:
     def generate(self, requests: Sequence[Request | Sequence[int]]) -> list[Result]:
         """Run every request to completion; results in request order."""
         results: list[Result | None] = [None] * len(requests)
-        for ev in self.stream(requests):
+        for ev in self._run(requests, token_events=False):
             if ev.result is not None:
                 results[ev.index] = ev.result
         return results  # type: ignore[return-value]
 
     def stream(self, requests: Sequence[Request | Sequence[int]]) -> Iterator[StreamEvent]:
         """Events as tokens are appended (sampled tokens, and tool answers) and as requests finish."""
+        return self._run(requests, token_events=True)
+
+    def _run(self, requests: Sequence[Request | Sequence[int]], token_events: bool) -> Iterator[StreamEvent]:
+        """The events of :meth:`stream`; without ``token_events``, no event for each sampled token."""
         seqs = [self._make_seq(i, r) for i, r in enumerate(requests)]
+        self._token_events = token_events
         for s in seqs:
             if s.params.max_new_tokens == 0:
                 s.finish_reason = "length"
@@ -342,7 +354,9 @@ class Engine:
         """Drop every waiting and running request, giving their pages back (running tools are abandoned)."""
         for s in self.active:
             self._release(s)
+            s.running = False
         self.active, self.waiting = [], deque()
+        self._tool_seqs = []
         self._clear_decode_batch()
 
     def generate_text(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -406,6 +420,8 @@ class Engine:
         return True
 
     def _release(self, s: _Seq) -> None:
+        if s.row >= 0:  # its decoded keys/values reach its pages first, when the prefix cache may keep them
+            self._leave_decode(s, flush=self.prefix is not None)
         if self.prefix is not None:
             self.prefix.insert(s.tokens[:s.n_cached], s.pages)
         self.pool.decref(s.pages)
@@ -437,6 +453,7 @@ class Engine:
     def _preempt(self, s: _Seq) -> None:
         self._release(s)  # its full pages stay in the prefix cache, so it may not prefill them again
         self.active.remove(s)
+        s.running = False
         self.waiting.appendleft(s)
         self.stats["preemptions"] += 1
 
@@ -452,20 +469,28 @@ class Engine:
                 return
             self.waiting.popleft()
             self.active.append(s)
-            s.fresh = True
+            s.running = s.fresh = True
 
     # ---- one step ------------------------------------------------------------------------------------
     def _step(self) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         self._poll_tools(events)
         self._admit()
-        decode: list[tuple[_Seq, int]] = []
+        decode: list[_Seq] = []
         prefill: list[tuple[_Seq, int]] = []
         budget = self.prefill_chunk
+        ps = self.pool.page_size
+        stopped: list[_Seq] = []
         for s in list(self.active):
-            if s not in self.active or s.tool is not None:
+            if not s.running or s.tool is not None:
+                continue
+            pending = len(s.tokens) - s.n_cached
+            if pending == 1 and not s.fresh and s.n_cached < len(s.pages) * ps:
+                decode.append(s)  # a decoding sequence with room in its pages: what the general path below does
                 continue
             if s.fresh and self.prefix is not None:
+                if budget <= 0 and (len(s.tokens) - 1) % ps:
+                    continue  # no prefill budget left, and no cached prefix could leave it one token to feed
                 self._rematch(s)
                 if self._shares_prefill(s, prefill):
                     continue  # next step, it takes the pages that this step's prefill computes
@@ -482,60 +507,59 @@ class Engine:
                     break
                 else:  # alone and still too long for the pool (tool answers grew it): stop here
                     s.finish_reason = "length"
+                    stopped.append(s)
                     break
-            if s not in self.active or s.finish_reason is not None:
+            if not s.running or s.finish_reason is not None:
                 continue
             if pending == 1:
-                decode.append((s, k))
+                decode.append(s)
             else:
                 prefill.append((s, k))
                 budget -= k
-        for s in [s for s in self.active if s.finish_reason is not None]:
+        for s in stopped:
             events.append(self._finish(s))
         seqs: list[_Seq] = []
         logits: list[torch.Tensor] = []
-        for group in (decode, prefill):
-            if group:
-                done, lg = self._forward(group, packed=group is prefill)
-                seqs += done
-                logits.append(lg)
+        if decode:
+            done, lg = self._decode_forward(decode)
+            seqs += done
+            logits.append(lg)
+        if prefill:
+            done, lg = self._forward(prefill)
+            seqs += done
+            logits.append(lg)
         if seqs:
             self._sample(seqs, logits[0] if len(logits) == 1 else torch.cat(logits), events)
-        elif not decode and not prefill and any(s.tool is not None for s in self.active):
+        elif not decode and not prefill and self._tool_seqs:
             time.sleep(0.001)  # everyone waits for a tool
         return events
 
-    def _forward(self, group: list[tuple[_Seq, int]], packed: bool) -> tuple[list[_Seq], torch.Tensor]:
-        """Run one forward; the sequences whose pending tokens are all fed now, and their logits (rows)."""
+    def _forward(self, group: list[tuple[_Seq, int]]) -> tuple[list[_Seq], torch.Tensor]:
+        """Run one packed prefill forward; the sequences whose pending tokens are all fed now, and their logits
+        (rows)."""
         t0 = time.perf_counter()
-        if packed:
-            segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
-            rows, cols, col = [0] * len(group), [], 0
-            for _, k in group:
-                col += k
-                cols.append(col - 1)
-            tokens = torch.tensor([[t for s, k in group for t in s.tokens[s.n_cached:s.n_cached + k]]])
-            step = PagedStep(self.pool, [segs])
-            self.stats["prefill_forwards"] += 1
-            self.stats["prefill_tokens"] += col
-        else:  # one row per sequence, in the order of the decode batch's rows
-            group = [(s, 1) for s in self._decode_batch([s for s, _ in group])]
-            segs = [Segment(s.pages, s.n_cached, 1) for s, _ in group]
-            rows, cols = list(range(len(group))), [0] * len(group)
-            tokens = torch.tensor([[s.tokens[s.n_cached]] for s, _ in group])
-            step = self._dec.step(segs)
-            self.stats["decode_forwards"] += 1
-            self.stats["cascade_forwards"] += step.shared_keys > 0
+        for s, _ in group:
+            if s.row >= 0:  # never the case (a sequence leaves the decode batch before it prefills): kept safe
+                self._leave_decode(s)
+        segs = [Segment(s.pages, s.n_cached, k) for s, k in group]
+        rows, cols, col = [0] * len(group), [], 0
+        for _, k in group:
+            col += k
+            cols.append(col - 1)
+        tokens = _ints([t for s, k in group for t in s.tokens[s.n_cached:s.n_cached + k]]).view(1, -1)
+        step = PagedStep(self.pool, [segs])
+        self.stats["prefill_forwards"] += 1
+        self.stats["prefill_tokens"] += col
         self.stats["forwards"] += 1
         logits = self.runner.forward(tokens, step, rows, cols)
-        self.stats["prefill_s" if packed else "decode_s"] += time.perf_counter() - t0
+        self.stats["prefill_s"] += time.perf_counter() - t0
         done, idx = [], []
         for i, (s, k) in enumerate(group):
             if s.cached_tokens < 0:
                 s.cached_tokens = s.n_cached
             s.n_cached += k
             s.fresh = False
-            if packed and self.prefix is not None:
+            if self.prefix is not None:
                 self.prefix.insert(s.tokens[:s.n_cached], s.pages)
             if s.n_cached == len(s.tokens):
                 done.append(s)
@@ -544,18 +568,58 @@ class Engine:
             logits = logits[torch.tensor(idx, dtype=torch.long, device=logits.device)]
         return done, logits
 
+    def _decode_forward(self, seqs: list[_Seq]) -> tuple[list[_Seq], torch.Tensor]:
+        """One decode forward: one row per sequence (each has exactly one pending token), in the order of the
+        decode batch's rows; those sequences and their logits back."""
+        t0 = time.perf_counter()
+        rows = self._decode_batch(seqs)
+        tokens = _ints([s.tokens[-1] for s in rows]).view(-1, 1)  # pending == 1: the last token is the one to feed
+        step = self._dec.step()
+        self.stats["decode_forwards"] += 1
+        self.stats["cascade_forwards"] += step.shared_keys > 0
+        self.stats["forwards"] += 1
+        logits = self.runner.forward(tokens, step, list(range(len(rows))), [0] * len(rows))
+        self.stats["decode_s"] += time.perf_counter() - t0
+        for s in rows:
+            if s.cached_tokens < 0:
+                s.cached_tokens = s.n_cached
+            s.n_cached += 1
+            s.fresh = False
+        return list(rows), logits
+
     def _clear_decode_batch(self) -> None:
         """Empty the decode batch; its buffers stay allocated (memory already touched) for the next call."""
         if self._dec is not None:
             self._dec.clear()
+        for s in self._dec_rows:
+            s.row = -1
         self._dec_rows = []
 
+    def _leave_decode(self, s: _Seq, flush: bool = True) -> None:
+        """Drop ``s``'s row from the decode batch (its decoded keys/values written to its pages, unless not
+        ``flush``); the last row moves into its place."""
+        rows, r = self._dec_rows, s.row
+        self._dec.remove(r, flush=flush)
+        last = rows.pop()
+        if last is not s:
+            rows[r] = last
+            last.row = r
+        s.row = -1
+
     def _decode_batch(self, seqs: list[_Seq]) -> list[_Seq]:
-        """Make the decode batch's live rows exactly ``seqs`` (rows of sequences that left, or whose context
-        changed, e.g. after a preemption, are dropped; newcomers are copied in from their pages) and return
-        them in row order."""
+        """Make the decode batch's live rows exactly ``seqs`` (rows of sequences that stopped decoding are dropped;
+        newcomers are copied in from their pages) and return them in row order."""
         dec, rows = self._dec, self._dec_rows
+        joining = [s for s in seqs if s.row < 0]
+        if len(rows) + len(joining) != len(seqs):  # a row whose sequence is not decoding now: drop it
+            want = {id(s) for s in seqs}
+            for s in [s for s in rows if id(s) not in want]:
+                self._leave_decode(s)
+        if dec is not None and dec.lengths != [s.n_cached for s in rows]:
+            raise RuntimeError("Engine: the decode batch is out of step with its sequences")
         need = max(s.n_cached for s in seqs) + 1
+        if not joining and need <= dec.capacity:
+            return rows
         capacity = need
         if dec is None or not rows or need > dec.capacity:
             # room for every running and waiting sequence to reach its max_new_tokens, so that the batch is not
@@ -566,22 +630,13 @@ class Engine:
         if dec is None:
             self.stats["decode_batch_builds"] += 1
             dec = self._dec = DecodeBatch(self.pool, self.max_batch, capacity, self.cascade_min)
-            rows = self._dec_rows = []
-        want = {id(s) for s in seqs}
-        for r in range(len(rows) - 1, -1, -1):  # from the end: the row moved into r was already checked
-            if id(rows[r]) not in want or dec.lengths[r] != rows[r].n_cached:
-                dec.remove(r)
-                rows[r] = rows[-1]
-                rows.pop()
         if capacity > dec.capacity:
             self.stats["decode_batch_builds"] += 1
             dec.reserve(dec.rows, capacity if not rows else max(capacity, dec.capacity + 64))
-        have = {id(s) for s in rows}
-        for s in seqs:
-            if id(s) not in have:
-                dec.add(Segment(s.pages, s.n_cached, 1))
-                rows.append(s)
-                self.stats["decode_batch_joins"] += 1
+        for s in joining:
+            s.row = dec.add(Segment(s.pages, s.n_cached, 1))
+            rows.append(s)
+            self.stats["decode_batch_joins"] += 1
         return rows
 
     def _sample(self, items: list[_Seq], logits: torch.Tensor, events: list[StreamEvent]) -> None:
@@ -594,20 +649,32 @@ class Engine:
             sampler = Sampler([s.sample_params for s in items])
             sampler.generators = [s.generator for s in items]  # each request keeps its own stream of draws
             toks = sampler(logits).tolist()
+        tools, limit, token_events = self.tools, self.runner.cfg.max_seq_len, self._token_events
         for s, tok in zip(items, toks):
             s.tokens.append(tok)
             s.n_sampled += 1
-            events.append(StreamEvent(s.index, [tok]))
-            if tok in s.stops:
-                s.finish_reason = "stop"
-            elif self._hit_stop_string(s):
-                s.finish_reason = "stop_string"
-            elif s.n_sampled >= s.params.max_new_tokens or len(s.tokens) >= self.runner.cfg.max_seq_len:
-                s.finish_reason = "length"
-            elif tok in self.tools:
-                s.tool = _ToolCall(self.tools[tok], self.tools[tok].extract(self._message(s)), self.tool_timeout)
-            if s.finish_reason is not None:
-                events.append(self._finish(s))
+            if token_events:
+                events.append(StreamEvent(s.index, [tok]))
+            # most tokens end nothing and call nothing: the checks below only for those that may
+            if (tok in s.stops or s.req.stop_strings or s.params.max_new_tokens <= s.n_sampled
+                    or len(s.tokens) >= limit or tok in tools):
+                self._after_token(s, tok, events)
+
+    def _after_token(self, s: _Seq, tok: int, events: list[StreamEvent]) -> None:
+        """Stop conditions and tool calls after ``s`` sampled ``tok``."""
+        if tok in s.stops:
+            s.finish_reason = "stop"
+        elif self._hit_stop_string(s):
+            s.finish_reason = "stop_string"
+        elif s.n_sampled >= s.params.max_new_tokens or len(s.tokens) >= self.runner.cfg.max_seq_len:
+            s.finish_reason = "length"
+        elif tok in self.tools:
+            s.tool = _ToolCall(self.tools[tok], self.tools[tok].extract(self._message(s)), self.tool_timeout)
+            self._tool_seqs.append(s)
+            if s.row >= 0:  # it prefills the answer next, from its pages
+                self._leave_decode(s)
+        if s.finish_reason is not None:
+            events.append(self._finish(s))
 
     def _suppress_mask(self, items: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         """(B, V) bool: the suppressed ids of each row; kept while the rows stay the same sequences (decoding)."""
@@ -637,9 +704,9 @@ class Engine:
         return self.tokenizer.decode(ids[start:])
 
     def _poll_tools(self, events: list[StreamEvent]) -> None:
-        for s in list(self.active):
-            if s.tool is None:
-                continue
+        if not self._tool_seqs:
+            return
+        for s in [s for s in self.active if s.tool is not None]:
             answer = s.tool.poll()
             if answer is None:
                 continue
@@ -652,11 +719,13 @@ class Engine:
             if len(added) >= room:  # no room left to continue after the answer
                 s.finish_reason = "length"
                 events.append(self._finish(s))
+        self._tool_seqs = [s for s in self._tool_seqs if s.tool is not None]
 
     def _finish(self, s: _Seq) -> StreamEvent:
         self._release(s)
-        if s in self.active:
+        if s.running:
             self.active.remove(s)
+            s.running = False
         if not self.active:
             self._clear_decode_batch()
         return StreamEvent(s.index, [], self._result(s))

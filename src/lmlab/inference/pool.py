@@ -231,9 +231,10 @@ class DecodeBatch:
     are always the first ``n``: a sequence joins by copying its context out of the pool into row ``n``
     (:meth:`add`, a copy of that sequence only), and leaves by moving the last row into its place
     (:meth:`remove`, a copy of one row), so the batch is never rebuilt when the set of decoding sequences
-    changes. Each step appends one token per row (:class:`DecodeStep`; it is written to the pool as well, for
-    the prefix cache and for sequences that leave and come back). Slots past a row's length hold finite
-    leftovers that the mask hides.
+    changes. Each step appends one token per row (:class:`DecodeStep`), to the batch only: the keys/values a
+    row gains while decoding reach its pool pages when it leaves (:meth:`remove`, or :meth:`flush`), the one
+    time anything reads them there (a prefill of the same sequence, the prefix cache, a re-join). Slots past a
+    row's length hold finite leftovers that the mask hides.
 
     Cascade attention: when every live row's sequence starts with the same pool pages (a prompt prefix shared
     through the prefix cache, e.g. a system prompt), those ``shared_keys`` keys are attended once for the whole
@@ -245,6 +246,8 @@ class DecodeBatch:
         self.pool = pool
         self.cascade_min = cascade_min
         self.tables: list[tuple[int, ...]] = []  # each live row's full pages when it joined
+        self.pages: list[Sequence[int]] = []  # each live row's page table (the sequence's list: it grows with it)
+        self.flushed: list[int] = []  # tokens of each live row whose keys/values are in its pool pages
         self._shared: int | None = 0  # keys shared by every live row (None: to recompute)
         n_layers, _, h, d = pool.k.shape
         # zeros, not empty: slots past a row's length are read (and masked out), so they must be finite
@@ -266,8 +269,8 @@ class DecodeBatch:
         return self.k.shape[3]
 
     def clear(self) -> None:
-        """Drop every row (the buffers stay allocated)."""
-        self.lengths, self.tables, self._shared = [], [], 0
+        """Drop every row without writing its decoded keys/values to the pool (the buffers stay allocated)."""
+        self.lengths, self.tables, self.pages, self.flushed, self._shared = [], [], [], [], 0
 
     def _buffers(self) -> list[torch.Tensor]:
         return [self.k, self.v] + ([self.kr] if self.kr is not None else [])
@@ -290,7 +293,8 @@ class DecodeBatch:
 
     def add(self, seg: Segment) -> int:
         """Copy the first ``seg.start`` tokens of a sequence (page table ``seg.pages``) out of the pool into a new
-        last row; its index back. Call :meth:`reserve` first."""
+        last row; its index back. Call :meth:`reserve` first. The row keeps ``seg.pages`` (not a copy) to write
+        its decoded tokens back to: pages the sequence appends to that list later are used too."""
         ps, row = self.pool.page_size, self.n
         if row >= self.rows or seg.start >= self.capacity:
             raise ValueError(f"DecodeBatch: no room for a row of {seg.start} tokens ({self.n}/{self.rows} rows "
@@ -301,15 +305,33 @@ class DecodeBatch:
         if n_pages:
             pages = _ints(list(seg.pages[:n_pages])).to(self.pool.device)
             n_layers, _, h, d = self.pool.k.shape
-            pairs = [(self.pool.k, self.k), (self.pool.v, self.v)] + ([(self.pool.kr, self.kr)] if self.kr is not None
-                                                                      else [])
-            for src, dst in pairs:
+            for src, dst in self._pairs():
                 ctx = src.view(n_layers, -1, ps, h, d).index_select(1, pages).view(n_layers, n_pages * ps, h, d)
                 dst[:, row, :, :seg.start] = ctx[:, :seg.start].transpose(1, 2)
         self.lengths.append(seg.start)
         self.tables.append(tuple(seg.pages[:seg.start // ps]))
+        self.pages.append(seg.pages)
+        self.flushed.append(seg.start)
         self._shared = None
         return row
+
+    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pool store, batch buffer) of keys, values and raw keys."""
+        pool = self.pool
+        return [(pool.k, self.k), (pool.v, self.v)] + ([(pool.kr, self.kr)] if self.kr is not None else [])
+
+    def flush(self, row: int) -> None:
+        """Write the keys/values that ``row`` gained while decoding to its pool pages (a copy of those tokens only)."""
+        a, b = self.flushed[row], self.lengths[row]
+        if b <= a:
+            return
+        ps, pages = self.pool.page_size, self.pages[row]
+        if len(pages) * ps < b:
+            raise ValueError(f"DecodeBatch: {len(pages)} pages cannot hold the {b} tokens of row {row}")
+        slots = _ints([pages[p // ps] * ps + p % ps for p in range(a, b)]).to(self.pool.device)
+        for store, buf in self._pairs():
+            store.index_copy_(1, slots, buf[:, row, :, a:b].transpose(1, 2).to(store.dtype))
+        self.flushed[row] = b
 
     @property
     def shared_keys(self) -> int:
@@ -324,8 +346,11 @@ class DecodeBatch:
             self._shared = n * self.pool.page_size
         return self._shared
 
-    def remove(self, row: int) -> None:
-        """Drop ``row``; the last row moves into its place (the caller renumbers that one)."""
+    def remove(self, row: int, flush: bool = True) -> None:
+        """Drop ``row`` (writing what it decoded to its pool pages first, unless ``flush`` is False: its pages are
+        about to be freed); the last row moves into its place (the caller renumbers that one)."""
+        if flush:
+            self.flush(row)
         last = self.n - 1
         if row != last:
             m = self.lengths[last]
@@ -333,64 +358,65 @@ class DecodeBatch:
                 buf[:, row, :, :m] = buf[:, last, :, :m]
             self.lengths[row] = m
             self.tables[row] = self.tables[last]
-        self.lengths.pop()
-        self.tables.pop()
+            self.pages[row] = self.pages[last]
+            self.flushed[row] = self.flushed[last]
+        for xs in (self.lengths, self.tables, self.pages, self.flushed):
+            xs.pop()
         self._shared = None
 
-    def step(self, segs: Sequence[Segment]) -> DecodeStep:
-        """The cache view for one decode forward of rows ``0 .. len(segs) - 1`` (every live row, in order;
-        each segment: one new token at ``start``, which must be the row's length)."""
-        return DecodeStep(self, segs)
+    def step(self, segs: Sequence[Segment] | None = None) -> DecodeStep:
+        """The cache view for one decode forward of every live row, in order (one new token per row, at the
+        row's length). ``segs``, when given, are checked to be exactly that (each starting at its row's
+        length)."""
+        if segs is not None and (len(segs) != self.n or any(s.start != n for s, n in zip(segs, self.lengths))):
+            raise ValueError("DecodeStep: the segments must be the batch's rows, each starting at its length")
+        return DecodeStep(self)
 
 
 class DecodeStep:
     """One decode forward over a :class:`DecodeBatch` (the model's ``AttentionCache`` interface): row ``b`` has
     one new token at position ``lengths[b]``; it sees the row's keys ``0 .. lengths[b]``. Keys are views of
-    the batch's first S = max(lengths) + 1 slots. The lengths advance when the step is built."""
+    the batch's first S = max(lengths) + 1 slots. New keys/values are written to the batch only (the batch
+    writes them to the pool when the row leaves). The lengths advance when the step is built."""
 
-    def __init__(self, batch: DecodeBatch, segs: Sequence[Segment]) -> None:
-        ps, dev = batch.pool.page_size, batch.pool.device
+    def __init__(self, batch: DecodeBatch, segs: Sequence[Segment] | None = None) -> None:
+        dev = batch.pool.device
         lengths = batch.lengths
-        if len(segs) != batch.n or any(s.start != n for s, n in zip(segs, lengths)):
+        if segs is not None and (len(segs) != batch.n or any(s.start != n for s, n in zip(segs, lengths))):
             raise ValueError("DecodeStep: the segments must be the batch's rows, each starting at its length")
-        if max(lengths) >= batch.capacity:
-            raise ValueError(f"DecodeStep: a row of {max(lengths)} tokens is full (capacity {batch.capacity})")
-        b, h, cap = len(segs), batch.k.shape[2], batch.capacity
+        if not lengths:
+            raise ValueError("DecodeStep: the batch has no rows")
+        longest = max(lengths)
+        if longest >= batch.capacity:
+            raise ValueError(f"DecodeStep: a row of {longest} tokens is full (capacity {batch.capacity})")
+        b, h, cap = len(lengths), batch.k.shape[2], batch.capacity
         self.batch = batch
         cols = _ints(lengths)
         # the new token of (row r, head j) goes to slot (r * H + j) * capacity + length[r] of a layer's rows
         self._slot = ((torch.arange(b)[:, None] * h + torch.arange(h)) * cap + cols[:, None]).view(-1).to(dev)
-        self._dst = _ints([s.pages[p // ps] * ps + p % ps for s, p in zip(segs, lengths)]).to(dev)
         cols = cols.to(dev)
         self.positions = cols[:, None]  # (B, 1): also where each row's new key lands among its keys
-        self._n = max(lengths) + 1  # keys past the longest row are never read
+        self._n = longest + 1  # keys past the longest row are never read
         self.mask = (torch.arange(self._n, device=dev) <= cols[:, None])[:, None, None, :]
         shared = batch.shared_keys
         self.shared_keys = shared if batch.cascade_min and shared >= batch.cascade_min else 0
         batch.lengths = [n + 1 for n in lengths]
 
     def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
-        """Write the new raw keys (B, H, 1, D) to the pool and the batch; the raw keys of the ``n`` tokens before
-        each back (B, H, 1, n, D): a gather of n slots per row, whatever the rows' lengths."""
+        """Write the new raw keys (B, H, 1, D) to the batch; the raw keys of the ``n`` tokens before each back
+        (B, H, 1, n, D): a gather of n slots per row, whatever the rows' lengths."""
         batch = self.batch
-        pkr = _raw_store(batch.pool)[layer]
+        bkr = (batch.kr if batch.kr is not None else _raw_store(batch.pool))[layer]
         b, h, _, d = k.shape
-        k1 = k.reshape(b * h, d).to(pkr.dtype)
-        pkr.index_copy_(0, self._dst, k1.view(b, h, d))
-        bkr = batch.kr[layer]
-        bkr.view(-1, d).index_copy_(0, self._slot, k1)
+        bkr.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bkr.dtype))
         return gather_previous(bkr[:b].to(k.dtype), self.positions, self.positions, n)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, H, 1, D) keys/values to the pool and the batch; the batch's (B, H, S, D) back, S the
-        longest row's context."""
+        """Write the new (B, H, 1, D) keys/values to the batch; the batch's (B, H, S, D) back, S the longest row's
+        context."""
         batch = self.batch
-        pk, pv = batch.pool.k[layer], batch.pool.v[layer]
-        b, h, _, d = k.shape
-        k1, v1 = k.reshape(b * h, d).to(pk.dtype), v.reshape(b * h, d).to(pv.dtype)
-        pk.index_copy_(0, self._dst, k1.view(b, h, d))
-        pv.index_copy_(0, self._dst, v1.view(b, h, d))
         bk, bv = batch.k[layer], batch.v[layer]
-        bk.view(-1, d).index_copy_(0, self._slot, k1)
-        bv.view(-1, d).index_copy_(0, self._slot, v1)
+        b, h, _, d = k.shape
+        bk.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bk.dtype))
+        bv.view(-1, d).index_copy_(0, self._slot, v.reshape(b * h, d).to(bv.dtype))
         return bk[:b, :, :self._n].to(k.dtype), bv[:b, :, :self._n].to(v.dtype)
