@@ -121,6 +121,7 @@ class Variant:
         self.hit: tuple[int, float] | None = None
         self.every = a.every
         self.facts = a.facts
+        self.fact_share = a.fact_share
         self.target = a.target
 
     @property
@@ -157,8 +158,8 @@ class Variant:
                "reached": self.hit is not None,
                "step_at_target": self.hit[0] if self.hit else None,
                "train_s_at_target": round(self.hit[1], 1) if self.hit else None,
-               "exposures_per_fact_at_target": (round(self.hit[0] * c.data.batch_size / self.facts, 1)
-                                                if self.hit else None),
+               "exposures_per_fact_at_target": (round(self.hit[0] * c.data.batch_size * self.fact_share / self.facts,
+                                                      1) if self.hit else None),
                "final_recall": self.curve[-1][2] if self.curve else None,
                "loss_tokens_per_s": round(self.targets / max(self.train_s, 1e-9)),
                "positions_per_s": round(self.positions / max(self.train_s, 1e-9)),
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         build_dataset(out=str(data_dir), seed=a.seed, **data_args)
     m = json.loads((data_dir / "manifest.json").read_text())
     a.facts = m["counts"]["facts"]
+    # dialogs about training facts among the training file's lines (the in-tool file also holds absent and practice
+    # questions, which teach no fact): exposures per fact = steps x batch x this share / facts
+    a.fact_share = a.facts * m["paraphrases"] / m["counts"]["lines"][f"{point['mode']}_train.jsonl"]
     mode = point["mode"]
     common = point["base"] + [
         "tokenizer.kind=byte", "data.kind=dialog", f"data.train_files=[{data_dir}/{mode}_train.jsonl]",
