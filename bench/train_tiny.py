@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "apps"))
 
 from memory.build_data import build_dataset  # noqa: E402
+from train_throughput import matmul_gflops  # noqa: E402  (this folder: the same ceiling as that benchmark's)
 
 from lmlab.config import load_config  # noqa: E402
 from lmlab.train.trainer import Trainer  # noqa: E402
@@ -81,18 +82,6 @@ TODAY_PATH = ["train.sparse_logits=false", "data.length_grouping=0"]
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def matmul_gflops(n: int = 1024, reps: int = 3) -> float:
-    """Best single-thread float32 GFLOP/s of ``reps`` n^3 matmuls: the core's practical ceiling, now."""
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -220,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [Variant("today", common + today, tmp, a), Variant("fast", common + fast, tmp, a)]
         ceilings = []
         while not all(v.done for v in variants):
-            ceilings.append(matmul_gflops())
+            ceilings.append(matmul_gflops(n=1024))  # one thread: the core's ceiling, now
             for v in variants:
                 v.run(a.chunk)
         ceiling = sorted(ceilings)[len(ceilings) // 2]
