@@ -16,6 +16,7 @@ SQL = "src/lmlab/tools/sql.py"
 TOKENIZERS = "src/lmlab/tokenizers.py"
 
 T_ENGINE = ["tests/test_engine.py"]
+T_PREFIX = ["tests/test_prefix_cache.py", "tests/test_engine.py"]
 T_SAMPLING = ["tests/test_sampling.py", "tests/test_engine.py"]
 T_DATA = ["tests/test_data.py", "tests/test_train.py"]
 T_TRAIN = ["tests/test_train.py", "tests/test_faults.py"]
@@ -86,22 +87,44 @@ MUTANTS = [
          tests=T_ENGINE),
     # ---- prefix_cache ------------------------------------------------------------------------------------------
     dict(id="prefix-insert-no-incref", module="prefix_cache", file=PREFIX,
-         find="                node.children[key] = child\n                self.pool.incref([page])\n",
-         replace="                node.children[key] = child\n",
-         tests=T_ENGINE),
+         find="                self._by_page[page] = child\n                self.pool.incref([page])\n",
+         replace="                self._by_page[page] = child\n",
+         tests=T_PREFIX),
     # a hit does not refresh a page's recency: LRU degrades to insertion order
     dict(id="prefix-match-no-touch", module="prefix_cache", file=PREFIX,
          find="            child.last_used = now\n            pages.append(child.page)",
          replace="            pages.append(child.page)",
-         tests=T_ENGINE),
-    dict(id="prefix-evict-most-recent-first", module="prefix_cache", file=PREFIX,
-         find="            leaves.sort(key=lambda nd: nd.last_used)",
-         replace="            leaves.sort(key=lambda nd: nd.last_used, reverse=True)",
-         tests=T_ENGINE),
+         tests=T_PREFIX),
+    # a leaf's heap entry is not checked against its last use: a leaf matched since it was pushed is evicted by
+    # its old recency (replaces prefix-evict-most-recent-first, whose full-scan sort is gone)
+    dict(id="prefix-evict-stale-recency", module="prefix_cache", file=PREFIX,
+         find="if nd.parent is None or stamp != nd.last_used or not self._evictable(nd):",
+         replace="if nd.parent is None or not self._evictable(nd):",
+         tests=T_PREFIX),
     dict(id="prefix-evict-held-pages", module="prefix_cache", file=PREFIX,
-         find="not nd.children and self.pool.refcount[nd.page] == 1]",
-         replace="not nd.children and self.pool.refcount[nd.page] >= 1]",
-         tests=T_ENGINE),
+         find="return not nd.children and self.pool.refcount[nd.page] == 1",
+         replace="return not nd.children and self.pool.refcount[nd.page] >= 1",
+         tests=T_PREFIX),
+    # a parent whose last child went is evictable at once, in the same round (pure LRU, not the scan's rounds)
+    dict(id="prefix-evict-parent-same-round", module="prefix_cache", file=PREFIX,
+         find="                    exposed.append(parent)\n",
+         replace="                    self._push(parent)\n",
+         tests=T_PREFIX),
+    # a page whose sequence lets go never becomes evictable again
+    dict(id="prefix-last-holder-ignored", module="prefix_cache", file=PREFIX,
+         find="                heapq.heappush(heap, (nd.last_used, next(seq), nd))\n",
+         replace="                pass\n",
+         tests=T_PREFIX),
+    # an insert that touches a cached, evictable leaf leaves its old recency in the heap
+    dict(id="prefix-insert-no-requeue", module="prefix_cache", file=PREFIX,
+         find="        if node is not self.root and self._evictable(node):",
+         replace="        if False:",
+         tests=T_PREFIX),
+    # an evicted node stays in the page map: a later holder of that page revives a node no longer in the tree
+    dict(id="prefix-evict-keeps-page-map", module="prefix_cache", file=PREFIX,
+         find="                del self._by_page[nd.page]\n",
+         replace="",
+         tests=T_PREFIX),
     # ---- sampling ----------------------------------------------------------------------------------------------
     dict(id="sampling-top-p-strict", module="sampling", file=SAMPLING,
          find="probs.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1.0), 0.0)",
@@ -233,7 +256,7 @@ MUTANTS = [
          replace="        return gather_previous(ctx.transpose(1, 2).to(k.dtype), self.positions, self.positions, n)",
          tests=["tests/test_engine.py"]),
     dict(id="smear-decode-raw-key-not-kept", module="smear", file="src/lmlab/inference/pool.py",
-         find="        bkr.view(-1, d).index_copy_(0, self._slot, k1)\n",
+         find="        bkr.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bkr.dtype))\n",
          replace="",
          tests=["tests/test_engine.py"]),
 ]

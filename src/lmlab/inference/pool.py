@@ -23,7 +23,7 @@ Usage::
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,9 @@ class PagePool:
         self.kr = torch.zeros(shape, dtype=dtype, device=device) if raw_keys else None
         self.refcount = [0] * n_pages
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
+        # called with a page whose count drops to 1 (its last holder may be the prefix cache, which then may
+        # evict it): lets the cache track its evictable pages without scanning (see PrefixCache)
+        self.on_last_holder: Callable[[int], None] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, n_tokens: int, page_size: int = 16, *,
@@ -100,12 +103,16 @@ class PagePool:
             self.refcount[p] += 1
 
     def decref(self, pages: Sequence[int]) -> None:
+        refcount, hook = self.refcount, self.on_last_holder
         for p in pages:
-            if self.refcount[p] <= 0:
+            n = refcount[p]
+            if n <= 0:
                 raise RuntimeError(f"PagePool: decref of free page {p}")
-            self.refcount[p] -= 1
-            if self.refcount[p] == 0:
+            refcount[p] = n - 1
+            if n == 1:
                 self._free.append(p)
+            elif n == 2 and hook is not None:
+                hook(p)
 
 
 @dataclass
