@@ -193,6 +193,26 @@ MUTANTS = [
          find="        if step < decay_start:",
          replace="        if step <= decay_start:",
          tests=["tests/test_train.py"]),
+    # the early-stop cooldown restarts its decay from the schedule's current value instead of the plateau's
+    dict(id="schedule-cooldown-from-current", module="schedules", file=TRAINER,
+         find="        return lr_at(start, cfg.optim, cfg.train.steps) * max(left, 0.0)",
+         replace="        return lr_at(self.step, cfg.optim, cfg.train.steps) * max(left, 0.0)",
+         tests=["tests/test_train.py"]),
+    # the sparse output head keeps every position's hidden state but the targets of the kept ones only
+    dict(id="trainer-sparse-logits-wrong-rows", module="sparse_logits", file="src/lmlab/models/transformer.py",
+         find="            h = h[logits_at]",
+         replace="            h = h.flatten(0, 1)[: int(logits_at.sum())]",
+         tests=["tests/test_train.py"]),
+    # length grouping sorts the windows but leaves the batches in length order (the step would follow the length)
+    dict(id="loader-grouping-not-shuffled", module="loader", file=DIALOG,
+         find="    blocks = out[: n_full * batch].reshape(n_full, batch)[rng.permutation(n_full)]",
+         replace="    blocks = out[: n_full * batch].reshape(n_full, batch)",
+         tests=T_DATA),
+    # length grouping loses a batch of dialogs (no longer a permutation of the epoch)
+    dict(id="loader-grouping-drops-a-batch", module="loader", file=DIALOG,
+         find="    return np.concatenate([blocks.reshape(-1), out[n_full * batch :]])",
+         replace="    return np.concatenate([blocks.reshape(-1)[batch:], out[n_full * batch :]])",
+         tests=T_DATA),
     # ---- sql_tool (security gates) -----------------------------------------------------------------------------
     # validation checks the catalog but forgets the schema: main.x / temp.x pass the first gate
     dict(id="sql-schema-qualified-table-passes", module="sql_tool", file=SQL,

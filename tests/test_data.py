@@ -368,9 +368,11 @@ def test_length_grouping_batches_similar_lengths_and_keeps_every_dialog_once(tmp
                             for b in src.plan(epoch)[2]])
 
         assert spread(grouped) < 0.5 * spread(plain)
-        # the batches are shuffled after grouping: the batch length does not rise through the epoch
+        # the batches are shuffled after grouping: the batch length does not rise through each window of 4 batches
+        # (unshuffled, every window's 4 batches come in rising length)
         longest = [lengths[[grouped.row_dialogs(epoch, int(r))[0] for r in b]].max() for b in rows_g]
-        assert longest != sorted(longest)
+        rising = [longest[i:i + 4] == sorted(longest[i:i + 4]) for i in range(0, 48, 4)]
+        assert sum(rising) < len(rising) // 2
     assert grouped.plan(0)[0].tolist() != grouped.plan(1)[0].tolist()
     # seeded: a second source gives the same batches; the fingerprint names the grouping (resume refuses a change)
     again = build_source(DataConfig(**base, length_grouping=4), tok)

@@ -370,15 +370,21 @@ def test_early_stop_cooldown_decays_the_lr_to_zero_then_stops_and_resumes_exactl
     # plateau by construction (min_delta=10) at the third evaluation, step 6; then 8 steps of linear decay
     cool = ["train.steps=40", "train.eval_every=2", "train.eval_batches=1", "train.early_stop.metric=val_loss",
             "train.early_stop.mode=min", "train.early_stop.patience=2", "train.early_stop.min_delta=10",
-            "train.early_stop.cooldown=8", "optim.schedule=constant"]
+            "train.early_stop.cooldown=8", "optim.schedule=cosine"]
     straight = Trainer(make_cfg(tmp_path, corpus, *cool, name="cool")).fit()
     assert straight["step"] == 14, straight
     assert "plateaued at step 6" in straight["status"] and "decayed to 0 over 8 steps" in straight["status"]
     rows = [r for r in read_metrics(tmp_path / "runs" / "cool" / "metrics.jsonl") if "lr" in r]
     lrs = {r["step"]: r["lr"] for r in rows}
-    assert lrs[6] == pytest.approx(0.01)  # the schedule's (constant) value up to the plateau
-    # step 6+k (k = 1..8) runs at 0.01 * (1 - (k-1)/8): from the plateau's value down, the last one 1/8 of it
-    assert [lrs[6 + k] for k in range(1, 9)] == pytest.approx([0.01 * (1 - (k - 1) / 8) for k in range(1, 9)])
+    from lmlab.train.optim import lr_at
+
+    cfg = make_cfg(tmp_path, corpus, *cool, name="cool")
+    assert [lrs[s] for s in range(1, 7)] == pytest.approx([lr_at(s - 1, cfg.optim, 40) for s in range(1, 7)])
+    # then step 6+k (k = 1..8) runs at lr(6) * (1 - (k-1)/8): from the schedule's value at the plateau down (not
+    # from the cosine's later values), the last one 1/8 of it
+    at_plateau = lr_at(6, cfg.optim, 40)
+    assert at_plateau != pytest.approx(lr_at(10, cfg.optim, 40))
+    assert [lrs[6 + k] for k in range(1, 9)] == pytest.approx([at_plateau * (1 - (k - 1) / 8) for k in range(1, 9)])
     split = make_cfg(tmp_path, corpus, *cool, name="split")
     assert Trainer(split).fit(stop_after=9)["step"] == 9  # paused inside the cooldown
     resumed = Trainer(split).fit()
