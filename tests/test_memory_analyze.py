@@ -6,7 +6,16 @@ import json
 
 import pytest
 import yaml
-from memory.analyze import capacity_fit, fit_loglog, main, make_report, min_params_for, results_rows
+from memory.analyze import (
+    base_budget,
+    capacity_fit,
+    convergence,
+    fit_loglog,
+    main,
+    make_report,
+    min_params_for,
+    results_rows,
+)
 
 from lmlab.analysis import load_runs
 from lmlab.analysis.report import PNG_SIGNATURE
@@ -212,3 +221,25 @@ def test_script_runs_from_another_folder(tmp_path):
     res = subprocess.run([sys.executable, str(script), str(root)], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "mem/mode=tool_people=100_dim=16" in res.stdout and (root / "report" / "report.html").is_file()
+
+
+def test_capacity_compares_sizes_under_one_budget_and_reports_convergence():
+    def row(facts, params, recall, budget):
+        return {"mode": "weight", "facts": facts, "params": params, "recall_train_best": recall,
+                "bits_per_fact": 8.0, "budget_exposures": budget}
+    rows = [row(320, 42_000, 0.96, 1200), row(320, 34_000, 0.92, 1200), row(320, 26_000, 0.83, 1200),
+            row(640, 80_000, 0.96, 1200.4), row(640, 61_000, 0.90, 1200),
+            # twice the budget at 320 facts: a smaller size now reaches it, one still does not
+            row(320, 26_000, 0.97, 2400), row(320, 20_000, 0.5, 2400)]
+    assert base_budget(rows) == 1200  # two numbers of facts at 1,200, one at 2,400
+    at_base = min_params_for(rows, budget=1200)
+    assert [(r["facts"], r["params"]) for r in at_base] == [(320, 42_000), (640, 80_000)]
+    assert [(r["facts"], r["params"]) for r in min_params_for(rows)] == [(320, 26_000), (640, 80_000)]
+    conv = convergence(rows)
+    assert [(c["facts"], c["budget_exposures"], c["min_params"], c["sizes_tried"]) for c in conv] == [
+        (320, 1200, 42_000, 3), (320, 2400, 26_000, 2)]
+    assert conv[0]["ratio_to_base"] == 1.0 and abs(conv[1]["ratio_to_base"] - 42 / 26) < 1e-9
+    # a budget at which nothing reaches the threshold: no minimum, no ratio
+    conv = convergence(rows[:5] + [row(320, 20_000, 0.5, 2400)])
+    assert conv[1]["min_params"] is None and conv[1]["ratio_to_base"] is None
+    assert base_budget([]) is None

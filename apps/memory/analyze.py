@@ -48,14 +48,14 @@ MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "alpha", "bits_per_fact", "seed", "data_seed", "dim", "n_layers",
            "params", "smear_keys", "batch_size", "lr", "steps", "status", "recall_train_final", "recall_train_best",
-           "step_recall_95", "exposures_95", "exposures_final", "bits_per_param", "recall_ood_final",
-           "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train", "tool_call_rate_ood",
-           "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
+           "step_recall_95", "exposures_95", "exposures_final", "budget_exposures", "bits_per_param",
+           "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train",
+           "tool_call_rate_ood", "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
 TABLE_COLUMNS = ["name", "mode", "facts", "seed", "params", "steps", "recall_train_final", "recall_train_best",
                  "step_recall_95", "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "status"]
 
-__all__ = ["capacity_fit", "fit_loglog", "format_table", "main", "make_report", "min_params_for", "read_manifest",
-           "results_rows"]
+__all__ = ["base_budget", "capacity_fit", "convergence", "fit_loglog", "format_table", "main", "make_report",
+           "min_params_for", "read_manifest", "results_rows"]
 
 
 def _find_dir(data_dir: str, run_path: Path) -> Path | None:
@@ -128,6 +128,9 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "step_recall_95": step95,
             "exposures_95": None if per_step is None or step95 is None else round(step95 * per_step, 1),
             "exposures_final": None if per_step is None or steps is None else round(steps * per_step, 1),
+            # the budget the run was given (train.steps), whether or not it stopped early
+            "budget_exposures": (None if per_step is None or r.get("train.steps") is None
+                                 else round(r.get("train.steps") * per_step, 1)),
             # information stored in the weights: the recalled share of the facts' bits, per parameter
             "bits_per_param": (best * facts * bits / params if mode == "weight" and None not in (best, facts, bits)
                                and params else None),
@@ -157,9 +160,17 @@ def _exposures_per_step(r: RunRecord, manifest: dict, counts: dict, facts: Any) 
     return batch * accum * (facts * paraphrases / lines) / facts
 
 
-def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> list[dict[str, Any]]:
+def _budget_key(value: Any) -> float | None:
+    """Budgets (exposures per fact) equal to 2 significant digits count as the same budget."""
+    return None if value is None else float(f"{float(value):.2g}")
+
+
+def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95,
+                   budget: float | None = None) -> list[dict[str, Any]]:
     """For each (mode, facts, alpha): the smallest ``params`` whose mean over seeds of best train recall >= threshold.
 
+    Seeds of one size under one budget are averaged. With ``budget`` (exposures per fact), only the runs given that
+    budget count (to 2 significant digits), so that a capacity curve compares sizes under one training budget.
     Returns rows ``{mode, facts, alpha, params, recall, seeds, bits_per_fact}`` sorted by mode, alpha, facts; a
     (mode, facts, alpha) that no model size reaches is left out.
     """
@@ -168,11 +179,15 @@ def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> l
     for row in rows:
         if row.get("facts") is None or row.get("params") is None or row.get("recall_train_best") is None:
             continue
-        key = (row["mode"], row["facts"], float(row.get("alpha") or 0.0), row["params"])
+        if budget is not None and _budget_key(row.get("budget_exposures")) != _budget_key(budget):
+            continue
+        # seeds of one size under one budget are averaged; other budgets are other settings, not seeds
+        key = (row["mode"], row["facts"], float(row.get("alpha") or 0.0), row["params"],
+               _budget_key(row.get("budget_exposures")))
         groups[key].append(float(row["recall_train_best"]))
         bits.setdefault(key[:3], row.get("bits_per_fact"))
     best: dict[tuple, dict[str, Any]] = {}
-    for (mode, facts, alpha, params), recalls in groups.items():
+    for (mode, facts, alpha, params, _), recalls in groups.items():
         mean = statistics.fmean(recalls)
         k = (mode, facts, alpha)
         if mean >= threshold and (k not in best or params < best[k]["params"]):
@@ -180,6 +195,49 @@ def min_params_for(rows: Sequence[dict[str, Any]], threshold: float = 0.95) -> l
                        "seeds": len(recalls), "bits_per_fact": bits.get(k)}
     order = {m: i for i, m in enumerate(MODES)}
     return sorted(best.values(), key=lambda d: (order.get(d["mode"], len(order)), d["alpha"], d["facts"]))
+
+
+def base_budget(rows: Sequence[dict[str, Any]], mode: str = "weight") -> float | None:
+    """The budget (exposures per fact) that the most numbers of facts of ``mode`` were trained with (ties: the
+    smaller budget): the one a capacity curve across numbers of facts should compare at. None without budgets."""
+    facts_at: dict[float, set] = defaultdict(set)
+    for r in rows:
+        b = _budget_key(r.get("budget_exposures"))
+        if r.get("mode") == mode and b is not None and r.get("facts") is not None:
+            facts_at[b].add(r["facts"])
+    if not facts_at:
+        return None
+    return min(facts_at, key=lambda b: (-len(facts_at[b]), b))
+
+
+def convergence(rows: Sequence[dict[str, Any]], threshold: float = 0.95, mode: str = "weight") -> list[dict[str, Any]]:
+    """Does the smallest size reaching ``threshold`` move when the budget grows? For each (facts, alpha) of
+    ``mode`` trained under two or more budgets: one row per budget with the smallest params reaching it (None when
+    none of the sizes tried at that budget does), the largest size tried, and ``ratio_to_base``: the smallest
+    params at the base (first) budget over those at this one (1.0: the figure did not move)."""
+    budgets: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        b = _budget_key(r.get("budget_exposures"))
+        if r.get("mode") == mode and b is not None and r.get("facts") is not None:
+            budgets[(r["facts"], float(r.get("alpha") or 0.0))].add(b)
+    out = []
+    for (facts, alpha), bs in sorted(budgets.items()):
+        if len(bs) < 2:
+            continue
+        base = None
+        for b in sorted(bs):
+            hit = [m for m in min_params_for(rows, threshold, budget=b)
+                   if m["mode"] == mode and m["facts"] == facts and m["alpha"] == alpha]
+            tried = [r for r in rows if r.get("mode") == mode and r.get("facts") == facts
+                     and float(r.get("alpha") or 0.0) == alpha and _budget_key(r.get("budget_exposures")) == b
+                     and r.get("params") is not None]
+            params = hit[0]["params"] if hit else None
+            if base is None:
+                base = params
+            out.append({"facts": facts, "alpha": alpha, "budget_exposures": b, "min_params": params,
+                        "sizes_tried": len(tried), "smallest_tried": min((r["params"] for r in tried), default=None),
+                        "ratio_to_base": (base / params) if base and params else None})
+    return out
 
 
 def fit_loglog(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -303,7 +361,12 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
         _by_facts(rows, "recall_train_final"), out / "recall_vs_facts.png", "facts", "final train recall",
         "Recall of training facts vs number of facts", logx=True)
 
-    mins = min_params_for(rows, threshold)
+    # in-weight: the capacity curve compares sizes under the budget most numbers of facts were given (longer
+    # budgets are the convergence check, reported apart); in-tool: every run counts
+    budget = base_budget(rows, "weight")
+    mins = [m for m in min_params_for(rows, threshold, budget=budget) if m["mode"] == "weight"] + [
+        m for m in min_params_for(rows, threshold) if m["mode"] != "weight"]
+    conv = convergence(rows, threshold)
     fits = {m: capacity_fit(mins, m) for m in MODES}
     series: dict[str, tuple[list, list]] = {}
     styles: dict[str, dict[str, Any]] = {}
@@ -380,12 +443,23 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
             fit_lines.append(f"in-weight: {f['params_per_added_fact']:.3g} params per added fact (linear fit); at the "
                              f"largest number of facts ({f['largest_facts']}): {f['params_per_fact_largest']:.3g} "
                              f"params/fact, {f['bits_per_param_largest']:.3g} bits/param")
+    if budget is not None and any(r["mode"] == "weight" for r in rows):
+        fit_lines.append(f"in-weight sizes compared at {budget:g} exposures per fact (the budget most numbers of "
+                         "facts were trained with)")
+    for c in conv:
+        if c["ratio_to_base"] is not None and c["ratio_to_base"] != 1.0:
+            fit_lines.append(f"convergence, {c['facts']} facts: {c['budget_exposures']:g} exposures per fact moves the "
+                             f"smallest size by {c['ratio_to_base']:.3g}x")
     counts = ", ".join(f"{sum(r['mode'] == m for r in rows)} {MODE_LABEL[m]}" for m in MODES)
     intro = f"{len(rows)} memory runs under {root} ({counts}); threshold {pct} train recall."
     sections = [
         Section("Summary", text="\n".join([intro, *fit_lines, *notes])),
         Section(f"Smallest model reaching {pct} recall", table=mins,
                 text="" if mins else f"No (mode, facts) reaches {pct}.", images=[files["min_params_vs_facts"]]),
+        *([Section("Convergence: the smallest size under a larger budget", table=conv,
+                   text="In-weight, per number of facts trained under two or more budgets (exposures per fact): the "
+                        "smallest size reaching the threshold at each; ratio_to_base: smallest params at the first "
+                        "budget over this one.")] if conv else []),
         Section("Recall vs facts", images=[files["recall_vs_facts"]]),
         Section("Recall during training", images=[files["recall_vs_step"]]),
         *([Section("Compressibility (alpha)", images=[files["alpha"]])] if "alpha" in files else []),
@@ -397,7 +471,8 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
     ]
     files["html"] = write_html_report(out / "report.html", "Memory: in-weight vs in-tool learning", sections)
     return {"runs": len(rows), "modes": {m: sum(r["mode"] == m for r in rows) for m in MODES},
-            "threshold": threshold, "min_params": mins, "fit": fits, "notes": notes,
+            "threshold": threshold, "min_params": mins, "fit": fits, "budget": budget, "convergence": conv,
+            "notes": notes,
             "files": {k: str(v) for k, v in files.items()}, "rows": rows}
 
 
