@@ -19,6 +19,6 @@ def randomize_smear(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers:
-            for smear in (layer.attention.smear, layer.attention.query_smear):
-                if smear is not None:
-                    smear.copy_(torch.randn(smear.shape, generator=g))
+            if layer.attention.smear is not None:
+                for p in layer.attention.smear.parameters():  # keys, then queries
+                    p.copy_(torch.randn(p.shape, generator=g))

@@ -234,3 +234,37 @@ def test_smear_arithmetic_equals_a_loop_over_tokens(per_channel):
     torch.testing.assert_close(smear_queries(prev, qweight, n_heads), want_q)
     # a cache returning each token's predecessors from the keys of its context gives the same
     torch.testing.assert_close(gather_previous(k, torch.arange(t).expand(b, t), pos, n), prev)
+
+
+def test_smear_is_an_optional_module_whose_old_parameter_names_still_load():
+    """The plain Llama's attention holds no smear module and no smear parameter. A smeared one holds a KeySmear
+    (``attention.smear``: ``keys`` logits, ``queries`` weights), counted, initialised and weight-decayed as before,
+    its parameters first in the layer as before. A state dict saved before the module existed (names
+    ``attention.smear`` and ``attention.query_smear``) loads strictly, to the same weights."""
+    from lmlab.models.smear import SMEAR_INIT, KeySmear
+    from lmlab.train.optim import param_groups
+
+    plain = build_model(small_cfg(n_kv_heads=2), seed=0)
+    assert plain.layers[0].attention.smear is None and not any("smear" in n for n, _ in plain.named_parameters())
+    cfg = small_cfg(**VARIANTS["smear_queries"])  # 4 heads of 16, 2 key/value heads, N = 3, per channel
+    model = build_model(cfg, seed=0)
+    smear = model.layers[0].attention.smear
+    assert isinstance(smear, KeySmear)
+    assert model.num_params() == plain.num_params() + 2 * (2 * 16 * 4 + 4 * 16 * 3)
+    assert torch.equal(smear.keys[..., 0], torch.zeros(2, 16)) and (smear.keys[..., 1:] == SMEAR_INIT).all()
+    assert not smear.queries.any()
+    decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
+    assert id(smear.keys) in decayed and id(smear.queries) in decayed
+    names = [n for n, _ in model.named_parameters() if n.startswith("layers.0.attention.")]
+    assert names[:3] == ["layers.0.attention.smear.keys", "layers.0.attention.smear.queries",
+                         "layers.0.attention.wq.weight"]
+
+    randomize_smear(model)
+    old = {k.replace("attention.smear.keys", "attention.smear").replace("attention.smear.queries",
+                                                                       "attention.query_smear"): v
+           for k, v in model.state_dict().items()}
+    assert "layers.1.attention.query_smear" in old and not any("smear." in k for k in old)
+    fresh = build_model(cfg, seed=5)
+    fresh.load_state_dict(old)  # strict
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name

@@ -160,6 +160,43 @@ def test_keep_last_and_corrupt_checkpoint(tmp_path, corpus):
         ckpt_mod.load_checkpoint(manager.complete()[0], model)
 
 
+
+def test_a_checkpoint_with_the_old_smear_parameter_names_resumes_exactly(tmp_path, corpus, monkeypatch):
+    """Checkpoints saved before smeared keys became a module (KeySmear) name its parameters
+    ``layers.N.attention.smear`` and ``layers.N.attention.query_smear``, in the model and the optimizer state alike:
+    such a checkpoint still resumes, and the run goes on exactly as a straight one (model and AdamW moments restored
+    under the new names ``attention.smear.keys`` / ``.queries``)."""
+    smear = ["model.smear_keys=2", "model.smear_queries=true", "model.n_kv_heads=1", "train.steps=8"]
+    straight = make_cfg(tmp_path, corpus, *smear, name="straight")
+    Trainer(straight).fit()
+
+    def old(name):
+        return name.replace("attention.smear.keys", "attention.smear").replace("attention.smear.queries",
+                                                                              "attention.query_smear")
+
+    real = ckpt_mod.get_state_dict
+
+    def old_style(model, optimizer):  # the state dicts as DCP got them before the renaming
+        model_sd, optim_sd = real(model, optimizer)
+        optim_sd["state"] = {old(k): v for k, v in optim_sd["state"].items()}
+        for group in optim_sd["param_groups"]:
+            group["params"] = [old(k) for k in group["params"]]
+        return {old(k): v for k, v in model_sd.items()}, optim_sd
+
+    split = make_cfg(tmp_path, corpus, *smear, name="split")
+    monkeypatch.setattr(ckpt_mod, "get_state_dict", old_style)
+    Trainer(split).fit(stop_after=4)
+    monkeypatch.setattr(ckpt_mod, "get_state_dict", real)
+    import torch.distributed.checkpoint as dcp
+    saved = dcp.FileSystemReader(str(CheckpointManager(split.run_dir).latest())).read_metadata().state_dict_metadata
+    assert {"model.layers.1.attention.smear", "optim.state.layers.1.attention.query_smear.exp_avg"} <= set(saved)
+    assert not any("smear.keys" in k or "smear.queries" in k for k in saved)
+    resumed = Trainer(split).fit()
+    assert resumed["resumed"] and resumed["step"] == 8
+    assert losses(split.run_dir) == losses(straight.run_dir)  # every step's loss equal to the last bit
+    _, model, _ = load_run(split.run_dir)  # and its newest checkpoint (new names) loads for generation/evals
+    assert model.layers[0].attention.smear.queries.abs().sum() > 0
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus):
     cfg = make_cfg(tmp_path, corpus)
     tr = Trainer(cfg)

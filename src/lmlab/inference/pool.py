@@ -12,6 +12,11 @@ prompt prefix (only full pages are shared, and a shared page is never written ag
 Decoding a batch is B rows of one segment of one token; packed prefill is one row holding several
 prompts (or chunks of prompts) back to back, attended with a block-diagonal causal mask.
 
+Beside keys and values, the pool keeps the extra per-token *fields* that the model's modules declare in a
+``cache_fields`` attribute (:meth:`PagePool.for_model` collects them), each shaped like the keys: ``raw_keys``
+for smeared keys (:class:`lmlab.models.smear.KeySmear`), which the steps' ``previous_keys`` read and write.
+A plain Llama declares none and the pool holds keys and values only.
+
 Usage::
 
     pool = PagePool.for_model(model, n_tokens=4096, page_size=16)
@@ -42,13 +47,14 @@ class PagePool:
     """Keys and values of every layer in ``n_pages`` pages of ``page_size`` slots.
 
     ``k`` and ``v`` are (n_layers, n_pages * page_size, n_kv_heads, head_dim): a flat slot axis, so a
-    sequence's keys are gathered with one index. ``refcount[p]`` counts the holders of page ``p`` (sequences
-    and the prefix cache); a page returns to the free list when its count drops to 0.
+    sequence's keys are gathered with one index. ``fields[name]`` is the same for each extra per-token field named
+    in ``fields`` (e.g. ``raw_keys``). ``refcount[p]`` counts the holders of page ``p`` (sequences and the prefix
+    cache); a page returns to the free list when its count drops to 0.
     """
 
     def __init__(self, n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 raw_keys: bool = False) -> None:
+                 fields: Sequence[str] = ()) -> None:
         for name, val in (("n_layers", n_layers), ("n_pages", n_pages), ("page_size", page_size),
                           ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             if int(val) <= 0:
@@ -57,8 +63,7 @@ class PagePool:
         shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # the raw keys beside the (smeared) keys, for models with smeared keys (lmlab.models.smear)
-        self.kr = torch.zeros(shape, dtype=dtype, device=device) if raw_keys else None
+        self.fields = {name: torch.zeros(shape, dtype=dtype, device=device) for name in fields}
         self.refcount = [0] * n_pages
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
         # called with a page whose count drops to 1 (its last holder may be the prefix cache, which then may
@@ -68,12 +73,14 @@ class PagePool:
     @classmethod
     def for_model(cls, model: nn.Module, n_tokens: int, page_size: int = 16, *,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> PagePool:
-        """A pool of ``n_tokens`` slots (rounded up to whole pages) shaped for ``model``'s attention."""
+        """A pool of ``n_tokens`` slots (rounded up to whole pages) shaped for ``model``'s attention, with the
+        per-token fields its modules declare (``cache_fields``)."""
         cfg = model.cfg
         w = next(model.parameters())
         n_pages = -(-int(n_tokens) // int(page_size))
+        fields = sorted({name for m in model.modules() for name in getattr(m, "cache_fields", ())})
         return cls(cfg.n_layers, n_pages, page_size, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads,
-                   dtype=dtype or w.dtype, device=device or w.device, raw_keys=bool(getattr(cfg, "smear_keys", 0)))
+                   dtype=dtype or w.dtype, device=device or w.device, fields=fields)
 
     @property
     def n_free(self) -> int:
@@ -125,11 +132,11 @@ class Segment:
     n: int
 
 
-def _raw_store(pool: PagePool) -> torch.Tensor:
-    if pool.kr is None:
-        raise ValueError("this page pool keeps no raw keys, which a model with smeared keys needs: build it with "
-                         "PagePool.for_model(model, ...) or raw_keys=True")
-    return pool.kr
+def _field(fields: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in fields:
+        raise ValueError(f"this page pool keeps no {name!r} field, which the model needs (a module of it declares it "
+                         f"in cache_fields): build it with PagePool.for_model(model, ...) or fields=[{name!r}]")
+    return fields[name]
 
 
 def _ints(xs: list[int]) -> torch.Tensor:
@@ -211,7 +218,7 @@ class PagedStep:
 
     def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
         """Write the new tokens' raw keys and return the raw keys of the ``n`` tokens before each (B, H, T, n, D)."""
-        kr = _raw_store(self.pool)[layer]
+        kr = _field(self.pool.fields, "raw_keys")[layer]
         b, h, t, d = k.shape
         kr.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(kr.dtype))
         ctx = kr.view(-1, self.pool.page_size, h, d).index_select(0, self._pages).view(*self._shape, h, d)
@@ -260,7 +267,7 @@ class DecodeBatch:
         # zeros, not empty: slots past a row's length are read (and masked out), so they must be finite
         self.k = torch.zeros((n_layers, rows, h, capacity, d), dtype=pool.k.dtype, device=pool.device)
         self.v = torch.zeros_like(self.k)
-        self.kr = torch.zeros_like(self.k) if pool.kr is not None else None  # raw keys (smeared-key models)
+        self.fields = {name: torch.zeros_like(self.k) for name in pool.fields}  # the pool's extra fields, alike
         self.lengths: list[int] = []  # tokens held by each live row
 
     @property
@@ -280,7 +287,7 @@ class DecodeBatch:
         self.lengths, self.tables, self.pages, self.flushed, self._shared = [], [], [], [], 0
 
     def _buffers(self) -> list[torch.Tensor]:
-        return [self.k, self.v] + ([self.kr] if self.kr is not None else [])
+        return [self.k, self.v, *self.fields.values()]
 
     def _grow(self, rows: int, capacity: int) -> None:
         n_layers, _, h, _, d = self.k.shape
@@ -291,7 +298,7 @@ class DecodeBatch:
             new[:, :n, :, :c] = old[:, :n, :, :c]
             grown.append(new)
         self.k, self.v = grown[0], grown[1]
-        self.kr = grown[2] if self.kr is not None else None
+        self.fields = dict(zip(self.fields, grown[2:]))
 
     def reserve(self, rows: int, capacity: int) -> None:
         """Room for at least ``rows`` rows of ``capacity`` tokens (grows by copying when short)."""
@@ -323,9 +330,9 @@ class DecodeBatch:
         return row
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(pool store, batch buffer) of keys, values and raw keys."""
+        """(pool store, batch buffer) of keys, values and the extra fields."""
         pool = self.pool
-        return [(pool.k, self.k), (pool.v, self.v)] + ([(pool.kr, self.kr)] if self.kr is not None else [])
+        return [(pool.k, self.k), (pool.v, self.v)] + [(pool.fields[name], buf) for name, buf in self.fields.items()]
 
     def flush(self, row: int) -> None:
         """Write the keys/values that ``row`` gained while decoding to its pool pages (a copy of those tokens only)."""
@@ -412,8 +419,7 @@ class DecodeStep:
     def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
         """Write the new raw keys (B, H, 1, D) to the batch; the raw keys of the ``n`` tokens before each back
         (B, H, 1, n, D): a gather of n slots per row, whatever the rows' lengths."""
-        batch = self.batch
-        bkr = (batch.kr if batch.kr is not None else _raw_store(batch.pool))[layer]
+        bkr = _field(self.batch.fields, "raw_keys")[layer]
         b, h, _, d = k.shape
         bkr.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bkr.dtype))
         return gather_previous(bkr[:b].to(k.dtype), self.positions, self.positions, n)

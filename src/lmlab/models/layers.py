@@ -1,4 +1,5 @@
-"""Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP, attention masks.
+"""Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP, attention masks, and
+the old names of renamed parameters (so that older checkpoints load).
 
 Rotary embeddings use the "half-split" layout of Hugging Face ``LlamaForCausalLM``: the head dimension
 is cut into two halves that rotate together (``rotate_half``), with frequencies
@@ -130,3 +131,23 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & causal).unsqueeze(1)
+
+
+def old_parameter_names(model: nn.Module) -> dict[str, str]:
+    """``{name: name in older checkpoints}`` of the parameters that some module of ``model`` renamed. A module lists
+    its renamed parameters in a class attribute ``OLD_NAMES``: ``{its parameter: the old name, relative to the
+    module that holds it}`` (e.g. :class:`lmlab.models.smear.KeySmear`, ``keys`` once ``smear`` of its attention)."""
+    out = {}
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0]
+        for new, old in getattr(module, "OLD_NAMES", {}).items():
+            out[f"{name}.{new}"] = f"{parent}.{old}" if parent else old
+    return out
+
+
+def load_old_parameter_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A ``load_state_dict`` pre-hook for a model: renames, in place, the parameters a state dict holds under an old
+    name only (see :func:`old_parameter_names`), so that state dicts saved before a renaming still load."""
+    for new, old in old_parameter_names(module).items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

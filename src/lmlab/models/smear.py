@@ -1,30 +1,83 @@
-"""Smeared keys and queries: the arithmetic of an optional attention trick, apart from the plain Llama.
+"""Smeared keys and queries: an optional attention module, apart from the plain Llama.
 
 Smeared keys (``cfg.smear_keys = N``, after the smeared-key model of Olsson et al. 2022, "In-context learning and
-induction heads"): a layer replaces key ``k_j`` by ``sum_d a_d k_{j-d}`` over ``d = 0..N``, with ``a = softmax(s)``
-learned per key/value head, or per key channel with ``cfg.smear_channels`` (keys before the first token of a
-sequence count as zero). A key then also says which tokens precede it, so one attention layer can find where
-the current context occurred before and copy what followed. With ``cfg.smear_queries``, each query also gets
-``sum_d w_d k_{j-d}`` over ``d = 1..N`` (learned per query channel, zero at first) from the raw keys of the
-tokens before it.
+induction heads"): a layer replaces key ``k_j`` by ``sum_d a_d k_{j-d}`` over ``d = 0..N``, with weights
+``a = softmax(s)`` learned per key/value head (keys before the first token of a sequence or packed document count
+as zero); with ``cfg.smear_channels`` the weights are learned per key channel (a causal depthwise convolution), so
+different channels of one key can hold different earlier tokens. A key then also says which tokens precede it, so
+one attention layer can find where the current context occurred before and copy what followed: copying tasks (a
+name from a question into a SQL query) are learned several times faster. With ``cfg.smear_queries``, each query
+also gets ``sum_d w_d k_{j-d}`` over ``d = 1..N`` (learned per query channel, zero at first) from the raw keys of
+the tokens before it, so that a query says which tokens precede it too and the match is on a context on both
+sides (copying "Svetlana" without jumping from its first "a" to the second).
 
-Both need, for each new token, the *raw* keys of the N tokens before it in its sequence (:func:`previous_keys`
-for a forward without a cache; a cache returns them from ``previous_keys(layer, k, n)``, storing the new raw
-keys). A smeared key is computed once, when its token goes through the model, and cached as the token's key:
-decoding costs the same whatever the length of the cached context.
+:class:`KeySmear` is the module an attention layer holds (as ``smear``; ``None`` in the plain Llama) and calls on
+its queries and keys after the rotary embedding, before attention. Its parameters are ``smear.keys`` (the key
+logits ``s``: (n_kv_heads, N + 1), or (n_kv_heads, head_dim, N + 1) per channel) and ``smear.queries`` (the query
+weights ``w``: (n_heads, head_dim, N)); checkpoints saved before the module existed named them
+``attention.smear`` and ``attention.query_smear`` (:attr:`KeySmear.OLD_NAMES`: they still load).
 
-Usage (inside an attention layer)::
+Both need, for each new token, the *raw* keys of the N tokens before it in its sequence (:func:`previous_keys` for
+a forward without a cache; a cache returns them from ``previous_keys(layer, k, n)``, storing the new raw keys in
+the per-token field ``raw_keys`` that the module declares in :attr:`KeySmear.cache_fields`). A smeared key is
+computed once, when its token goes through the model, and cached as the token's key: cached decoding equals full
+recomputation and costs the same whatever the length of the cached context.
 
-    prev = previous_keys(k, positions, n) if cache is None else cache.previous_keys(layer_id, k, n)
-    q = q + smear_queries(prev, query_weight, n_heads)     # optional
-    k = smear_keys(k, prev, key_weight)
+Usage::
+
+    smear = KeySmear(cfg, n_heads, n_kv_heads, head_dim, layer_id)   # in an attention layer's __init__
+    q, k = smear(q, k, mask, cache)                                  # in its forward, after the rotary embedding
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["gather_previous", "previous_keys", "smear_keys", "smear_queries"]
+from lmlab.config import ModelConfig
+
+__all__ = ["SMEAR_INIT", "KeySmear", "gather_previous", "previous_keys", "smear_keys", "smear_queries"]
+
+SMEAR_INIT = -1.0  # initial smear logit of each earlier token (the token's own: 0): weights 0.58/0.21/... for N=2
+
+
+class KeySmear(nn.Module):
+    """Smeared keys (and, with ``cfg.smear_queries``, smeared queries) of attention layer ``layer_id``."""
+
+    # what a KV cache keeps for it beside each token's key and value: its raw (unsmeared) key
+    cache_fields = ("raw_keys",)
+    # the parameters' names in checkpoints saved before this module existed, relative to the attention layer
+    OLD_NAMES = {"keys": "smear", "queries": "query_smear"}
+
+    def __init__(self, cfg: ModelConfig, n_heads: int, n_kv_heads: int, head_dim: int, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id  # names this layer's raw keys in a cache
+        self.n = cfg.smear_keys  # earlier tokens mixed in
+        self.n_heads = n_heads
+        shape = (n_kv_heads, head_dim) if cfg.smear_channels else (n_kv_heads,)
+        self.keys = nn.Parameter(torch.empty(*shape, self.n + 1))  # logits: [..., 0] the token's own key
+        self.queries = nn.Parameter(torch.empty(n_heads, head_dim, self.n)) if cfg.smear_queries else None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.keys.fill_(SMEAR_INIT)
+            self.keys[..., 0] = 0.0
+        if self.queries is not None:
+            nn.init.zeros_(self.queries)  # queries start as plain queries
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, n_heads, T, D) and keys (B, n_kv_heads, T, D) of the new tokens, smeared; ``mask`` and
+        ``cache`` as the attention layer got them (the keys of each new token are smeared once, here)."""
+        if cache is None:  # packed documents: a token's position is the count of its document's keys before it
+            t = k.shape[2]
+            pos = torch.arange(t, device=k.device).view(1, -1) if mask is None else mask.sum(-1)[:, 0] - 1
+            prev = previous_keys(k, pos, self.n)
+        else:
+            prev = cache.previous_keys(self.layer_id, k, self.n)
+        if self.queries is not None:
+            q = q + smear_queries(prev, self.queries, self.n_heads)
+        return q, smear_keys(k, prev, self.keys)
 
 
 def previous_keys(k: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:

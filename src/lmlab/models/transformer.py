@@ -20,22 +20,11 @@ the rotary position of each new token and which keys each query may see, and eve
 hands it the new keys/values, getting back the keys/values to attend over. The model makes no
 assumption about how the cache stores them (one contiguous batch, pages, a shared prefix).
 
-Smeared keys (``cfg.smear_keys = N``, after the smeared-key model of Olsson et al. 2022, "In-context learning
-and induction heads"): each layer replaces key ``k_j`` by ``sum_d a_d k_{j-d}`` over ``d = 0..N``, with weights
-``a = softmax(s)`` learned per key/value head (keys before the first token of a sequence or packed document
-count as zero); with ``cfg.smear_channels`` the weights are learned per key channel (a causal depthwise
-convolution), so different channels of one key can hold different earlier tokens. A key then also says
-which tokens precede it, so one attention layer can find where the current context occurred before and copy
-what followed: copying tasks (a name from a question into a SQL query) are learned several times faster.
-With ``cfg.smear_queries``, each query also gets ``sum_d w_d * k_{j-d}`` over ``d = 1..N`` (learned per query
-channel, zero at first) from the raw keys of the tokens before it, so that a query says which tokens precede it
-too and the match is on a context on both sides (copying "Svetlana" without jumping from its first "a" to the
-second). The arithmetic lives in :mod:`lmlab.models.smear`: a token's smeared key is computed once, when the token
-goes through the model, from the raw keys of the tokens before it (which a cache keeps beside the keys), so cached
-decoding equals full recomputation and costs the same whatever the cached length.
+Smeared keys and queries (``cfg.smear_keys``): an optional module, ``attention.smear``, see :mod:`lmlab.models.smear`.
 
 Parameter names (``tok_embeddings``, ``layers.N.attention.wq`` ...) follow Meta's Llama code;
-``lmlab.hf`` maps them to and from Hugging Face names.
+``lmlab.hf`` maps them to and from Hugging Face names. A state dict with the old names of renamed parameters
+(``OLD_NAMES`` of a module, see :func:`lmlab.models.layers.old_parameter_names`) loads too.
 """
 
 from __future__ import annotations
@@ -55,9 +44,10 @@ from lmlab.models.layers import (
     apply_rotary,
     default_hidden_dim,
     document_causal_mask,
+    load_old_parameter_names,
     positions_from_doc_ids,
 )
-from lmlab.models.smear import previous_keys, smear_keys, smear_queries
+from lmlab.models.smear import KeySmear
 
 
 class AttentionCache(Protocol):
@@ -68,10 +58,11 @@ class AttentionCache(Protocol):
     ``update`` returns; ``None`` means those keys are exactly the T new tokens, attended causally.
     ``update(layer, k, v)``: store the new keys/values (B, n_kv_heads, T, head_dim) of layer ``layer`` and
     return the keys/values (B, n_kv_heads, S, head_dim) the new queries attend over.
-    ``previous_keys(layer, k, n)``, needed by models with smeared keys only (``lmlab.models.smear``): store the
-    new tokens' raw keys (B, n_kv_heads, T, head_dim) and return, for each, the raw keys of the ``n`` tokens before
-    it in its sequence (B, n_kv_heads, T, n, head_dim; zeros before the sequence's first token). ``update`` then
-    receives the smeared keys, which the cache stores as the tokens' keys.
+    ``previous_keys(layer, k, n)``, needed by models with smeared keys only (``lmlab.models.smear``, which keeps
+    the per-token field ``raw_keys``): store the new tokens' raw keys (B, n_kv_heads, T, head_dim) and return, for
+    each, the raw keys of the ``n`` tokens before it in its sequence (B, n_kv_heads, T, n, head_dim; zeros before
+    the sequence's first token). ``update`` then receives the smeared keys, which the cache stores as the tokens'
+    keys.
     Optional ``blocks`` (a cache may leave it out, or set it to None): with one row (B = 1), a list of
     ``(q0, q1, k0, k1, mask)``: queries ``q0:q1`` attend keys ``k0:k1`` only, under ``mask`` (boolean
     (q1 - q0, k1 - k0)), or causally when ``mask`` is None. It must say the same as ``mask`` (every query in
@@ -88,9 +79,6 @@ class AttentionCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-SMEAR_INIT = -1.0  # initial smear logit of each earlier token (the token's own: 0): weights 0.58/0.21/... for N=2
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention: ``n_heads`` query heads share ``n_kv_heads`` key/value heads."""
 
@@ -100,14 +88,13 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
+        # optional smeared keys/queries (lmlab.models.smear); registered first to keep the parameters' old order
+        self.smear = (KeySmear(cfg, self.n_heads, self.n_kv_heads, self.head_dim, layer_id)
+                      if cfg.smear_keys else None)
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        smear_shape = (self.n_kv_heads, self.head_dim) if cfg.smear_channels else (self.n_kv_heads,)
-        self.smear = nn.Parameter(torch.empty(*smear_shape, cfg.smear_keys + 1)) if cfg.smear_keys else None
-        self.query_smear = (nn.Parameter(torch.empty(self.n_heads, self.head_dim, cfg.smear_keys))
-                            if cfg.smear_queries and cfg.smear_keys else None)
 
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -116,11 +103,7 @@ class Attention(nn.Module):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
         if self.smear is not None:
-            with torch.no_grad():
-                self.smear.fill_(SMEAR_INIT)
-                self.smear[..., 0] = 0.0
-        if self.query_smear is not None:
-            nn.init.zeros_(self.query_smear)  # queries start as plain queries
+            self.smear.reset_parameters()
 
     def forward(
         self,
@@ -135,16 +118,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.smear is not None:  # optional (lmlab.models.smear): the new tokens' keys, smeared once
-            n = self.smear.shape[-1] - 1
-            if cache is None:  # packed documents: a token's position is the count of its document's keys before it
-                pos = torch.arange(t, device=k.device).view(1, -1) if mask is None else mask.sum(-1)[:, 0] - 1
-                prev = previous_keys(k, pos, n)
-            else:
-                prev = cache.previous_keys(self.layer_id, k, n)
-            if self.query_smear is not None:
-                q = q + smear_queries(prev, self.query_smear, self.n_heads)
-            k = smear_keys(k, prev, self.smear)
+        if self.smear is not None:
+            q, k = self.smear(q, k, mask, cache)
         blocks = None
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
@@ -242,6 +217,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_load_state_dict_pre_hook(load_old_parameter_names)  # older checkpoints' names
         self.reset_parameters()
 
     @torch.no_grad()

@@ -24,6 +24,11 @@ Usage::
 meta.json records the size of every file of the checkpoint, so a damaged one (a truncated or missing file) is
 named as such before anything is read from it; :meth:`CheckpointManager.load_latest` then falls back to the
 newest checkpoint that loads, and says which ones it skipped.
+
+A checkpoint saved before a module renamed its parameters (``OLD_NAMES``, see
+:func:`lmlab.models.layers.old_parameter_names`: e.g. ``layers.N.attention.smear`` and ``query_smear``, now
+``layers.N.attention.smear.keys`` and ``.queries``) loads too, model and optimizer state alike: DCP reads each
+tensor by name, so the names the checkpoint lacks are read under their old ones.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+from lmlab.models.layers import old_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +257,26 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _saved_under_old_names(path: Path, model: nn.Module) -> dict[str, str]:
+    """``{name: old name}`` of the model's parameters that the checkpoint holds under their old name only."""
+    renamed = old_parameter_names(model)
+    if not renamed:
+        return {}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {new: old for new, old in renamed.items() if f"model.{new}" not in saved and f"model.{old}" in saved}
+
+
+def _rename(state: dict[str, Any], names: dict[str, str]) -> None:
+    """Rename, in place, the parameters of ``state`` (``{"model": ..., "optim": ...}`` as get_state_dict makes
+    them, keyed by parameter name) that ``names`` maps."""
+    state["model"] = {names.get(k, k): v for k, v in state["model"].items()}
+    if "optim" in state:
+        optim = state["optim"]
+        optim["state"] = {names.get(k, k): v for k, v in optim["state"].items()}
+        for group in optim["param_groups"]:
+            group["params"] = [names.get(k, k) for k in group["params"]]
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rank: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -264,28 +291,43 @@ def load_checkpoint(
                 raise CheckpointError(f"{path}: holds no optimizer state")
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=str(path))
+        old = _saved_under_old_names(path, model)
+        _rename(state, old)  # read what the checkpoint holds under old names by those names...
+        dcp.load(state, checkpoint_id=str(path))
+        _rename(state, {o: n for n, o in old.items()})  # ...and give it to the model under the current ones
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
             set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
         raise CheckpointError(f"{path}: cannot load model/optimizer state: {type(e).__name__}: {e}") from e
-    rank_file = path / f"rank_{rank}.pt"
     if optimizer is None:
         return meta, {}
+    saved_world = int(meta.get("world_size", 1))
+    if saved_world != _dist()[1]:  # another world size: every saved rank's state, for the caller to reshard
+        return meta, {"ranks": read_rank_states(path, saved_world)}
+    return meta, _read_rank_file(path / f"rank_{rank}.pt", meta, rank)
+
+
+def read_rank_states(path: str | os.PathLike, world_size: int) -> list[dict[str, Any]]:
+    """The per-rank states (data position, RNG) of every rank that saved checkpoint ``path``."""
+    meta = read_meta(path)
+    return [_read_rank_file(Path(path) / f"rank_{r}.pt", meta, r) for r in range(world_size)]
+
+
+def _read_rank_file(rank_file: Path, meta: dict[str, Any], rank: int) -> dict[str, Any]:
     if not rank_file.is_file():
         raise CheckpointError(
             f"{rank_file}: missing; the checkpoint was saved by {meta.get('world_size')} processes "
             f"and this is rank {rank}")
     try:
-        rank_state = torch.load(rank_file, weights_only=False)
+        return torch.load(rank_file, weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{rank_file}: unreadable ({type(e).__name__}: {e})") from e
-    return meta, rank_state
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu",
