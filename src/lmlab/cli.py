@@ -69,11 +69,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lmlab.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg).fit()
+    try:
+        summary = Trainer(cfg).fit()
+    finally:
+        _leave_process_group()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if summary["status"].startswith("interrupted by "):
         return 128 + signal.Signals[summary["status"].split()[-1]].value
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every process, then close the process group (a process leaving while another
+    still talks to it makes gloo abort the other)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "InitConfig",
     "LoggingConfig",
     "OptimConfig",
+    "ParallelConfig",
     "SampleConfig",
     "TrainConfig",
     "ModelConfig",
@@ -304,6 +305,40 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Parallel training on PyTorch's distributed stack (lmlab.train.distributed). The sizes of the device mesh's
+    dimensions must multiply to the world size (the processes torchrun or Slurm starts); with one process
+    everything is off and a run is the plain single-process one."""
+
+    dp_replicate: int = F(1, "replicated data-parallel degree: DDP when dp_shard is 1, else HSDP's replica groups")
+    dp_shard: int = F(-1, "sharded data-parallel (FSDP2) degree; -1: whatever the world size leaves after "
+                      "dp_replicate and tp")
+    tp: int = F(1, "tensor-parallel degree (DTensor: column-wise q/k/v and MLP in-projections, row-wise "
+                "out-projections); heads and kv heads must divide by it")
+    sequence_parallel: bool = F(False, "with tp > 1: norms and residual stream sharded along the sequence")
+    activation_checkpoint: Literal["none", "full", "selective"] = F(
+        "none", "recompute activations in backward: full (every block's), selective (keep matmul and attention "
+        "outputs, recompute the rest)")
+    param_dtype: Literal["auto", "float32", "bfloat16"] = F(
+        "auto", "FSDP2 mixed precision: parameters' compute dtype (auto: bfloat16 on CUDA, float32 on CPU); "
+        "gradients are reduced in float32")
+    reshard_after_forward: bool = F(True, "FSDP2: free gathered parameters after each block's forward (less "
+                                    "memory; gathered again for backward)")
+    backend: Literal["auto", "gloo", "nccl"] = F("auto", "process-group backend: auto (nccl on CUDA, else gloo)")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("dp_replicate", "tp"):
+            if getattr(self, key) < 1:
+                errs.append((key, "must be >= 1"))
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            errs.append(("dp_shard", "must be >= 1, or -1 (the rest of the world size)"))
+        if self.sequence_parallel and self.tp == 1:
+            errs.append(("sequence_parallel", "needs tp > 1"))
+        return errs
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides runs/NAME/metrics.jsonl."""
 
@@ -404,6 +439,7 @@ class Config:
     data: DataConfig = F(DataConfig(), "data pipeline")
     optim: OptimConfig = F(OptimConfig(), "optimizer and learning-rate schedule")
     train: TrainConfig = F(TrainConfig(), "training loop")
+    parallel: ParallelConfig = F(ParallelConfig(), "data / tensor parallelism across processes (torchrun, Slurm)")
     logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
     engine: EngineConfig = F(EngineConfig(), "generation engine")

@@ -49,7 +49,7 @@ from lmlab.data.prefetch import make_prefetcher
 from lmlab.data.shards import load_shards
 from lmlab.data.text import TrainWindows, ValWindows, load_text, split_tokens
 
-__all__ = ["STATE_FORMAT", "DataLoader", "build_loader", "build_source"]
+__all__ = ["STATE_FORMAT", "DataLoader", "build_loader", "build_source", "reshard_state"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,43 @@ class DataLoader:
 
 _cache: dict[tuple, tuple[Any, Any]] = {}  # key -> (tokenizer, value); a few entries, oldest dropped first
 _CACHE_SIZE = 4
+
+
+LAYOUT_KEYS = ("rank", "world_size", "batch_size")  # what a position's meaning does not depend on
+
+
+def reshard_state(states: Sequence[dict[str, Any]], loader: DataLoader) -> dict[str, Any]:
+    """The state for ``loader`` (one rank of a new data-parallel layout) from the states every rank of another
+    layout saved at the same step.
+
+    Rows are dealt round-robin from one global order, so batch ``i`` of an epoch holds the same rows (the
+    global batch ``i``) whatever the number of ranks, as long as the global batch (per-rank batch x ranks) is the
+    same: the position (epoch, batch index) then carries over. DataError when it does not: the saved ranks are
+    at different positions, the data or its settings changed, or the global batch differs.
+    """
+    if not states:
+        raise DataError("no saved data-loader state to reshard")
+    for st in states:
+        if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+            raise DataError(f"not a data loader state of format {STATE_FORMAT!r}")
+    positions = {(int(st["epoch"]), int(st["index"])) for st in states}
+    if len(positions) != 1:
+        raise DataError(f"cannot reshard the data position: the saved ranks are at different positions "
+                        f"{sorted(positions)} (epoch, batch)")
+    mine = dict(loader.source.fingerprint())
+    saved = dict(states[0].get("source", {}))
+    diff = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in sorted(set(mine) | set(saved))
+            if k not in LAYOUT_KEYS and saved.get(k) != mine.get(k)]
+    if diff:
+        raise DataError("cannot resume the data loader: the data or its settings changed (" + "; ".join(diff) + ")")
+    old_global = int(saved.get("batch_size", 0)) * int(saved.get("world_size", 1))
+    new_global = int(mine.get("batch_size", 0)) * int(mine.get("world_size", 1))
+    if old_global != new_global:
+        raise DataError(f"cannot reshard the data position: the global batch was {saved.get('batch_size')} x "
+                        f"{saved.get('world_size')} ranks = {old_global} rows and is now {mine.get('batch_size')} x "
+                        f"{mine.get('world_size')} = {new_global}; keep data.batch_size (the global batch)")
+    (epoch, index), = positions
+    return {"format": STATE_FORMAT, "epoch": epoch, "index": index, "source": mine}
 
 
 def _cached(kind: str, patterns: Sequence[str], tokenizer: Any, extra: tuple, what: str, load: Any) -> Any:

@@ -53,8 +53,8 @@ from lmlab.inference import Engine, Request, Result, SamplingParams
 from lmlab.jsonl import iter_jsonl
 from lmlab.tokenizers import DialogError, DialogTokenizer, Tokenizer
 
-__all__ = ["RecallQuestion", "evaluate_recall", "judge", "load_questions", "parse_answer", "run_recall_sets",
-           "set_name"]
+__all__ = ["RecallQuestion", "evaluate_recall", "judge", "load_questions", "parse_answer", "recall_metrics",
+           "run_recall_sets", "set_name"]
 
 
 @dataclass
@@ -180,6 +180,11 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
     finally:
         model.train(was_training)
     records = [judge(q, r, tool_live=tool is not None) for q, r in zip(questions, results)]
+    return recall_metrics(records), records
+
+
+def recall_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Recall, tool-call and valid-SQL rates, the count, and the share of each kind of miss, from verdicts."""
     n = len(records)
     metrics = {key: sum(r[flag] for r in records) / max(n, 1)
                for key, flag in (("correct", "correct"), ("tool_call_rate", "tool_call"),
@@ -187,7 +192,19 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
     metrics["n"] = n
     for kind in MISSES:
         metrics[f"miss/{kind}"] = sum(r["miss"] == kind for r in records) / max(n, 1)
-    return metrics, records
+    return metrics
+
+
+def _gather_in_order(mine: list[dict[str, Any]], rank: int, world: int, n: int) -> list[dict[str, Any]]:
+    """Every process's verdicts (process r answered questions r, r + world, ...) back in question order."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    records: list[dict[str, Any]] = [{}] * n
+    for r, part in enumerate(parts):
+        records[r::world] = part
+    return records
 
 
 def build_tool(db: str) -> Any:
@@ -204,16 +221,28 @@ def build_tool(db: str) -> Any:
 
 def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfig,
                     engine_cfg: EngineConfig | None = None, out_dir: str | os.PathLike | None = None,
-                    step: int | None = None) -> dict[str, float]:
+                    step: int | None = None, split: tuple[int, int] | None = None) -> dict[str, float]:
     """Evaluate every set of ``cfg.sets``; return ``{"recall/<set>/<metric>": value}``. With ``out_dir`` and
-    ``cfg.save_outputs``, write each question's verdict to ``out_dir/<set>_step<step>.jsonl``."""
+    ``cfg.save_outputs``, write each question's verdict to ``out_dir/<set>_step<step>.jsonl``.
+
+    ``split=(rank, world_size)`` (every process of a torch.distributed job calls it, each with its own model
+    replica): process ``rank`` answers questions ``rank, rank + world_size, ...``; the verdicts are gathered
+    in question order, so every process returns the metrics (and writes the file) of the whole set, equal to
+    one process answering all."""
     tool = build_tool(cfg.db) if cfg.db else None
     out: dict[str, float] = {}
     for path in cfg.sets:
         name = set_name(path)
         questions = load_questions(path, cfg.max_questions, cfg.seed)
-        metrics, records = evaluate_recall(model, tokenizer, questions, tool=tool, engine_cfg=engine_cfg,
-                                           max_new_tokens=cfg.max_new_tokens)
+        if split is None:
+            metrics, records = evaluate_recall(model, tokenizer, questions, tool=tool, engine_cfg=engine_cfg,
+                                               max_new_tokens=cfg.max_new_tokens)
+        else:
+            rank, world = split
+            _, mine = evaluate_recall(model, tokenizer, questions[rank::world], tool=tool, engine_cfg=engine_cfg,
+                                      max_new_tokens=cfg.max_new_tokens)
+            records = _gather_in_order(mine, rank, world, len(questions))
+            metrics = recall_metrics(records)
         out.update({f"recall/{name}/{k}": v for k, v in metrics.items()})
         if out_dir is not None and cfg.save_outputs:
             folder = Path(out_dir)

@@ -114,9 +114,10 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # (-1 heads: under tensor parallel a process holds n_heads / tp query and n_kv_heads / tp key/value heads)
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.smear is not None:
             q, k = self.smear(q, k, mask, cache)
@@ -131,11 +132,11 @@ class Attention(nn.Module):
             k, v = self._expand_kv(k, v)
             y = cascade_attention(q, k, v, mask, shared)
         elif mask is None:  # SDPA shares each key/value head across its query group without copying
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         else:
             k, v = self._expand_kv(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
     def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values repeated across each query group: the masked CPU SDPA kernels need materialised heads."""
@@ -279,6 +280,51 @@ class Transformer(nn.Module):
                                  f"{logits_at.dtype} {tuple(logits_at.shape)}")
             h = h[logits_at]
         return self.output(self.norm(h))
+
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
+        """The DTensor plan of this model for ``parallelize_module`` over a ``tp``-process mesh (Megatron-style):
+        q/k/v and the MLP's w1/w3 column-wise (each process computes ``n_heads / tp`` heads and a slice of the
+        hidden units), wo and w2 row-wise (their partial sums reduced), the embedding row-wise (split over the
+        vocabulary) and the output head column-wise (logits gathered). With ``sequence_parallel`` the norms and
+        the residual stream between blocks are split along the sequence, gathered before attention and MLP."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
+
+        cfg = self.cfg
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if cfg.n_heads % tp or n_kv % tp:
+            raise ValueError(f"tensor parallel over {tp} processes splits the heads: model.n_heads={cfg.n_heads} and "
+                             f"model.n_kv_heads={n_kv} must both divide by parallel.tp={tp}")
+        if cfg.tie_embeddings:
+            raise ValueError("model.tie_embeddings: the embedding (split by vocabulary rows) and the output head "
+                             "(split by vocabulary columns) cannot share one tensor under tensor parallel; untie them")
+        if cfg.smear_keys:
+            raise ValueError("model.smear_keys: smeared keys have no tensor-parallel plan (their mixing weights are "
+                             "per key head); train them with data parallelism")
+        seq = Shard(1) if sequence_parallel else Replicate()
+        plan: dict[str, object] = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+            "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True),
+        }
+        for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
+            plan[f"layers.*.{name}"] = ColwiseParallel()
+        for name in ("attention.wo", "feed_forward.w2"):
+            plan[f"layers.*.{name}"] = RowwiseParallel(output_layouts=seq)
+        if sequence_parallel:
+            plan["norm"] = SequenceParallel()
+            for name in ("attention_norm", "ffn_norm"):
+                plan[f"layers.*.{name}"] = SequenceParallel()
+            plan["layers.*.attention"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None, None), desired_input_layouts=(Replicate(), None, None,
+                                                                                         None, None))
+            plan["layers.*.feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                               desired_input_layouts=(Replicate(),))
+        return plan
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of unique parameters; ``exclude_embeddings`` drops the token-embedding table.

@@ -41,11 +41,13 @@ from tqdm import tqdm
 
 from lmlab.config import Config, ConfigError, config_diff, config_to_dict, load_config, save_config
 from lmlab.data import build_loader, check_vocab
+from lmlab.data.loader import reshard_state
 from lmlab.launch.local import read_summary
 from lmlab.models import build_model, materialize, resolve_vocab
-from lmlab.monitor.metrics import build_sinks
+from lmlab.monitor.metrics import MultiSink, build_sinks
 from lmlab.tokenizers import Tokenizer, build_tokenizer
-from lmlab.train.checkpoint import CheckpointManager, set_rng_state, step_of
+from lmlab.train.checkpoint import CheckpointManager, read_rank_states, set_rng_state, step_of
+from lmlab.train.distributed import Parallel, clip_grad_norm, init_distributed
 from lmlab.train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -111,8 +113,16 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world_size = 0, 1
         self.device = resolve_device(cfg.train.device)
+        self.env = init_distributed(cfg.parallel, self.device)
+        if self.device.type == "cuda" and self.env.distributed:
+            self.device = torch.device("cuda", self.env.local_rank)
+        self.par = Parallel.build(cfg.parallel, self.env, self.device)
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        dp_rank, dp_size = self.par.dp_rank, self.par.dp_size
+        if cfg.data.batch_size % dp_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide by the "
+                              f"{dp_size} data-parallel ranks ({self.par.describe()})")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = Path(cfg.run_dir)
@@ -123,15 +133,24 @@ class Trainer:
         self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
         init_seed = cfg.model.init.seed if cfg.model.init.seed is not None else cfg.seed
         self.model = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=init_seed)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        # the same weights on every rank (one seed), then tensor parallel / FSDP2 / DDP as cfg.parallel says
+        self.step_model = self.par.parallelize(self.model, compile=cfg.train.compile)
+        optim_cfg = cfg.optim
+        if self.par.sizes.tp > 1 and not self.par.fsdp and optim_cfg.impl == "auto":
+            # tensor parallel alone leaves the norms' gains plain tensors beside DTensors, which the multi-tensor
+            # (foreach / fused) kernels cannot take in one call
+            optim_cfg = dataclasses.replace(optim_cfg, impl="loop")
+        self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
 
         data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-        self.train_loader = build_loader(cfg.data, self.tokenizer, "train", self.rank, self.world_size, data_seed)
+        # data.batch_size is the global batch: each data-parallel rank reads its share (tensor-parallel ranks of
+        # one data-parallel rank read the same rows)
+        rank_data = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // dp_size)
+        self.train_loader = build_loader(rank_data, self.tokenizer, "train", dp_rank, dp_size, data_seed)
         self.val_loader = None
         if cfg.data.val_files or cfg.data.val_fraction > 0:
-            val_cfg = dataclasses.replace(cfg.data, prefetch="none")
-            self.val_loader = build_loader(val_cfg, self.tokenizer, "val", self.rank, self.world_size, data_seed)
+            val_cfg = dataclasses.replace(rank_data, prefetch="none")
+            self.val_loader = build_loader(val_cfg, self.tokenizer, "val", dp_rank, dp_size, data_seed)
             self._val_start = self.val_loader.state_dict()
         self.token_bytes = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
 
@@ -146,6 +165,8 @@ class Trainer:
         self._last_ckpt: Path | None = None
         self.early = {"best": None, "since": 0}  # early stopping's state (checkpointed with the run)
         self._early_reason: str | None = None
+        self._timed_out = False
+        self._stopping = False  # a stop signal, as every process agreed after the last step
 
     # ---------------------------------------------------------------------------------------------
     def _known_peak(self) -> float:
@@ -162,7 +183,9 @@ class Trainer:
         """Sum of next-token cross-entropy over the batch's target tokens (float32)."""
         targets = batch["targets"]
         kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
-        if self.cfg.train.compile or not self.cfg.train.sparse_logits:  # (a data-dependent shape breaks a graph)
+        # the full-logits path under compile (a data-dependent shape breaks a graph) and sequence parallel (each
+        # process holds a slice of the sequence until the output head gathers it)
+        if self.cfg.train.compile or not self.cfg.train.sparse_logits or self.cfg.parallel.sequence_parallel:
             with autocast(self.device, self.cfg.train.dtype):
                 logits = model(batch["inputs"], **kw)
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
@@ -173,23 +196,34 @@ class Trainer:
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns loss, grad norm, lr, token counts."""
-        cfg = self.cfg
+        """One optimizer step over ``grad_accum`` micro-batches; returns loss, grad norm, lr, token counts.
+
+        The loss is the sum over the global step's target tokens (every micro-batch of every data-parallel rank)
+        divided by their count; DDP and FSDP average gradients over the ``dp`` ranks, so each rank's part is
+        scaled by ``dp``: the gradient is the one-process run's, however the step is split."""
+        cfg, par = self.cfg, self.par
         micro = [self._to_device(next(self.train_loader)) for _ in range(cfg.train.grad_accum)]
-        n_targets = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+        counts = torch.tensor([float(sum(int((b["targets"] != IGNORE).sum()) for b in micro)),
+                               float(sum(b["inputs"].numel() for b in micro))], dtype=torch.float64)
+        n_targets, positions = (int(v) for v in par.all_reduce_dp(counts.to(self.device)).tolist())
         lr = self._lr()
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for b in micro:
-            loss_sum = self._loss_sum(self.step_model, b)
-            (loss_sum / max(n_targets, 1)).backward()
+        scale = par.dp_size / max(n_targets, 1)
+        for i, b in enumerate(micro):
+            with par.no_sync(self.step_model, last=i == len(micro) - 1):
+                loss_sum = self._loss_sum(self.step_model, b)
+                (loss_sum * scale).backward()
             total += loss_sum.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
+        if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+        elif cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        total = par.all_reduce_dp(total)
         loss, gnorm = torch.stack([total / max(n_targets, 1), grad_norm.float()]).tolist()
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             last = self.ckpt.latest()
@@ -199,8 +233,7 @@ class Trainer:
                 f"{last or 'none'}. Lower optim.lr or check the data.")
         self.optimizer.step()
         self.step += 1
-        positions = sum(b["inputs"].numel() for b in micro)
-        self.tokens_seen += positions
+        self.tokens_seen += positions  # every data-parallel rank's
         return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
 
     @torch.no_grad()
@@ -226,6 +259,12 @@ class Trainer:
                 self.val_loader.load_state_dict(self._val_start)  # next evaluation starts at the beginning
                 break
         self.model.train()
+        if self.par.dp_size > 1:  # each data-parallel rank evaluated its share of the rows
+            sums = self.par.all_reduce_dp(torch.stack([total, torch.tensor(float(n_tokens), dtype=torch.float64,
+                                                                            device=self.device),
+                                                       torch.tensor(float(n_bytes), dtype=torch.float64,
+                                                                    device=self.device)]))
+            total, n_tokens, n_bytes = sums[0], int(sums[1].item()), int(sums[2].item())
         loss = total.item() / max(n_tokens, 1)
         bpb = total.item() / (math.log(2) * n_bytes) if n_bytes else float("nan")
         return {"val_loss": loss, "val_bpb": bpb, "val_tokens": n_tokens}
@@ -237,12 +276,29 @@ class Trainer:
         from lmlab.evals.recall import run_recall_sets
 
         t0 = time.time()
-        out = run_recall_sets(self.model, self.tokenizer, self.cfg.evals.recall, self.cfg.engine,
-                              out_dir=self.run_dir / "recall" if self.rank == 0 else None, step=self.step)
+        out = run_recall_sets(self._eval_model(), self.tokenizer, self.cfg.evals.recall, self.cfg.engine,
+                              out_dir=self.run_dir / "recall" if self.rank == 0 else None, step=self.step,
+                              split=(self.rank, self.world_size) if self.env.distributed else None)
         shown = {k.removeprefix("recall/"): v for k, v in out.items() if not k.endswith("/n") and "/miss/" not in k}
         log.info("recall at step %d (%.1f s): %s", self.step, time.time() - t0,
                  ", ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         return out
+
+    def _eval_model(self) -> torch.nn.Module:
+        """The model the generation engine runs: the training model itself in one process; with several, a plain
+        replica on each process holding the full weights (gathered from the shards), so that every process
+        answers its share of the questions on its own."""
+        if not self.env.distributed:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False,
+                                                                         broadcast_from_rank0=False))
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in full.items()}
+        if getattr(self, "_replica", None) is None:
+            self._replica = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=0)
+        self._replica.load_state_dict(full)
+        return self._replica
 
     def _lr(self) -> float:
         """The learning rate of the coming step: the schedule's, or during an early-stop cooldown a linear decay
@@ -288,7 +344,8 @@ class Trainer:
         return True
 
     def save(self) -> Path:
-        meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name, "early_stop": self.early}
+        meta = {"tokens_seen": self.tokens_seen, "name": self.cfg.name, "early_stop": self.early,
+                "parallel": dataclasses.asdict(self.par.sizes)}
         return self.ckpt.save(self.step, self.model, self.optimizer, meta=meta,
                               rank_state={"data": self.train_loader.state_dict()})
 
@@ -300,8 +357,18 @@ class Trainer:
             return False
         self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))
         self.early = dict(loaded.meta.get("early_stop") or self.early)
-        self.train_loader.load_state_dict(loaded.state["data"])
-        set_rng_state(loaded.state["rng"])
+        state = loaded.state
+        saved_layout = loaded.meta.get("parallel") or {"dp_replicate": 1, "dp_shard": 1, "tp": 1}
+        if "ranks" in state or saved_layout != dataclasses.asdict(self.par.sizes):
+            # saved by another mesh: model and optimizer were resharded by DCP; the data position carries over
+            # when the global order allows it (reshard_state says why not otherwise)
+            ranks = state.get("ranks") or read_rank_states(loaded.path, int(loaded.meta.get("world_size", 1)))
+            self.train_loader.load_state_dict(reshard_state([r["data"] for r in ranks], self.train_loader))
+            state = ranks[min(self.rank, len(ranks) - 1)]
+            log.info("resharded the run from %s to %s", saved_layout, dataclasses.asdict(self.par.sizes))
+        else:
+            self.train_loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
         self._saved_step = self.step
         if self.rank == 0:
             for bad in loaded.damaged:
@@ -397,12 +464,25 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def _agree_to_stop(self, t_start: float) -> None:
+        """After each step: a signal or the time limit on any process stops every process at the same step (with
+        several processes each step's collectives must be met by all; a signal reaches them at different times)."""
+        tc = self.cfg.train
+        timed_out = bool(tc.max_time) and time.time() - t_start >= tc.max_time
+        if self.env.distributed:
+            signalled, timed_out = self.par.any_rank([self._stop_signal is not None, timed_out])
+            if signalled and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another process was signalled: stop with it
+        self._timed_out = timed_out
+        self._stopping = self._stop_signal is not None
+
     @contextlib.contextmanager
     def _abortable(self) -> Iterator[None]:
-        """A section (an evaluation) that a signal stops at once by raising :class:`Interrupted`."""
+        """A section (an evaluation) that a signal stops at once by raising :class:`Interrupted`. With several
+        processes an evaluation is a collective and runs to its end (the loop then stops at the step)."""
         if self._stop_signal is not None:
             raise Interrupted(self._stop_signal)
-        self._in_abortable = True
+        self._in_abortable = not self.env.distributed
         try:
             yield
         finally:
@@ -433,7 +513,7 @@ class Trainer:
         if self.rank == 0:
             save_config(self.cfg, self.run_dir)
         start_step = self.step
-        sink = build_sinks(cfg, self.run_dir)
+        sink = build_sinks(cfg, self.run_dir) if self.rank == 0 else MultiSink([])  # one writer per run folder
         log.info("model: %s parameters; %.1f MFLOPs/token; device %s", f"{self.model.num_params():,}",
                  self.flops_per_token / 1e6, self.device)
         status = "completed"
@@ -454,29 +534,32 @@ class Trainer:
                             window_pos += m["positions"]
                             window_targets += m["targets"]
                             bar.update(1)
+                            self._agree_to_stop(t_start)
                             if self.step % tc.log_every == 0 or self.step == tc.steps:
                                 dt = max(time.time() - window_t, 1e-9)
                                 row = {"step": self.step, "loss": m["loss"], "lr": m["lr"],
                                        "grad_norm": m["grad_norm"], "tokens_per_s": window_pos / dt,
                                        "loss_tokens_per_s": window_targets / dt, "tokens": self.tokens_seen,
                                        "time": time.time() - t_start, "peak_mem_mb": peak_memory_mb(self.device)}
-                                if self.peak_flops:
-                                    row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
+                                if self.peak_flops:  # the job's tokens over every process's device
+                                    row["mfu"] = (self.flops_per_token * row["tokens_per_s"]
+                                                  / (self.peak_flops * self.world_size))
                                 sink.log(row)
                                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                                 refresh=False)
                                 window_t, window_pos, window_targets = time.time(), 0, 0
-                            if self.step < tc.steps and self._stop_signal is None and self._periodic(sink):
+                            if self.step < tc.steps and not self._stopping and self._periodic(sink):
                                 window_t = time.time()  # the rate counts training time only
+                                self._agree_to_stop(t_start)  # a signal during an evaluation stops at this step
                             if self._early_reason is not None or self._cooled_down():
                                 status = f"stopped by early stop: {self._early_reason}"
                                 break
-                            if self._stop_signal is not None:
+                            if self._stopping:
                                 break
                             if stop_after is not None and self.step - start_step >= stop_after:
                                 status = f"paused after {stop_after} steps"
                                 break
-                            if tc.max_time and time.time() - t_start >= tc.max_time:
+                            if self._timed_out:
                                 status = f"stopped by train.max_time={tc.max_time:g}s"
                                 break
                     path = self._save_once()  # the final weights are safe before any final evaluation
