@@ -142,3 +142,103 @@ def test_recall_evaluation_is_split_across_processes_and_equals_one_process(tmp_
     one = [json.loads(x) for x in (run / "recall" / "eval" / "train_step20.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in got] == [r["answer"] for r in one]
     assert got == one
+
+
+TP_GENERATE = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import parallelize_module
+from lmlab.config import EngineConfig, InitConfig, ModelConfig
+from lmlab.inference import Engine, Request, SamplingParams
+from lmlab.models import build_model, materialize, resolve_vocab
+from lmlab.tokenizers import ByteTokenizer
+
+world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+tok = ByteTokenizer()
+cfg = resolve_vocab(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                                init=InitConfig(scheme="width")), tok.vocab_size)
+model = materialize(build_model(cfg, device="meta"), "cpu", seed=0)
+if world > 1:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    parallelize_module(model, mesh, model.tensor_parallel_plan(world))
+engine = Engine.from_config(model, tok, EngineConfig(max_batch=4, page_size=8))
+prompts = ["To be", "or not to be, that is", "Whether 'tis nobler in the mind", "a", "The slings and arrows", "Or"]
+reqs = [Request(prompt=tok.encode(p), params=SamplingParams(max_new_tokens=24, temperature=0.0 if i % 2 else 0.8,
+                seed=i), id=i) for i, p in enumerate(prompts)]
+out = [r.tokens for r in engine.generate(reqs)]
+heads = engine.pool.k.shape
+if world == 1 or dist.get_rank() == 0:
+    json.dump({"tokens": out, "pool_shape": list(heads)}, open(sys.argv[1], "w"))
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_tensor_parallel_generation_shards_the_kv_cache_by_heads_and_equals_one_process(tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text(TP_GENERATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for n in (1, 2):
+        cmd = [sys.executable, str(script), str(tmp_path / f"out{n}.json")]
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *cmd[1:]]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-4000:]
+        outs[n] = json.loads((tmp_path / f"out{n}.json").read_text())
+    assert outs[2]["tokens"] == outs[1]["tokens"]
+    assert all(len(t) == 24 for t in outs[1]["tokens"])
+    one, two = outs[1]["pool_shape"], outs[2]["pool_shape"]
+    differ = [i for i, (a, b) in enumerate(zip(one, two)) if a != b]  # the heads dimension only, halved
+    assert len(differ) == 1 and one[differ[0]] == 2 * two[differ[0]] == 2, (one, two)
+
+
+def test_export_consolidates_a_distributed_checkpoint(single, tmp_path):
+    """``lmlab export`` of a run trained by 2 FSDP2 processes writes whole tensors (DCP reshards the shards into one
+    process), equal to the one-process run's export up to the runs' float differences."""
+    from safetensors.torch import load_file
+
+    tmp, _, _ = single
+    if not (tmp / "runs" / "fsdp" / "summary.json").exists():
+        train(tmp, "fsdp", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("fsdp", "single"):
+        p = subprocess.run([sys.executable, "-m", "lmlab.cli", "export", str(tmp / "runs" / name),
+                            str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(single, tmp_path):
+    """torchrun forwards SIGTERM to every process: all stop at the same step, save one checkpoint, and the rerun
+    (here with one process) continues to the losses of an uninterrupted run."""
+    import signal
+    import time
+
+    steps = 150
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train(straight, "r", 1, f"train.steps={steps}")
+    config = tmp_path / "base.yaml"
+    config.write_text("name: base\n")
+    args = [str(config), *base(tmp_path, "r", f"train.steps={steps}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "lmlab.cli", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["status"] == "interrupted by SIGTERM" and 5 <= summary["step"] < steps, summary
+    assert summary["checkpoint"].endswith(f"step_{summary['step']:08d}")
+    train(tmp_path, "r", 1, f"train.steps={steps}")
+    assert close(losses(tmp_path, "r"), losses(straight, "r")), (losses(tmp_path, "r"), losses(straight, "r"))

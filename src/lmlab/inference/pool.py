@@ -74,12 +74,18 @@ class PagePool:
     def for_model(cls, model: nn.Module, n_tokens: int, page_size: int = 16, *,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> PagePool:
         """A pool of ``n_tokens`` slots (rounded up to whole pages) shaped for ``model``'s attention, with the
-        per-token fields its modules declare (``cache_fields``)."""
+        per-token fields its modules declare (``cache_fields``). Under tensor parallel the pool holds this
+        process's key/value heads only (``n_kv_heads / tp``): the KV cache is sharded by heads."""
         cfg = model.cfg
         w = next(model.parameters())
         n_pages = -(-int(n_tokens) // int(page_size))
         fields = sorted({name for m in model.modules() for name in getattr(m, "cache_fields", ())})
-        return cls(cfg.n_layers, n_pages, page_size, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads,
+        head_dim = cfg.dim // cfg.n_heads
+        kv_heads = cfg.n_kv_heads or cfg.n_heads
+        wk = getattr(getattr(getattr(model, "layers", [None])[0], "attention", None), "wk", None)
+        if wk is not None and hasattr(wk.weight, "to_local"):  # tensor parallel: this process's key/value heads
+            kv_heads = wk.weight.to_local().shape[0] // head_dim
+        return cls(cfg.n_layers, n_pages, page_size, kv_heads, head_dim,
                    dtype=dtype or w.dtype, device=device or w.device, fields=fields)
 
     @property
