@@ -115,7 +115,8 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
 
 @pytest.mark.parametrize("preset, runs, modes", [("quickstart.yaml", 6, {"weight", "tool"}),
                                                  ("reproduce.yaml", 18, {"tool"}), ("capacity.yaml", 16, {"weight"}),
-                                                 ("alpha.yaml", 28, {"weight"})])
+                                                 ("alpha.yaml", 28, {"weight"}),
+                                                 ("paper.yaml", 960, {"weight", "tool"})])
 def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, runs, modes):
     """`make run` and the reproduce command start from these files: every grid point validates, the datasets its
     runs name parse as build arguments, and runs that share a data folder ask for the same dataset."""

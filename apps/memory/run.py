@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (threads are split between them)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cpus // jobs)")
     p.add_argument("--report-only", action="store_true", help="skip data and training; rebuild the report")
+    p.add_argument("--slurm", action="store_true", help="build the datasets here, then submit the unfinished runs "
+                   "to Slurm as one array job (resources: launch.slurm); rerun with --report-only once they are done")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and the array job(s) --slurm would submit "
+                   "(size, resources), build and submit nothing")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     root = configs[0].run_dir.parent  # the grid's folder: runs/memory/quick for memory/quick/people=64_mode=tool
     if len({c.run_dir.parent for c in configs}) != 1:
         raise ConfigError(f"{a.grid}: the runs of the grid must share one parent folder")
+    if a.dry_run:
+        from lmlab.launch.slurm import describe_submission
+
+        print(describe_submission(configs))
+        print(f"datasets: {len({dataset_args(c.tags)['out'] for c in configs})} (built before submitting)")
+        return 0
     if not a.report_only:
         datasets = {}
         for cfg in configs:
@@ -96,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                                   f"datasets ({datasets[args['out']]} vs {args}); name every tag that differs in it")
         for out, args in datasets.items():
             log.info("dataset %s: %s", out, ensure_dataset(args))
+        if a.slurm:
+            from lmlab.launch.slurm import submit_grid
+
+            submit_grid(configs)
+            print(f"`lmlab grid {a.grid}` shows each run's state; `{sys.argv[0]} --grid {a.grid} --report-only` "
+                  "writes the report once they are done")
+            return 0
         outcomes = run_grid(configs, jobs=a.jobs, threads=a.threads)
         failed = [o for o in outcomes if o.status == "failed"]
     else:

@@ -50,19 +50,44 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         print("error: --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
     configs = load_grid(args.config, args.overrides)
+    if args.slurm or args.dry_run:
+        from lmlab.launch.slurm import describe_submission, submit_grid
+
+        if args.dry_run:
+            print(describe_submission(configs))
+            return 0
+        submit_grid(configs)
+        return 0
     if not args.run:
+        from lmlab.launch.slurm import read_jobs, slurm_states
+
         states = [run_state(cfg.run_dir, cfg.train.steps) for cfg in configs]
+        jobs = read_jobs(configs)
+        queued = slurm_states(list(jobs.values()))
         width = max(len(cfg.name) for cfg in configs)
         for cfg, state in zip(configs, states):
-            print(f"{cfg.name:<{width}}  {state}")
+            job = jobs.get(cfg.name)
+            extra = ""
+            if job is not None:
+                slurm = queued.get(job) or ("failed" if _slurm_failed(cfg.run_dir) else "not in the queue")
+                extra = f"  slurm job {job}: {slurm}; log {cfg.run_dir}/train.log or the job's folder"
+            print(f"{cfg.name:<{width}}  {state}{extra}")
         counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "new") if states.count(s))
-        print(f"{len(configs)} runs: {counts} (--run to train the unfinished ones)")
+        print(f"{len(configs)} runs: {counts} (--run to train the unfinished ones here, --slurm to submit them)")
         return 0
     try:
         outcomes = run_grid(configs, jobs=args.jobs, threads=args.threads)
     except GridInterrupted as e:
         return 128 + e.signum
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _slurm_failed(run_dir: str | os.PathLike) -> bool:
+    """A run whose Slurm job left the queue without finishing: its summary says neither done nor interrupted."""
+    from lmlab.launch import read_summary
+
+    status = str(read_summary(run_dir).get("status", ""))
+    return not status.startswith(("completed", "stopped", "interrupted"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -237,6 +262,10 @@ def _main(argv: list[str] | None = None) -> int:
             p.add_argument("--run", action="store_true", help="train every unfinished run (resuming partial ones)")
             p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
             p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default cores // jobs)")
+            p.add_argument("--slurm", action="store_true", help="submit the unfinished runs to Slurm (submitit): one "
+                           "array job, resources from launch.slurm")
+            p.add_argument("--dry-run", action="store_true", help="with --slurm: print the array job(s) and their "
+                           "size, submit nothing")
     p = sub.add_parser("generate", help="sample from a run's checkpoint with the generation engine",
                        description="Sample from a run's checkpoint with the generation engine. Unset options take "
                                    "the run's sample: section (config.yaml).", epilog=EXIT_CODES, formatter_class=fmt)

@@ -44,10 +44,12 @@ __all__ = [
     "EngineConfig",
     "F",
     "InitConfig",
+    "LaunchConfig",
     "LoggingConfig",
     "OptimConfig",
     "ParallelConfig",
     "SampleConfig",
+    "SlurmConfig",
     "TrainConfig",
     "ModelConfig",
     "TokenizerConfig",
@@ -339,6 +341,43 @@ class ParallelConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Resources of each run's Slurm job (lmlab.launch.slurm, through submitit); a grid is one array job."""
+
+    partition: str = F("", "partition (queue); empty: the cluster's default")
+    account: str = F("", "account to charge; empty: the user's default")
+    qos: str = F("", "quality of service; empty: the default")
+    nodes: int = F(1, "nodes per run")
+    tasks_per_node: int = F(1, "processes per node (torch.distributed ranks; world size = nodes x tasks_per_node)")
+    cpus_per_task: int = F(1, "CPU cores per process")
+    gpus_per_node: int = F(0, "GPUs per node")
+    mem_gb: float = F(0.0, "memory per node in GB; 0: the cluster's default")
+    time_min: int = F(60, "time limit of one job in minutes (a run that needs longer saves and requeues itself)")
+    signal_delay_s: int = F(90, "seconds before the time limit at which Slurm signals the job to save and requeue")
+    max_requeues: int = F(20, "times a run may requeue itself after reaching the time limit")
+    snapshot: bool = F(True, "run queued jobs from a copy of the code taken at submission (later edits do not "
+                       "change them)")
+    extra: dict[str, Any] = F({}, "more sbatch options, e.g. {constraint: a100, exclusive: true}")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, key) < 1:
+                errs.append((key, "must be >= 1"))
+        for key in ("gpus_per_node", "mem_gb", "signal_delay_s", "max_requeues"):
+            if getattr(self, key) < 0:
+                errs.append((key, "must be >= 0"))
+        return errs
+
+
+@dataclass
+class LaunchConfig:
+    """Where runs execute: this machine (``lmlab grid CONFIG --run``) or Slurm (``--slurm``)."""
+
+    slurm: SlurmConfig = F(SlurmConfig(), "Slurm resources per run")
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides runs/NAME/metrics.jsonl."""
 
@@ -440,6 +479,7 @@ class Config:
     optim: OptimConfig = F(OptimConfig(), "optimizer and learning-rate schedule")
     train: TrainConfig = F(TrainConfig(), "training loop")
     parallel: ParallelConfig = F(ParallelConfig(), "data / tensor parallelism across processes (torchrun, Slurm)")
+    launch: LaunchConfig = F(LaunchConfig(), "where runs execute (Slurm resources)")
     logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
     engine: EngineConfig = F(EngineConfig(), "generation engine")

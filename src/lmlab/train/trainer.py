@@ -57,6 +57,11 @@ IGNORE = -100
 KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
 
 
+# Signals that stop a run cleanly (finish the step, save, return): Ctrl-C, kill / preemption, and the user signals
+# a scheduler sends before a time limit (Slurm --signal; lmlab.launch.slurm requeues the job after it)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the last good checkpoint."""
 
@@ -455,7 +460,7 @@ class Trainer:
             log.warning("received %s: finishing the step, then saving", signal.Signals(signum).name)
 
         try:
-            old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         except ValueError:  # not the main thread: no handlers
             old = {}
         try:
