@@ -6,8 +6,8 @@ each task training one run folder with :class:`TrainTask`. A run of several proc
 ``tasks_per_node``) starts one task per process through ``srun`` (submitit does it), each exporting the
 torch.distributed variables from Slurm's (``submitit.helpers.TorchDistributedEnvironment``), so the trainer
 joins the process group as under torchrun. The code is copied at submission (``launch.slurm.snapshot``) into
-``GRID/slurm/code/<time>/`` and the jobs import lmlab and the apps from that copy: editing the working tree
-never changes a queued job.
+``GRID/slurm/code/<time>/`` and the job script puts that copy first on ``PYTHONPATH``, so the jobs import lmlab
+and the apps from it: editing the working tree never changes a queued job.
 
 Preemption and time limits: Slurm sends ``SIGUSR2`` ``signal_delay_s`` before the time limit (``--signal``) and
 ``SIGTERM`` on preemption or ``scontrol requeue``. The trainer treats both as a stop: it finishes the step, saves,
@@ -58,12 +58,14 @@ class TrainTask:
         self.code_dir = str(code_dir) if code_dir else None
 
     def __call__(self) -> dict[str, Any]:
-        if self.code_dir:  # the snapshot first on the path: the job runs the code of its submission
-            for sub in ("apps", "src"):
-                path = str(Path(self.code_dir) / sub)
-                if path not in sys.path:
-                    sys.path.insert(0, path)
         import submitit
+
+        import lmlab
+
+        code = Path(lmlab.__file__).resolve().parent
+        print(f"lmlab from {code}", flush=True)  # (the job's log: which code it runs)
+        if self.code_dir and not code.is_relative_to(Path(self.code_dir).resolve()):
+            log.warning("the job imports lmlab from %s, not from the code snapshot %s", code, self.code_dir)
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -88,7 +90,7 @@ class TrainTask:
             sys.exit(-1)  # no result file: the job is not over
         if status.startswith("interrupted by"):  # preempted / requeued from outside: Slurm reruns or ends it
             sys.exit(-1)
-        return summary
+        return {**summary, "code": str(code)}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
@@ -191,8 +193,12 @@ def submit_grid(configs: Sequence[Any], log_fn: Callable[[str], Any] = print,
     submitted: dict[str, str] = {}
     for params, cfgs in groups:
         executor = (executor_factory or (lambda folder: submitit.AutoExecutor(folder=folder, cluster="slurm")))(
-            root / "%A_%a")
-        executor.update_parameters(name=grid_dir(configs).name, slurm_array_parallelism=len(cfgs), **params)
+            root / "%j")
+        setup = []
+        if code is not None and cfgs[0].launch.slurm.snapshot:  # the job's python imports the snapshot's lmlab
+            setup.append(f"export PYTHONPATH={code / 'src'}:{code / 'apps'}${{PYTHONPATH:+:$PYTHONPATH}}")
+        executor.update_parameters(name=grid_dir(configs).name, slurm_array_parallelism=len(cfgs),
+                                   slurm_setup=setup, **params)
         tasks = []
         for cfg in cfgs:
             launch = save_config(cfg, Path(cfg.run_dir) / "launch.yaml")
