@@ -96,13 +96,26 @@ def test_fsdp_and_tp_on_four_processes_matches_one_process(single):
     assert close(losses(tmp, "hsdp_tp"), ref), (losses(tmp, "hsdp_tp"), ref)
 
 
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_checkpoint_reshards_across_world_sizes(single, first, second):
+TP2 = ("parallel.tp=2", "parallel.dp_shard=1")
+
+
+@pytest.mark.parametrize("name,first,second", [("fsdp2_to_1", (2, ()), (1, ())), ("1_to_fsdp2", (1, ()), (2, ())),
+                                               ("fsdp2_to_tp2", (2, ()), (2, TP2))])
+def test_checkpoint_reshards_across_world_sizes(single, name, first, second):
+    """Saved by one mesh, resumed by another: model and optimizer resharded by DCP, the data position carried
+    over (the global batch is the same), every loss as in the one-process run."""
     tmp, ref, _ = single
-    name = f"resume_{first}to{second}"
-    train(tmp, name, first, f"train.steps={STEPS // 2}", "train.ckpt_every=1")
-    train(tmp, name, second)
+    train(tmp, name, first[0], *first[1], f"train.steps={STEPS // 2}", "train.ckpt_every=1")
+    train(tmp, name, second[0], *second[1])
     assert close(losses(tmp, name), ref), (losses(tmp, name), ref)
+
+
+def test_a_changed_global_batch_is_refused_on_resume(single):
+    tmp, _, _ = single
+    train(tmp, "batch", 2, f"train.steps={STEPS // 2}")
+    p = train(tmp, "batch", 1, "data.batch_size=4", check=False)
+    assert p.returncode == 1 and "the global batch was 4 x 2 ranks = 8 rows and is now 4 x 1 = 4" in p.stderr, \
+        p.stderr[-2000:]
 
 
 def test_world_size_must_match_the_mesh(tmp_path):

@@ -357,7 +357,10 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest loadable checkpoint of the run folder, if any; True when resumed. Newer damaged ones
         are renamed ``step_N.damaged`` (``train.ckpt_fallback``; else CheckpointError names them)."""
+        kernels = [{k: g.get(k) for k in ("foreach", "fused")} for g in self.optimizer.param_groups]
         loaded = self.ckpt.load_latest(self.model, self.optimizer, fallback=self.cfg.train.ckpt_fallback)
+        for group, kernel in zip(self.optimizer.param_groups, kernels):
+            group.update(kernel)  # the kernel choice is this run's (a checkpoint of another mesh may carry another)
         if loaded is None:
             return False
         self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))
