@@ -255,3 +255,16 @@ def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(single, tmp_
     assert summary["checkpoint"].endswith(f"step_{summary['step']:08d}")
     train(tmp_path, "r", 1, f"train.steps={steps}")
     assert close(losses(tmp_path, "r"), losses(straight, "r")), (losses(tmp_path, "r"), losses(straight, "r"))
+
+
+def test_generate_under_torchrun_splits_the_prompts_and_prints_one_process_text(single):
+    tmp, _, _ = single
+    args = ["generate", str(tmp / "runs" / "single"), "--prompt", "To be", "--prompt", "Whether", "--prompt", "The",
+            "--max-new-tokens", "16", "--temperature", "0.8", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "lmlab.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lmlab.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert one.stdout.count("=== ") == 3 and two.stdout == one.stdout

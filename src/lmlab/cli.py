@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -116,6 +117,27 @@ def _leave_process_group() -> None:
             dist.destroy_process_group()
 
 
+def _generate_across_processes(engine: Any, prompts: list[str], params: Any) -> int:
+    """Prompts split across the processes torchrun started (each with the whole model), completions gathered and
+    printed by rank 0 in prompt order: the same text as one process (each row keeps its own seed)."""
+    import torch.distributed as dist
+
+    from lmlab.comm import split_gather
+    from lmlab.inference.sampling import row_params
+
+    dist.init_process_group("nccl" if engine.pool.device.type == "cuda" else "gloo")
+    try:
+        rows = list(zip(prompts, row_params(params, len(prompts))))
+        texts = split_gather(rows, lambda mine: engine.generate_text([p for p, _ in mine], [r for _, r in mine])
+                             if mine else [])
+        if dist.get_rank() == 0:
+            for i, (prompt, text) in enumerate(zip(prompts, texts)):
+                print(f"=== {i}\n{prompt}{text}")
+    finally:
+        _leave_process_group()
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.inference.engine import Engine
     from lmlab.inference.sampling import SamplingParams, read_prompts
@@ -141,6 +163,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                      engine.context_limit)
             params = dataclasses.replace(params, max_new_tokens=room)
     _checked(lambda: engine.text_requests(prompts, params))  # every prompt fits, before any output
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each process answers its share of the prompts
+        return _generate_across_processes(engine, prompts, params)
     if len(prompts) == 1:  # stream one completion as it is generated
         sys.stdout.write(prompts[0])
         engine.generate_text(prompts, params, on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmlab.comm import split_gather
 from lmlab.config import EngineConfig, RecallEvalConfig
 from lmlab.data.errors import DataError
 from lmlab.inference import Engine, Request, Result, SamplingParams
@@ -195,18 +196,6 @@ def recall_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-def _gather_in_order(mine: list[dict[str, Any]], rank: int, world: int, n: int) -> list[dict[str, Any]]:
-    """Every process's verdicts (process r answered questions r, r + world, ...) back in question order."""
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, mine)
-    records: list[dict[str, Any]] = [{}] * n
-    for r, part in enumerate(parts):
-        records[r::world] = part
-    return records
-
-
 def build_tool(db: str) -> Any:
     """The SQL tool over ``db`` (read-only; every table of the file allowed)."""
     from lmlab.tools.sql import SqlTool
@@ -237,11 +226,10 @@ def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfi
         if split is None:
             metrics, records = evaluate_recall(model, tokenizer, questions, tool=tool, engine_cfg=engine_cfg,
                                                max_new_tokens=cfg.max_new_tokens)
-        else:
-            rank, world = split
-            _, mine = evaluate_recall(model, tokenizer, questions[rank::world], tool=tool, engine_cfg=engine_cfg,
-                                      max_new_tokens=cfg.max_new_tokens)
-            records = _gather_in_order(mine, rank, world, len(questions))
+        else:  # each process answers its share; the verdicts come back in question order
+            records = split_gather(questions, lambda mine: evaluate_recall(
+                model, tokenizer, mine, tool=tool, engine_cfg=engine_cfg, max_new_tokens=cfg.max_new_tokens)[1],
+                split=split)
             metrics = recall_metrics(records)
         out.update({f"recall/{name}/{k}": v for k, v in metrics.items()})
         if out_dir is not None and cfg.save_outputs:
