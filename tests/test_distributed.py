@@ -74,6 +74,7 @@ def single(tmp_path_factory):
     ("ddp", 2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
     ("tp", 2, ["parallel.tp=2", "parallel.dp_shard=1"]),
     ("tp_sequence_parallel", 2, ["parallel.tp=2", "parallel.dp_shard=1", "parallel.sequence_parallel=true"]),
+    ("tp_loss_parallel", 2, ["parallel.tp=2", "parallel.dp_shard=1", "parallel.loss_parallel=true"]),
     ("fsdp_ac_compile", 2, ["parallel.activation_checkpoint=full", "train.compile=true"]),
     ("fsdp_selective_ac_accum", 2, ["parallel.activation_checkpoint=selective", "train.grad_accum=2",
                                     "data.batch_size=4"]),

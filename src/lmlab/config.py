@@ -318,6 +318,8 @@ class ParallelConfig:
     tp: int = F(1, "tensor-parallel degree (DTensor: column-wise q/k/v and MLP in-projections, row-wise "
                 "out-projections); heads and kv heads must divide by it")
     sequence_parallel: bool = F(False, "with tp > 1: norms and residual stream sharded along the sequence")
+    loss_parallel: bool = F(False, "with tp > 1: logits stay split over the vocabulary and the loss is computed on "
+                            "the shards (no gathered logits)")
     activation_checkpoint: Literal["none", "full", "selective"] = F(
         "none", "recompute activations in backward: full (every block's), selective (keep matmul and attention "
         "outputs, recompute the rest)")
@@ -337,6 +339,8 @@ class ParallelConfig:
             errs.append(("dp_shard", "must be >= 1, or -1 (the rest of the world size)"))
         if self.sequence_parallel and self.tp == 1:
             errs.append(("sequence_parallel", "needs tp > 1"))
+        if self.loss_parallel and self.tp == 1:
+            errs.append(("loss_parallel", "needs tp > 1"))
         return errs
 
 

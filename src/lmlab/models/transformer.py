@@ -281,12 +281,15 @@ class Transformer(nn.Module):
             h = h[logits_at]
         return self.output(self.norm(h))
 
-    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False,
+                             loss_parallel: bool = False) -> dict[str, object]:
         """The DTensor plan of this model for ``parallelize_module`` over a ``tp``-process mesh (Megatron-style):
         q/k/v and the MLP's w1/w3 column-wise (each process computes ``n_heads / tp`` heads and a slice of the
         hidden units), wo and w2 row-wise (their partial sums reduced), the embedding row-wise (split over the
         vocabulary) and the output head column-wise (logits gathered). With ``sequence_parallel`` the norms and
-        the residual stream between blocks are split along the sequence, gathered before attention and MLP."""
+        the residual stream between blocks are split along the sequence, gathered before attention and MLP. With
+        ``loss_parallel`` the logits stay split over the vocabulary (a DTensor) for a loss computed on the shards
+        (``torch.distributed.tensor.parallel.loss_parallel``)."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
@@ -309,7 +312,9 @@ class Transformer(nn.Module):
         seq = Shard(1) if sequence_parallel else Replicate()
         plan: dict[str, object] = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-            "output": ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True),
+            "output": (ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+                       if loss_parallel else
+                       ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True)),
         }
         for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
             plan[f"layers.*.{name}"] = ColwiseParallel()

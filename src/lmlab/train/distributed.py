@@ -205,7 +205,8 @@ class Parallel:
         if plan_of is None:
             raise ConfigError(f"parallel.tp={self.sizes.tp}: {type(model).__name__} has no tensor-parallel plan")
         try:
-            plan = plan_of(self.sizes.tp, sequence_parallel=self.cfg.sequence_parallel)
+            plan = plan_of(self.sizes.tp, sequence_parallel=self.cfg.sequence_parallel,
+                       loss_parallel=self.cfg.loss_parallel)
         except ValueError as e:
             raise ConfigError(f"parallel.tp={self.sizes.tp}: {e}") from None
         parallelize_module(model, self.mesh["tp"], plan)
@@ -236,6 +237,14 @@ class Parallel:
                 model.set_requires_gradient_sync(True)
         else:
             yield
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Around the loss and its backward: ``loss_parallel`` when the logits stay split over the vocabulary."""
+        if self.cfg.loss_parallel and self.sizes.tp > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------------------------------------
     def all_reduce_dp(self, t: torch.Tensor) -> torch.Tensor:

@@ -193,12 +193,18 @@ class Trainer:
         if self.cfg.train.compile or not self.cfg.train.sparse_logits or self.cfg.parallel.sequence_parallel:
             with autocast(self.device, self.cfg.train.dtype):
                 logits = model(batch["inputs"], **kw)
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
+            return self._cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
         keep = targets != IGNORE  # the output head and the softmax only where a target is (dialogs: the answers)
         with autocast(self.device, self.cfg.train.dtype):
             logits = model(batch["inputs"], logits_at=keep, **kw)
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return self._cross_entropy_sum(logits, targets[keep])
+
+    @staticmethod
+    def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy in float32 of (N, vocab) logits. With ``parallel.loss_parallel`` the logits are a
+        DTensor split over the vocabulary and the caller runs this and the backward under
+        ``self.par.loss_context()`` (the softmax then runs on the shards)."""
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns loss, grad norm, lr, token counts.
@@ -217,10 +223,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         scale = par.dp_size / max(n_targets, 1)
         for i, b in enumerate(micro):
-            with par.no_sync(self.step_model, last=i == len(micro) - 1):
+            with par.no_sync(self.step_model, last=i == len(micro) - 1), par.loss_context():
                 loss_sum = self._loss_sum(self.step_model, b)
                 (loss_sum * scale).backward()
-            total += loss_sum.detach()
+            loss_sum = loss_sum.detach()
+            total += loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
             grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
@@ -255,8 +262,9 @@ class Trainer:
             with autocast(self.device, self.cfg.train.dtype):
                 logits = self.step_model(b["inputs"], doc_ids=b.get("doc_ids"), positions=b.get("positions"))
             targets = b["targets"]
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                     reduction="sum").double()
+            with self.par.loss_context():
+                ce = self._cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+            total += (ce.full_tensor() if hasattr(ce, "full_tensor") else ce).double()
             valid = targets != IGNORE
             n_tokens += int(valid.sum())
             n_bytes += int(self.token_bytes[targets[valid]].sum())
