@@ -459,13 +459,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and returns. Inside :meth:`_abortable`
-        (evaluations, run after the weights they evaluate were saved) and on a second signal, the handler raises
-        :class:`Interrupted` instead."""
+        """SIGINT/SIGTERM (and SIGUSR1/2) set a flag: the loop finishes its step, saves and returns. Inside
+        :meth:`_abortable` (evaluations, run after the weights they evaluate were saved) and on a second signal,
+        the handler raises :class:`Interrupted` instead, in one process; with several, every process finishes the
+        step and saves whatever it receives (the launcher kills a job that takes too long)."""
         def handler(signum, frame):
             again = self._stop_signal is not None
             if not again:
                 self._stop_signal = signum
+            if self.env.distributed:  # leaving a collective on one process would hang or break the others:
+                if again:  # a repeated signal (torchrun's shutdown sends SIGTERM twice) changes nothing
+                    log.warning("received %s again: still finishing the step and saving",
+                                signal.Signals(signum).name)
+                return
             if again or self._in_abortable:
                 raise Interrupted(signum)
             log.warning("received %s: finishing the step, then saving", signal.Signals(signum).name)
