@@ -88,9 +88,19 @@ def test_a_grid_runs_as_one_array_job_from_a_code_snapshot(slurm_cluster, tmp_pa
     p = subprocess.run([sys.executable, "-m", "lmlab.cli", "grid", str(config)], capture_output=True, text=True,
                        env=slurm_cluster.env, timeout=60)
     assert p.returncode == 0 and p.stdout.count(" done  slurm job ") == 2, p.stdout
+    for cfg in configs:  # the listing names each run's job log, which holds the run's output
+        log = next(line for line in p.stdout.splitlines() if line.startswith(cfg.name)).split(" log ")[-1]
+        assert "lmlab from " in Path(log).read_text()
     # a second submission finds nothing left to do
     with slurm_cluster.environ():
         assert submit_grid(configs, log_fn=lambda *_: None) == {}
+
+
+def test_submitting_without_slurm_says_so(tmp_path):
+    config = write_grid(tmp_path, "none", 2)
+    p = subprocess.run([sys.executable, "-m", "lmlab.cli", "grid", str(config), "--slurm"], capture_output=True,
+                       text=True, env={"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}, timeout=120)
+    assert p.returncode == 2 and "sbatch is not on PATH" in p.stderr, p.stderr[-2000:]
 
 
 def test_a_two_task_job_trains_with_torch_distributed_like_one_process(slurm_cluster, tmp_path):

@@ -52,15 +52,19 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         return 2
     configs = load_grid(args.config, args.overrides)
     if args.slurm or args.dry_run:
-        from lmlab.launch.slurm import describe_submission, submit_grid
+        from lmlab.launch.slurm import SlurmError, describe_submission, submit_grid
 
         if args.dry_run:
             print(describe_submission(configs))
             return 0
-        submit_grid(configs)
+        try:
+            submit_grid(configs)
+        except SlurmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if not args.run:
-        from lmlab.launch.slurm import read_jobs, slurm_states
+        from lmlab.launch.slurm import job_log, read_jobs, slurm_states
 
         states = [run_state(cfg.run_dir, cfg.train.steps) for cfg in configs]
         jobs = read_jobs(configs)
@@ -71,7 +75,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             extra = ""
             if job is not None:
                 slurm = queued.get(job) or ("failed" if _slurm_failed(cfg.run_dir) else "not in the queue")
-                extra = f"  slurm job {job}: {slurm}; log {cfg.run_dir}/train.log or the job's folder"
+                extra = f"  slurm job {job}: {slurm}; log {job_log(cfg.run_dir)}"
             print(f"{cfg.name:<{width}}  {state}{extra}")
         counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "new") if states.count(s))
         print(f"{len(configs)} runs: {counts} (--run to train the unfinished ones here, --slurm to submit them)")

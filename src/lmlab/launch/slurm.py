@@ -41,10 +41,25 @@ from lmlab.launch.local import is_finished
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainTask", "describe_submission", "grid_dir", "read_jobs", "slurm_states", "snapshot_code",
-           "submit_grid"]
+__all__ = ["SlurmError", "TrainTask", "describe_submission", "grid_dir", "job_log", "read_jobs", "slurm_states",
+           "snapshot_code", "submit_grid"]
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: src/lmlab/launch/slurm.py -> ./
+
+
+class SlurmError(RuntimeError):
+    """Slurm cannot be used from here (no sbatch on PATH, a rejected submission); the message says what to do."""
+
+
+def job_log(run_dir: str | os.PathLike) -> Path | None:
+    """The stdout log of a run's latest Slurm job (``GRID/slurm/<job id>/<job id>_0_log.out``), from the run
+    folder's ``slurm_job.json``; None when the run was never submitted."""
+    info = Path(run_dir) / "slurm_job.json"
+    try:
+        data = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    return Path(data["logs"]) / f"{data['job_id']}_0_log.out" if "logs" in data and "job_id" in data else None
 
 
 class TrainTask:
@@ -180,6 +195,9 @@ def submit_grid(configs: Sequence[Any], log_fn: Callable[[str], Any] = print,
     ``{run name: job id}`` (also merged into ``GRID/slurm/jobs.json``)."""
     import submitit
 
+    if executor_factory is None and shutil.which("sbatch") is None:
+        raise SlurmError("Slurm's sbatch is not on PATH: run on a Slurm login node (or install the Slurm client), "
+                         "or train here with `lmlab grid CONFIG --run`")
     groups = _groups(configs)
     if not groups:
         log_fn("nothing to submit: every run is finished")
