@@ -98,6 +98,11 @@ class TrainTask:
                 dist.barrier()
                 dist.destroy_process_group()
         status = str(summary.get("status", ""))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if status.startswith("interrupted by SIGUSR") and restarts >= cfg.launch.slurm.max_requeues:
+            log.warning("job %s reached the time limit after %d requeues (launch.slurm.max_requeues): the run is "
+                        "saved at step %s; submit it again to go on", env.job_id, restarts, summary.get("step"))
+            return {**summary, "code": str(code)}
         if status.startswith("interrupted by SIGUSR"):  # the time limit is near: requeue this job, then leave
             if env.global_rank == 0:
                 subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
