@@ -138,3 +138,17 @@ def test_a_preempted_job_resumes_to_the_uninterrupted_losses(slurm_cluster, tmp_
     assert int(slurm_cluster.job_info(job).get("Restarts", "0")) >= 1
     ref = local_losses(config, tmp_path)
     assert close(losses(cfg.run_dir), ref), "the resumed run's losses differ from an uninterrupted run's"
+
+
+def test_time_limit_signal_after_max_requeues_saves_and_ends_the_job(slurm_cluster, tmp_path):
+    config = write_grid(tmp_path, "capped", 400, slurm=", max_requeues: 0")
+    (cfg,) = load_grid(config)
+    with slurm_cluster.environ():
+        (job,) = submit_grid([cfg], log_fn=lambda *_: None).values()
+    metrics = cfg.run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 10, 120, "training", slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    assert slurm_cluster.wait_done(job, timeout=60) == "COMPLETED"
+    stopped = summary(cfg.run_dir)
+    assert stopped["status"] == "interrupted by SIGUSR2" and stopped["step"] < 400, stopped
+    assert int(slurm_cluster.job_info(job).get("Restarts", "0")) == 0
