@@ -91,10 +91,13 @@ def test_parallel_training_matches_one_process(single, name, nproc, extra):
     assert ref[-1] < ref[0]
 
 
-def test_fsdp_and_tp_on_four_processes_matches_one_process(single):
+@pytest.mark.parametrize("name,extra", [("hsdp_tp", ("parallel.dp_replicate=2", "parallel.tp=2")),
+                                        ("hsdp", ("parallel.dp_replicate=2",))])
+def test_four_processes_match_one_process(single, name, extra):
+    """HSDP (2 replicas x 2 shards) and HSDP + tensor parallel (2 replicas x 2 tensor-parallel ranks)."""
     tmp, ref, _ = single
-    train(tmp, "hsdp_tp", 4, "parallel.dp_replicate=2", "parallel.tp=2")
-    assert close(losses(tmp, "hsdp_tp"), ref), (losses(tmp, "hsdp_tp"), ref)
+    train(tmp, name, 4, *extra)
+    assert close(losses(tmp, name), ref), (losses(tmp, name), ref)
 
 
 TP2 = ("parallel.tp=2", "parallel.dp_shard=1")
