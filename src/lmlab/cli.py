@@ -102,16 +102,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = Trainer(cfg).fit()
     finally:
-        _leave_process_group()
+        distributed = _leave_process_group()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    rc = 0
     if summary["status"].startswith("interrupted by "):
-        return 128 + signal.Signals[summary["status"].split()[-1]].value
-    return 0
+        rc = 128 + signal.Signals[summary["status"].split()[-1]].value
+    if distributed:  # everything is saved; skip interpreter teardown, where torch.distributed's threads sometimes
+        _exit_now(rc)  # abort the process ("terminate called without an active exception": seen in 2 test-suite runs)
+    return rc
 
 
-def _leave_process_group() -> None:
+def _exit_now(rc: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
+
+
+def _leave_process_group() -> bool:
     """Under torchrun: wait for every process, then close the process group (a process leaving while another
-    still talks to it makes gloo abort the other)."""
+    still talks to it makes gloo abort the other). True when there was one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -119,6 +129,8 @@ def _leave_process_group() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+        return True
+    return False
 
 
 def _generate_across_processes(engine: Any, prompts: list[str], params: Any) -> int:
@@ -139,6 +151,7 @@ def _generate_across_processes(engine: Any, prompts: list[str], params: Any) -> 
                 print(f"=== {i}\n{prompt}{text}")
     finally:
         _leave_process_group()
+    _exit_now(0)
     return 0
 
 
