@@ -191,6 +191,8 @@ if world == 1 or dist.get_rank() == 0:
 if world > 1:
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    __import__("os")._exit(0)  # as lmlab's CLI: no interpreter teardown after a process group (it can abort)
 """
 
 
