@@ -156,10 +156,6 @@ class Parallel:
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
     @property
-    def tp_rank(self) -> int:
-        return self.mesh["tp"].get_local_rank() if self.mesh is not None else 0
-
-    @property
     def fsdp(self) -> bool:
         return self.sizes.dp_shard > 1 or (self.sizes.dp_replicate > 1 and self.sizes.tp > 1)
 
@@ -261,14 +257,6 @@ class Parallel:
         t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
-
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every process."""
-        if not self.env.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
