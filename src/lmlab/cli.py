@@ -13,6 +13,9 @@ Usage::
     lmlab grid my_grid.yaml train.steps=500 --run --threads 4  # overrides before the flags
     lmlab describe                                           # every config key with its type, default, help
     lmlab shards --tokenizer byte --out data/shk FILES...    # pretokenize a corpus (see lmlab.data.shards)
+    lmlab plot 'runs/memory/*' --x step --y loss --by tags.mode --out out/loss.png   # curves grouped by a key
+    lmlab sync runs/NAME --to tensorboard                    # replay metrics.jsonl into TensorBoard (or wandb)
+    lmlab profile runs/NAME                                  # top operators of the run's torch.profiler trace
 
 Config problems (unknown key, wrong type, bad YAML) and bad usage (a bad option value, a prompt that does not
 fit the context) print one line and exit with status 2; bad data or state (a data file, a non-finite loss, an
@@ -255,6 +258,15 @@ class UsageError(Exception):
     """A command used wrongly (a bad option value, a prompt that does not fit): one line, exit status 2."""
 
 
+# Commands whose module parses its own arguments: name -> (module with main(argv) -> int, help)
+DELEGATED = {
+    "shards": ("lmlab.data.shards", "pretokenize a corpus into token shards"),
+    "plot": ("lmlab.analysis.plot", "plot metrics of many runs (curves by a config key, final values vs a key)"),
+    "sync": ("lmlab.monitor.sync", "replay a run's metrics.jsonl into wandb or TensorBoard"),
+    "profile": ("lmlab.monitor.profiler", "print the top operators of a run's torch.profiler trace"),
+}
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from lmlab.data import DataError
     from lmlab.hf import ExportError
@@ -283,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "shards":
-        from lmlab.data.shards import main as shards_main
+    if argv and argv[0] in DELEGATED:  # commands that own their parser (imported only when used)
+        import importlib
 
-        return shards_main(argv[1:]) or 0
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -343,7 +355,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("describe", help="list every config key with its type, default and help")
     p.set_defaults(fn=_cmd_describe)
-    sub.add_parser("shards", help="pretokenize a corpus into token shards (lmlab shards --help)")
+    for name, (_, help_) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_} (lmlab {name} --help)")
     args = parser.parse_args(argv)
     return args.fn(args)
 

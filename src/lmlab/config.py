@@ -392,6 +392,62 @@ class LoggingConfig:
     tensorboard: bool = F(False, "also write TensorBoard event files under runs/NAME/tb")
 
 
+@dataclass
+class ProfileConfig:
+    """The light profiler (lmlab.monitor.profiler): timers, MFU and peak memory in metrics.jsonl; a torch.profiler
+    window written as a Chrome/Perfetto trace."""
+
+    timers: bool = F(True, "time each step's data wait, forward, backward and optimizer step, and each evaluation "
+                     "and checkpoint (CUDA: events, no synchronisation); averages over the log window in metrics.jsonl")
+    measure_peak: bool = F(True, "on CPU with train.peak_flops 0: measure the float32 matmul peak once (a GEMM, "
+                           "cached per machine and thread count) for the MFU column")
+    trace_start: int = F(0, "first step traced by torch.profiler (RUN/profile/trace_stepN.json, open it in Perfetto "
+                         "or chrome://tracing; `lmlab profile RUN` prints its top operators); 0: no trace")
+    trace_steps: int = F(3, "steps in the traced window")
+    trace_warmup: int = F(1, "steps before the window run under the profiler without recording (warm-up)")
+    record_shapes: bool = F(True, "record operator input shapes in the trace")
+    with_stack: bool = F(False, "record Python stacks in the trace (larger, slower)")
+    memory: bool = F(False, "record tensor allocations in the trace (profile_memory); on CUDA also write a memory "
+                     "snapshot of the window (RUN/profile/memory_stepN.pickle, for pytorch.org/memory_viz)")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.trace_start < 0:
+            errs.append(("trace_start", "must be >= 0 (0: no trace)"))
+        if self.trace_steps <= 0:
+            errs.append(("trace_steps", "must be positive"))
+        if self.trace_warmup < 0:
+            errs.append(("trace_warmup", "must be >= 0"))
+        elif self.trace_start and self.trace_warmup >= self.trace_start:
+            errs.append(("trace_warmup", f"{self.trace_warmup} warm-up steps do not fit before trace_start="
+                         f"{self.trace_start}"))
+        return errs
+
+
+@dataclass
+class ProbesConfig:
+    """Probes (lmlab.monitor.probes): statistics of chosen modules' activations and gradients, and of parameters'
+    gradients and updates, every few steps into RUN/probes.jsonl; full tensors at chosen steps."""
+
+    modules: list[str] = F([], "module-name patterns (fnmatch over model.named_modules(), e.g. 'layers.*.attention', "
+                           "'layers.1.feed_forward'): forward records each match's output, backward its gradient; "
+                           "empty (and no params): probes off, no hooks at all")
+    params: list[str] = F([], "parameter-name patterns (fnmatch, e.g. '*.wq.weight', '*'): weight norm, gradient "
+                          "norm and update/weight ratio")
+    every: int = F(100, "record statistics every this many steps")
+    attention_entropy: bool = F(True, "per-head attention entropy (nats) of matched attention modules")
+    save_steps: list[int] = F([], "steps whose full tensors (activations, gradients) are written to "
+                              "RUN/probes/step_N.safetensors")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.every <= 0:
+            errs.append(("every", "must be positive"))
+        if any(s <= 0 for s in self.save_steps):
+            errs.append(("save_steps", "steps count from 1"))
+        return errs
+
+
 def sampling_errors(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     min_p: float = 0.0) -> list[tuple[str, str]]:
     """What is wrong with these sampling settings, as ``(name, message)`` pairs: the one check that the
@@ -485,6 +541,8 @@ class Config:
     parallel: ParallelConfig = F(ParallelConfig(), "data / tensor parallelism across processes (torchrun, Slurm)")
     launch: LaunchConfig = F(LaunchConfig(), "where runs execute (Slurm resources)")
     logging: LoggingConfig = F(LoggingConfig(), "metrics sinks and progress bar")
+    profile: ProfileConfig = F(ProfileConfig(), "timers, MFU, peak memory; a torch.profiler window")
+    probes: ProbesConfig = F(ProbesConfig(), "activation, gradient and update statistics of chosen modules")
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
     engine: EngineConfig = F(EngineConfig(), "generation engine")
     evals: EvalsConfig = F(EvalsConfig(), "evaluations")
