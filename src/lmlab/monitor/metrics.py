@@ -82,8 +82,9 @@ class MultiSink:
             s.close()
 
 
-def build_sinks(cfg: Any, run_dir: Path) -> MultiSink:
-    """The jsonl sink plus the optional ones the config turns on."""
+def build_sinks(cfg: Any, run_dir: Path, start_step: int = 0) -> MultiSink:
+    """The jsonl sink plus the optional ones the config turns on. ``start_step``: the step a resumed run continues
+    from (rows of later steps logged before the resume are re-done)."""
     from lmlab.config import config_to_dict
 
     sinks: list = [JsonlSink(run_dir / "metrics.jsonl")]

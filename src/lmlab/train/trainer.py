@@ -535,7 +535,8 @@ class Trainer:
         if self.rank == 0:
             save_config(self.cfg, self.run_dir)
         start_step = self.step
-        sink = build_sinks(cfg, self.run_dir) if self.rank == 0 else MultiSink([])  # one writer per run folder
+        # one writer per run folder; the sinks continue from the step the run resumed at
+        sink = build_sinks(cfg, self.run_dir, start_step=self.step) if self.rank == 0 else MultiSink([])
         log.info("model: %s parameters; %.1f MFLOPs/token; device %s", f"{self.model.num_params():,}",
                  self.flops_per_token / 1e6, self.device)
         status = "completed"
