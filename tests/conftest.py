@@ -1,7 +1,13 @@
 """Shared test fixtures."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# the measured CPU peak (lmlab.monitor.profiler) is cached here, not in the user's ~/.cache
+os.environ.setdefault("LMLAB_CACHE", tempfile.mkdtemp(prefix="lmlab-test-cache-"))
 
 
 @pytest.fixture(scope="module")

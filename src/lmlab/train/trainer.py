@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from lmlab.data.loader import reshard_state
 from lmlab.launch.local import read_summary
 from lmlab.models import build_model, materialize, resolve_vocab
 from lmlab.monitor.metrics import MultiSink, build_sinks
+from lmlab.monitor.profiler import StepTimer, TraceWindow, device_peak_flops, peak_memory_mb
 from lmlab.tokenizers import Tokenizer, build_tokenizer
 from lmlab.train.checkpoint import CheckpointManager, read_rank_states, set_rng_state, step_of
 from lmlab.train.distributed import Parallel, clip_grad_norm, init_distributed
@@ -53,8 +53,6 @@ from lmlab.train.optim import build_optimizer, lr_at, set_lr
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-# Dense bf16 peak FLOP/s of one device, for the MFU column (none is known for CPUs: set train.peak_flops).
-KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
 
 
 # Signals that stop a run cleanly (finish the step, save, return): Ctrl-C, kill / preemption, and the user signals
@@ -107,12 +105,6 @@ def token_byte_lengths(tokenizer: Tokenizer, size: int) -> torch.Tensor:
     return out
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class Trainer:
     """Builds everything a run needs from ``cfg`` and trains it (see the module docstring)."""
 
@@ -163,7 +155,13 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
-        self.peak_flops = cfg.train.peak_flops or self._known_peak()
+        self.peak_flops, self.peak_source = cfg.train.peak_flops, "train.peak_flops"
+        if not self.peak_flops:
+            self.peak_flops, self.peak_source = device_peak_flops(self.device, cfg.profile.measure_peak)
+        self.timer = StepTimer(self.device, enabled=cfg.profile.timers)
+        self.trace = (TraceWindow(cfg.profile, self.run_dir, self.device, self.rank, self.world_size)
+                      if cfg.profile.trace_start else None)
+        self.probes: Any = None  # lmlab.monitor.probes.Probes once fit() has resumed (when cfg.probes asks)
         self._stop_signal: int | None = None
         self._in_abortable = False
         self._saved_step: int | None = None
@@ -174,12 +172,6 @@ class Trainer:
         self._stopping = False  # a stop signal, as every process agreed after the last step
 
     # ---------------------------------------------------------------------------------------------
-    def _known_peak(self) -> float:
-        if self.device.type != "cuda":
-            return 0.0
-        name = torch.cuda.get_device_name(self.device)
-        return next((peak for key, peak in KNOWN_PEAKS.items() if key in name), 0.0)
-
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
@@ -212,8 +204,12 @@ class Trainer:
         The loss is the sum over the global step's target tokens (every micro-batch of every data-parallel rank)
         divided by their count; DDP and FSDP average gradients over the ``dp`` ranks, so each rank's part is
         scaled by ``dp``: the gradient is the one-process run's, however the step is split."""
-        cfg, par = self.cfg, self.par
-        micro = [self._to_device(next(self.train_loader)) for _ in range(cfg.train.grad_accum)]
+        cfg, par, timer, probes = self.cfg, self.par, self.timer, self.probes
+        step = self.step + 1
+        with timer.phase("data"):
+            micro = [self._to_device(next(self.train_loader)) for _ in range(cfg.train.grad_accum)]
+        if probes is not None:
+            probes.begin(step)
         counts = torch.tensor([float(sum(int((b["targets"] != IGNORE).sum()) for b in micro)),
                                float(sum(b["inputs"].numel() for b in micro))], dtype=torch.float64)
         n_targets, positions = (int(v) for v in par.all_reduce_dp(counts.to(self.device)).tolist())
@@ -224,26 +220,34 @@ class Trainer:
         scale = par.dp_size / max(n_targets, 1)
         for i, b in enumerate(micro):
             with par.no_sync(self.step_model, last=i == len(micro) - 1), par.loss_context():
-                loss_sum = self._loss_sum(self.step_model, b)
-                (loss_sum * scale).backward()
+                with timer.phase("forward"):
+                    loss_sum = self._loss_sum(self.step_model, b)
+                with timer.phase("backward"):
+                    (loss_sum * scale).backward()
             loss_sum = loss_sum.detach()
             total += loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
-            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-        elif cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        total = par.all_reduce_dp(total)
-        loss, gnorm = torch.stack([total / max(n_targets, 1), grad_norm.float()]).tolist()
+        if probes is not None:
+            probes.after_backward(step)
+        with timer.phase("optim"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
+                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+            elif cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            total = par.all_reduce_dp(total)
+            loss, gnorm = torch.stack([total / max(n_targets, 1), grad_norm.float()]).tolist()
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             last = self.ckpt.latest()
             raise TrainingError(
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
                 f"(loss={loss}, grad_norm={gnorm}); the weights were not updated. Last good checkpoint: "
                 f"{last or 'none'}. Lower optim.lr or check the data.")
-        self.optimizer.step()
+        with timer.phase("optim"):
+            self.optimizer.step()
+        if probes is not None:
+            probes.end(step)
         self.step += 1
         self.tokens_seen += positions  # every data-parallel rank's
         return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
@@ -537,11 +541,17 @@ class Trainer:
         start_step = self.step
         # one writer per run folder; the sinks continue from the step the run resumed at
         sink = build_sinks(cfg, self.run_dir, start_step=self.step) if self.rank == 0 else MultiSink([])
-        log.info("model: %s parameters; %.1f MFLOPs/token; device %s", f"{self.model.num_params():,}",
-                 self.flops_per_token / 1e6, self.device)
+        if cfg.probes.modules or cfg.probes.params:
+            from lmlab.monitor.probes import build_probes
+
+            self.probes = build_probes(cfg.probes, self.model, self.run_dir, self.rank, self.world_size,
+                                       start_step=self.step)
+        log.info("model: %s parameters; %.1f MFLOPs/token; device %s; peak %.3g FLOP/s (%s)",
+                 f"{self.model.num_params():,}", self.flops_per_token / 1e6, self.device, self.peak_flops,
+                 self.peak_source)
         status = "completed"
         t_start = time.time()
-        window_t, window_pos, window_targets = time.time(), 0, 0
+        window_t, window_pos, window_targets, window_steps = time.time(), 0, 0, 0
         bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.name, unit="step", mininterval=1.0,
                    disable=not cfg.logging.progress or self.rank != 0, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
@@ -553,9 +563,14 @@ class Trainer:
                 try:
                     with self.train_loader:
                         while self.step < tc.steps:
+                            if self.trace is not None:
+                                self.trace.begin(self.step + 1)
                             m = self.train_step()
+                            if self.trace is not None:
+                                self.trace.end(self.step)
                             window_pos += m["positions"]
                             window_targets += m["targets"]
+                            window_steps += 1
                             bar.update(1)
                             self._agree_to_stop(t_start)
                             if self.step % tc.log_every == 0 or self.step == tc.steps:
@@ -563,14 +578,16 @@ class Trainer:
                                 row = {"step": self.step, "loss": m["loss"], "lr": m["lr"],
                                        "grad_norm": m["grad_norm"], "tokens_per_s": window_pos / dt,
                                        "loss_tokens_per_s": window_targets / dt, "tokens": self.tokens_seen,
-                                       "time": time.time() - t_start, "peak_mem_mb": peak_memory_mb(self.device)}
+                                       "time": time.time() - t_start, "peak_mem_mb": peak_memory_mb(self.device),
+                                       "time/step_ms": 1000.0 * dt / max(window_steps, 1),
+                                       **self.timer.window(window_steps)}
                                 if self.peak_flops:  # the job's tokens over every process's device
                                     row["mfu"] = (self.flops_per_token * row["tokens_per_s"]
                                                   / (self.peak_flops * self.world_size))
                                 sink.log(row)
                                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                                 refresh=False)
-                                window_t, window_pos, window_targets = time.time(), 0, 0
+                                window_t, window_pos, window_targets, window_steps = time.time(), 0, 0, 0
                             if self.step < tc.steps and not self._stopping and self._periodic(sink):
                                 window_t = time.time()  # the rate counts training time only
                                 self._agree_to_stop(t_start)  # a signal during an evaluation stops at this step
@@ -603,6 +620,8 @@ class Trainer:
                     status = f"interrupted by {signal.Signals(self._stop_signal).name}"
                 summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
                            "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
+                           "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
+                           "peak_mem_mb": peak_memory_mb(self.device),
                            **last_eval, **last_recall}
                 if self.rank == 0:  # a grid runner reads it: status "completed" (or "stopped by ...") means done
                     write_json_atomic(self.run_dir / "summary.json", summary)
@@ -610,6 +629,10 @@ class Trainer:
         finally:
             bar.close()
             sink.close()
+            if self.trace is not None:
+                self.trace.close()
+            if self.probes is not None:
+                self.probes.close()
         return summary
 
     def _periodic(self, sink: Any) -> bool:
@@ -622,10 +645,12 @@ class Trainer:
             with self._abortable():
                 rows = []
                 if due_eval:
-                    rows.append({"step": self.step, **self.evaluate(tc.eval_batches)})
+                    with self.timer.phase("eval"):
+                        rows.append({"step": self.step, **self.evaluate(tc.eval_batches)})
                     sink.log(rows[-1])
                 if due_recall:
-                    rows.append({"step": self.step, **self.evaluate_recall()})
+                    with self.timer.phase("eval"):
+                        rows.append({"step": self.step, **self.evaluate_recall()})
                     sink.log(rows[-1])
             for row in rows:
                 self._watch(row)
@@ -634,7 +659,8 @@ class Trainer:
             return True
         due_ckpt = bool(tc.ckpt_every) and self.step % tc.ckpt_every == 0
         if due_ckpt:
-            self._save_once()
+            with self.timer.phase("ckpt"):
+                self._save_once()
         return due_eval or due_recall or due_ckpt
 
 
