@@ -7,12 +7,15 @@ data ``seed``); its metrics hold
 ``recall/{train,ood}/{correct,tool_call_rate,valid_sql_rate,n}`` rows. The report answers: how recall
 falls with the number of facts for each mode and model size, the smallest model that reaches 95% recall
 for each number of facts, and the log-log slope of that size against facts for in-weight learning (with
-the parameters per fact and bits per parameter it implies).
+the parameters per fact and bits per parameter it implies), and the knowledge-capacity figure in the style of
+Physics of LMs 3.3 (``lmlab.analysis.report.plot_capacity``): bits stored against parameters with the 2 bits per
+parameter line, and contours of recall over (parameters, facts) for each mode.
 
 Usage::
 
     .venv/bin/python apps/memory/analyze.py runs/memory/quick     # table on stdout, files in runs/memory/quick/report
     .venv/bin/python apps/memory/analyze.py runs/memory --out out/mem   # results.csv, *.png, report.html
+    .venv/bin/python apps/memory/analyze.py runs/memory/capacity --out out/cap --format svg   # SVG figures
 
     from memory.analyze import make_report
     summary = make_report("runs/memory", "out/mem")
@@ -38,7 +41,7 @@ from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 from lmlab.analysis import RunRecord, load_runs, plot_lines, write_csv, write_html_report  # noqa: E402
-from lmlab.analysis.report import Section, format_value  # noqa: E402
+from lmlab.analysis.report import Section, format_value, plot_capacity  # noqa: E402
 from lmlab.evals.recall import MISSES  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -340,10 +343,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_
 
 
 def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = 0.95,
-                runs: Sequence[str | os.PathLike] | None = None) -> dict[str, Any]:
-    """Write results.csv, five PNGs and report.html under ``out_dir``; return a summary dict (with the fits).
-    The runs are every run folder under ``root``, or only the folders ``runs`` (e.g. one grid's runs, so that
-    older runs left in the same folder stay out)."""
+                runs: Sequence[str | os.PathLike] | None = None, fmt: str = "png") -> dict[str, Any]:
+    """Write results.csv, six figures (``fmt``: "png" or "svg") and report.html under ``out_dir``; return a summary
+    dict (with the fits). The runs are every run folder under ``root``, or only the folders ``runs`` (e.g. one
+    grid's runs, so that older runs left in the same folder stay out)."""
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"fmt must be png or svg, got {fmt!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_runs(root if runs is None else [r for r in runs if Path(r, "config.yaml").is_file()])
@@ -358,7 +363,7 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
     files = {"csv": write_csv(rows, out / "results.csv", COLUMNS)}
 
     files["recall_vs_facts"] = plot_lines(
-        _by_facts(rows, "recall_train_final"), out / "recall_vs_facts.png", "facts", "final train recall",
+        _by_facts(rows, "recall_train_final"), out / f"recall_vs_facts.{fmt}", "facts", "final train recall",
         "Recall of training facts vs number of facts", logx=True)
 
     # in-weight: the capacity curve compares sizes under the budget most numbers of facts were given (longer
@@ -398,8 +403,17 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
     elif w["points"]:
         notes.append("in-weight: fewer than two numbers of facts reach the threshold; no slope fitted")
     files["min_params_vs_facts"] = plot_lines(
-        series, out / "min_params_vs_facts.png", "facts", "parameters", f"Smallest model reaching {pct} recall",
+        series, out / f"min_params_vs_facts.{fmt}", "facts", "parameters", f"Smallest model reaching {pct} recall",
         logx=True, logy=True, styles=styles)
+
+    # the capacity figure: in-weight at the budget the sizes are compared at (as above), in-tool all runs
+    cap_rows = [{**r, "recall": r["recall_train_best"]} for r in rows
+                if r["mode"] != "weight" or budget is None
+                or _budget_key(r.get("budget_exposures")) == _budget_key(budget)]
+    cap_title = (f"Knowledge capacity (Physics of LMs 3.3 style): best train recall of {len(cap_rows)} runs"
+                 + (f", in-weight at {budget:g} exposures per fact" if budget else ""))
+    capacity = plot_capacity(cap_rows, out / f"capacity.{fmt}", title=cap_title)
+    files["capacity"] = capacity["path"]
 
     step_series = {}
     for r in records:
@@ -409,7 +423,7 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
                 step_series[f"{MODE_LABEL[r.get('tags.mode')]} {r.name}"] = (steps, values)
     if not step_series and rows:
         notes.append("no run logged recall/train/correct")
-    files["recall_vs_step"] = plot_lines(step_series, out / "recall_vs_step.png", "step", "train recall",
+    files["recall_vs_step"] = plot_lines(step_series, out / f"recall_vs_step.{fmt}", "step", "train recall",
                                          "Train recall during training, with and without the tool")
     alphas = sorted({r["alpha"] for r in rows if r["mode"] == "weight" and r.get("facts")})
     if len(alphas) > 1:  # the compressibility experiment: params per fact against alpha, beside its bits per fact
@@ -421,15 +435,16 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
         bits_a = sorted({(r["alpha"], r["bits_per_fact"]) for r in rows
                          if r["mode"] == "weight" and r.get("bits_per_fact") is not None})
         series_a["bits per fact to store (given the family rule)"] = ([a for a, _ in bits_a], [b for _, b in bits_a])
-        files["alpha"] = plot_lines(series_a, out / "params_vs_alpha.png", "alpha (share of family-determined values)",
-                                    "parameters per fact / bits per fact", "In-weight: compressibility", logy=True)
+        files["alpha"] = plot_lines(series_a, out / f"params_vs_alpha.{fmt}",
+                                    "alpha (share of family-determined values)", "parameters per fact / bits per fact",
+                                    "In-weight: compressibility", logy=True)
     files["bits_vs_exposures"] = plot_lines(
-        _bits_vs_exposures(records, rows), out / "bits_vs_exposures.png", "exposures per fact",
+        _bits_vs_exposures(records, rows), out / f"bits_vs_exposures.{fmt}", "exposures per fact",
         "bits stored per parameter", "In-weight: bits per parameter vs exposures (Physics of LMs 3.3)", logx=True)
     ood = _by_facts(rows, "recall_ood_final")
     if not ood and rows:
         notes.append("no run logged recall/ood/correct")
-    files["ood_recall"] = plot_lines(ood, out / "ood_recall.png", "facts", "final OOD recall",
+    files["ood_recall"] = plot_lines(ood, out / f"ood_recall.{fmt}", "facts", "final OOD recall",
                                      "Recall on out-of-distribution questions vs facts", logx=True)
 
     fit_lines = []
@@ -460,6 +475,12 @@ def make_report(root: str | os.PathLike, out_dir: str | os.PathLike, threshold: 
                    text="In-weight, per number of facts trained under two or more budgets (exposures per fact): the "
                         "smallest size reaching the threshold at each; ratio_to_base: smallest params at the first "
                         "budget over this one.")] if conv else []),
+        Section("Knowledge capacity (Physics of LMs 3.3)", images=[files["capacity"]],
+                text="(a) Bits stored = facts x bits per fact x best train recall (only exactly recalled facts count: "
+                     "a lower bound on what a model holds), against parameters, with the 2 and 1 bit per parameter "
+                     "lines of Allen-Zhu & Li; in-tool runs read facts from the database, so their bits are retrieved, "
+                     "not stored. (b, c) Recall over (parameters, facts), contours interpolated in log-log space; "
+                     "seeds at one point are averaged." + "".join(f"\n{n}" for n in capacity["notes"])),
         Section("Recall vs facts", images=[files["recall_vs_facts"]]),
         Section("Recall during training", images=[files["recall_vs_step"]]),
         *([Section("Compressibility (alpha)", images=[files["alpha"]])] if "alpha" in files else []),
@@ -481,10 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", help="folder of memory run folders (searched recursively)")
     parser.add_argument("--out", default=None, help="output folder (default: ROOT/report)")
     parser.add_argument("--threshold", type=float, default=0.95, help="recall counted as learned (default 0.95)")
+    parser.add_argument("--format", choices=["png", "svg"], default="png", help="figure format (default png)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out) if args.out else Path(args.root) / "report"
-    summary = make_report(args.root, out, args.threshold)
+    summary = make_report(args.root, out, args.threshold, fmt=args.format)
     print(format_table(summary["rows"]))
     for m in MODES:
         f = summary["fit"][m]

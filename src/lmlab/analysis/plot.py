@@ -16,9 +16,10 @@ Two modes:
   each run is its own group.
 - **final values** (``--final``, or ``--best`` for the best value of each run, min for losses and max for
   accuracies as in ``runs_table``): each run's last ``--y`` against a key ``--x`` (config, summary or another
-  metric's final value), one line per ``--by`` group; the runs at one x (seeds) are aggregated as their mean
-  with error bars spanning their min to max (``--err minmax``, default) or +-1 sample standard deviation
-  (``--err std``; 0 for a single run). A string-valued x is drawn as categories.
+  metric's final value), one line per ``--by`` group (one for all runs without ``--by``); the runs at one x
+  (seeds) are aggregated as their mean with error bars spanning their min to max (``--err minmax``, default)
+  or +-1 sample standard deviation (``--err std``; 0 for a single run). A string-valued x is drawn as
+  categories.
 
 ``--where KEY=VALUE`` keeps the runs whose KEY equals VALUE (``KEY!=VALUE`` drops them; ``KEY=a,b`` keeps
 either); repeat it to combine (and). The figure's format is the ``--out`` suffix: ``.png``, ``.svg`` or ``.pdf``.
@@ -103,6 +104,11 @@ class _Runs:
 def _parse_scalar(text: str) -> Any:
     import yaml
 
+    for number in (int, float):  # before YAML, which reads 3e-3 (no dot) as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -273,8 +279,9 @@ def plot_curves(runs: Sequence[RunRecord], y: str, path: str | os.PathLike, x: s
 def plot_final(runs: Sequence[RunRecord], x: str, y: str, path: str | os.PathLike, by: Sequence[str] = (),
                stat: str = "final", err: str = "minmax", logx: bool = False, logy: bool = False,
                title: str | None = None) -> dict[str, Any]:
-    """Each run's final (``stat="final"``) or best (``"best"``) ``y`` against key ``x``, one line per ``by`` group,
-    the runs at one x as their mean with error bars (``err``: ``"minmax"`` or ``"std"``, sample std).
+    """Each run's final (``stat="final"``) or best (``"best"``) ``y`` against key ``x``, one line per ``by`` group
+    (one for all runs without ``by``), the runs at one x as their mean with error bars (``err``: ``"minmax"`` or
+    ``"std"``, sample std).
 
     ``x``: a run key (config, ``summary.*``), or a metric (its final value). ``y``: a metric, or any table
     column (``summary.num_params``, ``best.loss``). Returns ``{"path", "x", "y", "groups": {label: {"x",
@@ -320,7 +327,8 @@ def plot_final(runs: Sequence[RunRecord], x: str, y: str, path: str | os.PathLik
                         f"{next(str(xv) for xv, _ in usable.values() if not _is_number(xv))!r}")
     categories = sorted({xv for xv, _ in usable.values()}, key=_sort_key)
     position = {c: float(c) if numeric_x else float(n) for n, c in enumerate(categories)}
-    groups = _groups(table, by)
+    # without --by every run is in one group: the runs at one x are aggregated all the same
+    groups = _groups(table, by) if by else {"all runs": ((), list(range(len(table.runs))))}
     colors = _colors(groups, by)
     out: dict[str, Any] = {"x": x, "y": ycol, "groups": {}, "skipped": skipped}
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -349,8 +357,7 @@ def plot_final(runs: Sequence[RunRecord], x: str, y: str, path: str | os.PathLik
             shift = 0.0 if numeric_x else (g - (n_groups - 1) / 2) * min(0.25, 0.8 / max(n_groups, 1))
             px = [position[v] + shift for v in xs]
             yerr = [[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]]
-            ax.errorbar(px, mean, yerr=yerr, color=colors[label], marker="o", ms=5, capsize=3, lw=1.4,
-                        label=label if by else f"{len(idx)} runs")
+            ax.errorbar(px, mean, yerr=yerr, color=colors[label], marker="o", ms=5, capsize=3, lw=1.4, label=label)
             out["groups"][label] = {"x": xs, "y": mean, "lo": lo, "hi": hi, "n": [len(at[v]) for v in xs],
                                     "runs": [names[v] for v in xs], "n_runs": sum(len(at[v]) for v in xs)}
         if not numeric_x:

@@ -238,13 +238,16 @@ def figure_format(path: str | os.PathLike) -> str:
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure in the format its suffix names (``.png``, ``.svg``, ``.pdf``); return the path.
 
-    SVG text is drawn as paths (matplotlib's default) so the file needs no fonts, and carries no date, so the
-    same figure gives the same bytes."""
+    SVG text is drawn as paths (matplotlib's default) so the file needs no fonts; it carries no date and its
+    element ids hash the content with a fixed salt, so the same figure gives the same bytes."""
     p = Path(path)
     fmt = figure_format(p)
     p.parent.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
     metadata = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
-    fig.savefig(p, format=fmt, dpi=dpi, metadata=metadata)
+    with matplotlib.rc_context({"svg.hashsalt": "lmlab"}):  # element ids from the content, not a random salt
+        fig.savefig(p, format=fmt, dpi=dpi, metadata=metadata)
     return p
 
 
@@ -358,7 +361,8 @@ def plot_capacity(rows: Any, path: str | os.PathLike, *, recall: str = "recall",
     3 points, one number of facts or one size, or a recall range that never crosses a level) still shows its
     points, and says why on the panel.
 
-    Returns ``{"path", "points": {mode: n}, "contours": {mode: [levels drawn]}, "notes": [...]}``.
+    Returns ``{"path", "points": {mode: n}, "contours": {mode: [levels drawn]}, "notes": [...],
+    "max_bits_per_param"}`` (the last: the most bits per parameter an in-weight point stores; None without one).
     """
     import matplotlib
 
@@ -372,7 +376,7 @@ def plot_capacity(rows: Any, path: str | os.PathLike, *, recall: str = "recall",
     points = _capacity_points(rows, keys)
     notes: list[str] = []
     out: dict[str, Any] = {"points": {m: sum(p["mode"] == m for p in points) for m in CAPACITY_MODES},
-                           "contours": {m: [] for m in CAPACITY_MODES}, "notes": notes}
+                           "contours": {m: [] for m in CAPACITY_MODES}, "notes": notes, "max_bits_per_param": None}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), constrained_layout=True)
     ax_bits, *ax_modes = axes
     ax_modes[1].sharex(ax_modes[0])
@@ -424,11 +428,14 @@ def plot_capacity(rows: Any, path: str | os.PathLike, *, recall: str = "recall",
             log_ticks(ax_bits.xaxis)
             log_ticks(ax_bits.yaxis)
             ax_bits.legend(fontsize=8, loc="upper left")
-            best = max(drawn, key=lambda p: p["facts"] * p["bits_per_fact"] * p["recall"] / p["params"])
-            ratio = best["facts"] * best["bits_per_fact"] * best["recall"] / best["params"]
-            ax_bits.text(0.98, 0.02, f"most: {ratio:.3g} bits/param ({CAPACITY_MODES[best['mode']]}, "
-                         f"{_human(best['params'])} params, {_human(best['facts'])} facts)",
-                         transform=ax_bits.transAxes, ha="right", va="bottom", fontsize=8)
+            stored = [p for p in drawn if p["mode"] == "weight"]
+            if stored:  # in-tool bits are fetched, not stored: the record is an in-weight one
+                best = max(stored, key=lambda p: p["facts"] * p["bits_per_fact"] * p["recall"] / p["params"])
+                ratio = best["facts"] * best["bits_per_fact"] * best["recall"] / best["params"]
+                out["max_bits_per_param"] = ratio
+                ax_bits.text(0.98, 0.02, f"in-weight, most stored: {ratio:.3g} bits/param ({_human(best['params'])} "
+                             f"params, {_human(best['facts'])} facts)",
+                             transform=ax_bits.transAxes, ha="right", va="bottom", fontsize=8)
             if fnorm:
                 cb = fig.colorbar(plt.cm.ScalarMappable(norm=fnorm, cmap=fcmap), ax=ax_bits, pad=0.01)
                 cb.set_label("facts")

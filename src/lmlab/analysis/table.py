@@ -3,7 +3,7 @@
 Columns of :func:`runs_table`, in this order:
 
 - ``name`` (the run's path relative to the root it was found under), ``path``, ``steps`` (the largest step in
-  its metrics.jsonl; None without metrics);
+  its metrics.jsonl, an integer column; <NA> without metrics);
 - every config key, flattened with dots as in the config tree: ``model.dim``, ``optim.lr``, ``tags.mode``
   (lists become tuples, so that any column can be grouped on);
 - every ``summary.json`` field, prefixed ``summary.``: ``summary.num_params``, ``summary.status``;
@@ -144,6 +144,8 @@ def runs_table(runs: RunsArg, curves: bool = False) -> pd.DataFrame | tuple[pd.D
     for prefix, keys in groups.items():
         columns.update(dict.fromkeys(sorted(keys) if prefix in ("final.", "best.") else keys))
     table = pd.DataFrame.from_records(rows, columns=list(columns))
+    if all(float(v).is_integer() for v in table["steps"].dropna()):
+        table["steps"] = table["steps"].astype("Int64")  # whole steps stay integers; a run without metrics: <NA>
     if curves:
         return table, curves_table(records)
     return table
