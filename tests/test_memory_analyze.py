@@ -187,11 +187,13 @@ def test_make_report_writes_everything(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == 12 and {r["mode"] for r in table} == {"weight", "tool"}
     assert table[0]["name"].startswith("mem/") and "recall_train_best" in table[0]
-    for png in ("recall_vs_facts", "min_params_vs_facts", "recall_vs_step", "ood_recall", "bits_vs_exposures"):
+    for png in ("recall_vs_facts", "min_params_vs_facts", "recall_vs_step", "ood_recall", "bits_vs_exposures",
+                "capacity"):
         data = (out / f"{png}.png").read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "mem/mode=tool_people=400_dim=16" in html
+    assert html.count("data:image/png;base64,") == 6 and "mem/mode=tool_people=400_dim=16" in html
+    assert "Knowledge capacity (Physics of LMs 3.3)" in html
     assert "facts^" in html and "params per added fact" in html
 
     assert main([str(root), "--out", str(tmp_path / "cli")]) == 0
@@ -243,3 +245,39 @@ def test_capacity_compares_sizes_under_one_budget_and_reports_convergence():
     conv = convergence(rows[:5] + [row(320, 20_000, 0.5, 2400)])
     assert conv[1]["min_params"] is None and conv[1]["ratio_to_base"] is None
     assert base_budget([]) is None
+
+
+def test_capacity_figure_in_the_report_and_svg_figures(tmp_path, monkeypatch):
+    """The capacity figure gets the runs that the smallest-size curve compares (in-weight at the base budget, every
+    in-tool run), with best train recall; ``fmt="svg"`` writes every figure as SVG and embeds them."""
+    import memory.analyze as analyze
+
+    from lmlab.analysis.report import image_mime
+
+    seen = {}
+    real = analyze.plot_capacity
+
+    def spy(rows, path, **kw):
+        seen["rows"] = rows
+        seen["result"] = real(rows, path, **kw)
+        return seen["result"]
+
+    monkeypatch.setattr(analyze, "plot_capacity", spy)
+    root = make_memory_runs(tmp_path)
+    summary = analyze.make_report(root, tmp_path / "out", fmt="svg")
+    rows = seen["rows"]
+    assert len(rows) == 12 and all(r["recall"] == r["recall_train_best"] for r in rows)
+    # in-weight recall min(1, params / 8 / facts) over facts 400/800/1600 and 3,200 / 12,800 params: contours
+    assert seen["result"]["points"] == {"weight": 6, "tool": 6}
+    assert seen["result"]["contours"]["weight"] == [0.5, 0.9, 0.95]
+    # in-weight stores at most 1.0 x 1600 facts x 10 bits / 12,800 params = 1.25 bits per parameter
+    assert seen["result"]["max_bits_per_param"] == pytest.approx(1.25)
+    svgs = sorted(p.name for p in (tmp_path / "out").glob("*.svg"))
+    assert svgs == ["bits_vs_exposures.svg", "capacity.svg", "min_params_vs_facts.svg", "ood_recall.svg",
+                    "recall_vs_facts.svg", "recall_vs_step.svg"]
+    assert all(image_mime((tmp_path / "out" / n).read_bytes()) == "image/svg+xml" for n in svgs)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:image/svg+xml;base64,") == 6 and "data:image/png" not in html
+    assert summary["files"]["capacity"].endswith("capacity.svg")
+    with pytest.raises(ValueError, match="fmt must be png or svg"):
+        analyze.make_report(root, tmp_path / "x", fmt="gif")
