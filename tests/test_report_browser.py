@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -77,8 +78,13 @@ class Browser:
         self._from_browser, from_browser_w = os.pipe()
 
         def fds() -> None:  # the browser reads commands on fd 3 and writes replies on fd 4
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+            # copies above 10 first (a pipe end may itself be fd 3 or 4); dup2 onto an fd that is already the
+            # target keeps its close-on-exec flag, hence the explicit set_inheritable
+            r, w = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+            os.set_inheritable(3, True)
+            os.set_inheritable(4, True)
 
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",

@@ -98,7 +98,8 @@ def _table_html(table: Table, columns: Sequence[str] | None) -> str:
         "<tr>" + "".join(f"<td>{html.escape(format_value(row.get(c)))}</td>" for c in columns) + "</tr>"
         for row in rows
     )
-    return f'<table class="sortable">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>'
+    return (f'<div class="scroll"><table class="sortable">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n'
+            "</tbody>\n</table></div>")
 
 
 def image_mime(data: bytes) -> str | None:
@@ -129,7 +130,7 @@ def _image_html(path: str | os.PathLike) -> str:
 _CSS = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:0.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#eee;cursor:pointer;user-select:none}img{max-width:100%}p{white-space:pre-wrap}
-figure{margin:1em 0}"""
+figure{margin:1em 0}div.scroll{overflow-x:auto;max-width:100%}"""
 
 # Click a column heading to sort the table by it (numbers as numbers, empty cells last); click again to reverse.
 _JS = """document.querySelectorAll("table.sortable").forEach(function (table) {
@@ -212,8 +213,10 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         else:
             if logx:
                 ax.set_xscale("log")
+                log_ticks(ax.xaxis)
             if logy:
                 ax.set_yscale("log")
+                log_ticks(ax.yaxis)
             ax.legend(fontsize=7, loc="best")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
