@@ -141,6 +141,16 @@ def test_final_loss_keeps_the_training_row_of_an_evaluation_step(tmp_path):
     assert r.final("loss") == 1.0 and r.series("loss") == ([400, 500], [2.0, 1.0])
 
 
+def test_load_runs_follows_links_without_looping(tmp_path):
+    make_run(tmp_path / "store" / "a", {"name": "a"}, [{"step": 1, "loss": 1.0}])
+    pick = tmp_path / "pick"
+    pick.mkdir()
+    (pick / "linked_a").symlink_to(tmp_path / "store" / "a", target_is_directory=True)
+    (pick / "loop").symlink_to(pick, target_is_directory=True)  # a link back up the tree
+    runs = load_runs(pick)
+    assert [r.name for r in runs] == ["linked_a"] and runs[0].final("loss") == 1.0
+
+
 def test_yaml_goes_through_libyaml_when_available():
     from lmlab.analysis import runs as runs_mod
 

@@ -185,7 +185,13 @@ def _run_dirs(root: Path) -> Iterable[Path]:
         yield root
     if root.is_dir():
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        seen: set[tuple[int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # runs linked into a folder count
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: do not loop
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = [d for d in dirnames if d != "checkpoints"]  # checkpoint folders are not runs (and big)
             if "config.yaml" in filenames and dirpath != os.fspath(root):
                 found.append(Path(dirpath))
