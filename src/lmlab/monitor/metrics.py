@@ -117,11 +117,13 @@ def _wandb_env(wandb_dir: Path) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def supersede_offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
-    """Move the offline run folders of ``run_id`` in ``wandb_dir`` to ``wandb_dir/superseded/`` (out of the reach
-    of ``wandb sync wandb_dir``, which looks one level down); returns their new paths."""
+def supersede_offline_runs(wandb_dir: Path, run_id: str, keep: Path | None = None) -> list[Path]:
+    """Move the offline run folders of ``run_id`` in ``wandb_dir`` but ``keep`` to ``wandb_dir/superseded/`` (out
+    of the reach of ``wandb sync wandb_dir``, which looks one level down); returns their new paths."""
     moved = []
     for seg in sorted(wandb_dir.glob(f"offline-run-*-{run_id}*")):
+        if keep is not None and seg.resolve() == keep.resolve():
+            continue
         if seg.is_dir() and not seg.is_symlink() and (seg / f"run-{run_id}.wandb").is_file():
             dest = wandb_dir / "superseded" / seg.name
             dest.parent.mkdir(exist_ok=True)
@@ -153,14 +155,9 @@ class WandbSink:
         wandb_dir = self.run_dir / "wandb"
         wandb_dir.mkdir(parents=True, exist_ok=True)
         history: list[dict[str, Any]] = []
-        if mode == "offline":
-            moved = supersede_offline_runs(wandb_dir, self.id)
-            if moved:
-                log.info("wandb: %d earlier offline run folder(s) of %s moved to %s; metrics.jsonl up to step %s "
-                         "replayed into a new one", len(moved), self.id, wandb_dir / "superseded", start_step)
-            metrics = self.run_dir / "metrics.jsonl"
-            if start_step > 0 and metrics.is_file():
-                history = [r for r in read_metrics(metrics) if r["step"] <= start_step]
+        metrics = self.run_dir / "metrics.jsonl"
+        if mode == "offline" and start_step > 0 and metrics.is_file():
+            history = [r for r in read_metrics(metrics) if r["step"] <= start_step]
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
                                   x_disable_machine_info=True, x_save_requirements=False, disable_git=True,
                                   save_code=False)
@@ -169,6 +166,11 @@ class WandbSink:
             self._run = wandb.init(project=project, name=name, id=self.id, mode=mode, dir=str(self.run_dir),
                                    config=config or {}, resume=None if mode == "offline" else resume,
                                    settings=settings)
+        if mode == "offline":  # only once the new run exists: a failed start leaves the earlier ones in place
+            moved = supersede_offline_runs(wandb_dir, self.id, keep=self.dir)
+            if moved:
+                log.info("wandb: %d earlier offline run folder(s) of %s moved to %s; metrics.jsonl up to step %s "
+                         "replayed into %s", len(moved), self.id, wandb_dir / "superseded", start_step, self.dir)
         self._run.define_metric(STEP_METRIC)
         self._run.define_metric("*", step_metric=STEP_METRIC)
         for row in history:
