@@ -184,6 +184,7 @@ def test_runs_table_columns_and_values(runs_root):
     a = df.set_index("name").loc["grid/dim=32"]
     assert a["model.dim"] == 32 and a["model.n_layers"] == 2 and a["tags.mode"] == "tool" and a["steps"] == 10
     assert a["summary.num_params"] == 3200 and a["summary.status"] == "completed"
+    assert a["config.name"] == "grid/dim=32" and df.set_index("name").loc["lonely", "config.name"] == "lonely"
     assert a["final.loss"] == pytest.approx(0.4) and a["best.loss"] == pytest.approx(0.4)  # min for losses
     assert a["final.val_loss"] == pytest.approx(9 / 32) and a["best.val_loss"] == pytest.approx(9 / 32)
     assert a["final.acc"] == pytest.approx(0.5) and a["best.acc"] == pytest.approx(0.5)

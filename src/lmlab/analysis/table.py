@@ -5,7 +5,8 @@ Columns of :func:`runs_table`, in this order:
 - ``name`` (the run's path relative to the root it was found under), ``path``, ``steps`` (the largest step in
   its metrics.jsonl, an integer column; <NA> without metrics);
 - every config key, flattened with dots as in the config tree: ``model.dim``, ``optim.lr``, ``tags.mode``
-  (lists become tuples, so that any column can be grouped on);
+  (lists become tuples, so that any column can be grouped on); a top-level key that is one of the three above
+  (the config's own ``name``) is prefixed ``config.``;
 - every ``summary.json`` field, prefixed ``summary.``: ``summary.num_params``, ``summary.status``;
 - ``final.METRIC`` for every metric a run logged: its value at the last step that logged it;
 - ``best.METRIC`` for the metrics whose name says which way is better (:func:`best_mode`, from the last
@@ -115,8 +116,7 @@ def summarize_run(run: RunRecord) -> dict[str, Any]:
             best[k] = float(min(vs) if mode == "min" else max(vs))
     out: dict[str, Any] = {"name": run.name, "path": str(run.path), "steps": steps}
     for k, v in run.flat_config.items():
-        if k not in out:
-            out[k] = _cell(v)
+        out[f"config.{k}" if k in out else k] = _cell(v)  # the config's own "name" becomes config.name
     for k, v in run.summary.items():
         out[f"summary.{k}"] = _cell(v)
     for k, v in final.items():
