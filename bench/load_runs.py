@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmlab.analysis import load_runs  # noqa: E402
-from lmlab.analysis.runs import _load_yaml, flatten, read_run_metrics  # noqa: E402
+from lmlab.analysis.runs import _load_yaml, flatten  # noqa: E402
 from lmlab.analysis.table import best_mode, curves_table, runs_table  # noqa: E402
 from lmlab.config import Config, config_to_dict  # noqa: E402
+from lmlab.monitor.metrics import read_metrics  # noqa: E402
 
 RECALL_KEYS = ("correct", "tool_call_rate", "valid_sql_rate", "n", "miss/no_tool_call", "miss/invalid_sql",
                "miss/query_missed", "miss/value_miscopied", "miss/no_template", "miss/wrong_value")
@@ -151,7 +152,7 @@ def lmlab_split(root: Path) -> dict:
         _load_yaml((d / "config.yaml").read_text(encoding="utf-8"))
     t2 = time.perf_counter()
     for d in dirs:
-        read_run_metrics(d / "metrics.jsonl")
+        read_metrics(d / "metrics.jsonl")
     t3 = time.perf_counter()
     runs = load_runs(root)
     t4 = time.perf_counter()

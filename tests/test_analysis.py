@@ -109,8 +109,8 @@ def test_importing_lmlab_analysis_does_not_import_matplotlib():
 
 # --- reading metrics back: resumes, rows of several kinds at one step, bad lines --------------------------------
 
-def test_read_run_metrics_resume_and_same_step_kinds(tmp_path, caplog):
-    from lmlab.analysis import read_run_metrics
+def test_read_metrics_resume_and_same_step_kinds(tmp_path, caplog):
+    from lmlab.monitor.metrics import read_metrics
 
     lines = [
         {"step": 100, "loss": 3.0}, {"step": 100, "recall/train/correct": 0.1},  # two kinds at one step: both kept
@@ -121,7 +121,7 @@ def test_read_run_metrics_resume_and_same_step_kinds(tmp_path, caplog):
     ]
     p = tmp_path / "metrics.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in lines) + "\n")
-    rows = read_run_metrics(p)
+    rows = read_metrics(p)
     assert [(r["step"], sorted(k for k in r if k != "step")) for r in rows] == [
         (100, ["loss"]), (100, ["recall/train/correct"]), (200, ["loss"]), (300, ["loss"]),
         (300, ["recall/train/correct"])]
@@ -129,7 +129,7 @@ def test_read_run_metrics_resume_and_same_step_kinds(tmp_path, caplog):
     # a line cut short by a crash is skipped with a warning; the rest of the run stays
     p.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n{\"step\": 2, \"lo\n" + json.dumps({"step": 3, "loss": 0.5}))
     with caplog.at_level("WARNING"):
-        rows = read_run_metrics(p)
+        rows = read_metrics(p)
     assert [r["step"] for r in rows] == [1, 3] and "metrics.jsonl:2: malformed JSON" in caplog.text
 
 

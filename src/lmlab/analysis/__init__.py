@@ -19,9 +19,9 @@ Usage::
 """
 
 from lmlab.analysis.report import Section, format_value, plot_capacity, plot_lines, save_figure, write_html_report
-from lmlab.analysis.runs import RunRecord, flatten, load_run, load_runs, read_run_metrics, write_csv
+from lmlab.analysis.runs import RunRecord, flatten, load_run, load_runs, write_csv
 from lmlab.analysis.table import best_mode, curves_table, runs_table
 
 __all__ = ["RunRecord", "Section", "best_mode", "curves_table", "flatten", "format_value", "load_run", "load_runs",
-           "plot_capacity", "plot_lines", "read_run_metrics", "runs_table", "save_figure", "write_csv",
+           "plot_capacity", "plot_lines", "runs_table", "save_figure", "write_csv",
            "write_html_report"]

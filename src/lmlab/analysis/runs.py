@@ -6,9 +6,9 @@ recursively, so grids that nest runs as ``runs/GRID/POINT`` are picked up too.
 Loading is built for a thousand runs in seconds: YAML goes through libyaml's ``CSafeLoader`` when PyYAML has
 it (the pure-Python loader is ~10x slower on a resolved config), a metrics file is parsed with one
 ``json.loads`` call, and the walk never descends into ``checkpoints/``. How metrics rows are read back
-(:func:`read_run_metrics`): rows of steps that a resumed run re-did are dropped, rows of different kinds at
-the same step (a training row and the recall evaluation of that step) are both kept, and a malformed line
-(say, one cut short by a crash) is skipped with a warning instead of losing the run.
+(``lmlab.monitor.metrics.read_metrics``): rows of steps that a resumed run re-did are dropped, rows of
+different kinds at the same step (a training row and the recall evaluation of that step) are both kept, and a
+malformed line (say, one cut short by a crash) is skipped with a warning instead of losing the run.
 
 Usage::
 
@@ -36,61 +36,17 @@ from typing import Any, Literal
 
 import yaml
 
+from lmlab.monitor.metrics import read_metrics
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RunRecord", "flatten", "load_run", "load_runs", "read_run_metrics", "write_csv"]
+__all__ = ["RunRecord", "flatten", "load_run", "load_runs", "write_csv"]
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
 
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
-
-
-def read_run_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` in step order, as they stand after any resume.
-
-    A row whose step is below the largest step seen so far starts a resumed stretch: every kept row from that
-    step on is dropped (the resumed run logs them again). A row with the step *and* the keys of a kept row
-    replaces it (a re-done step, or a row logged twice). Rows of one step with other keys (training,
-    validation, recall rows) are all kept, in file order. A malformed line is skipped with a warning naming
-    the file and line.
-    """
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    lines = [ln for ln in text.split("\n") if ln.strip()]
-    try:  # one parse for the whole file: several times faster than json.loads per line
-        rows = json.loads("[" + ",".join(lines) + "]")
-    except json.JSONDecodeError:
-        rows = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                log.warning("%s:%d: malformed JSON (%s at column %d); line skipped", p, lineno, e.msg, e.colno)
-    kept: list[dict[str, Any]] = []
-    top: float = -math.inf
-    at_top: list[dict[str, Any]] = []  # the kept rows of step == top
-    for row in rows:
-        step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, (int, float)) or isinstance(step, bool) or step != step:
-            continue
-        if step < top:  # a resume went back to an earlier checkpoint: what follows replaces these rows
-            kept = [r for r in kept if r["step"] < step]
-        elif step == top:
-            keys = row.keys()
-            same = next((r for r in at_top if r.keys() == keys), None)
-            if same is not None:  # the same row logged again (a re-done step, or logged twice): latest wins
-                kept = [r for r in kept if r is not same]
-                at_top.remove(same)
-            kept.append(row)
-            at_top.append(row)
-            continue
-        kept.append(row)  # every kept row has a smaller step now: the list stays in step order
-        top, at_top = step, [row]
-    return kept
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -175,7 +131,7 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> RunRecord:
             summary = loaded if isinstance(loaded, dict) else {}
         except ValueError as e:
             log.warning("%s: unreadable summary.json (%s); ignored", p, e)
-    metrics = read_run_metrics(p / "metrics.jsonl") if (p / "metrics.jsonl").is_file() else []
+    metrics = read_metrics(p / "metrics.jsonl") if (p / "metrics.jsonl").is_file() else []
     return RunRecord(name=name or str(config.get("name") or p.name), path=p, config=config, summary=summary,
                      metrics=metrics)
 

@@ -47,8 +47,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmlab.jsonl import iter_jsonl
-
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id"
@@ -255,16 +253,41 @@ def build_sinks(cfg: Any, run_dir: Path, start_step: int = 0) -> MultiSink:
     return MultiSink(sinks)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike, strict: bool = False) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl, in step order; when a resumed run re-did steps, only its rows of those steps stay.
 
     Rows of one process come in step order, several at a step with disjoint keys (training, validation, recall). A
     row whose step is below the last row's starts a re-done stretch: the earlier rows from its step on are dropped.
     A row that repeats a key already logged at its step (a re-done step; the final evaluation after a periodic one
-    at the last step) replaces the earlier rows at that step that share a key with it."""
+    at the last step) replaces the earlier rows at that step that share a key with it. A malformed line (one cut
+    by a crash) or a row without a numeric step is skipped with a warning naming the file and line; ``strict``
+    raises ValueError instead. The file is parsed in one go when it is well formed (several times faster than
+    line by line: analysis reads thousands of runs)."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    lines = [(no, line) for no, line in enumerate(text.split("\n"), 1) if line.strip()]
+    try:
+        rows = list(zip((no for no, _ in lines), json.loads("[" + ",".join(line for _, line in lines) + "]")))
+    except json.JSONDecodeError:
+        rows = []
+        for no, line in lines:
+            try:
+                rows.append((no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                message = f"{p}:{no}: malformed JSON ({e.msg} at column {e.colno})"
+                if strict:
+                    raise ValueError(message) from None
+                log.warning("%s; line skipped", message)
     kept: list[dict[str, Any]] = []
-    for _, row in iter_jsonl(path):
-        step, keys = row["step"], row.keys() - {"step"}
+    for no, row in rows:
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+            message = f"{p}:{no}: not a metrics row (no numeric step)"
+            if strict:
+                raise ValueError(message)
+            log.warning("%s; line skipped", message)
+            continue
+        keys = row.keys() - {"step"}
         if kept and kept[-1]["step"] > step:
             while kept and kept[-1]["step"] >= step:
                 kept.pop()

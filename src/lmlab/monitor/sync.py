@@ -91,10 +91,9 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 def load_rows(run_dir: Path) -> list[dict[str, Any]]:
     try:
-        return read_metrics(run_dir / "metrics.jsonl")
-    except (ValueError, KeyError) as e:  # a malformed line (named by iter_jsonl), a row without a step
-        msg = str(e) if isinstance(e, ValueError) else f"a row without a {e} key"
-        raise SyncError(f"{run_dir / 'metrics.jsonl'}: {msg}") from None
+        return read_metrics(run_dir / "metrics.jsonl", strict=True)
+    except ValueError as e:  # a malformed line or a row without a step, named by file and line
+        raise SyncError(str(e)) from None
 
 
 def sync_tensorboard(run_dir: Path, rows: list[dict[str, Any]], out: Path) -> str:
