@@ -300,6 +300,9 @@ def test_patterns_that_match_nothing_are_config_errors(tmp_path):
         build_probes(ProbesConfig(params=["*.wz.weight"]), model, tmp_path)
     with pytest.raises(ConfigError, match=r"train\.compile"):
         build_probes(ProbesConfig(modules=["norm"]), model, tmp_path, compiled=True)
+    model.layers[1] = torch.compile(model.layers[1])  # as distributed runs compile each block
+    with pytest.raises(ConfigError, match=r"train\.compile"):
+        build_probes(ProbesConfig(modules=["norm"]), model, tmp_path)
     assert not list(tmp_path.iterdir()) and hook_counts(model) == 0
 
 
@@ -342,3 +345,43 @@ def test_a_resumed_run_drops_rows_and_tensors_after_its_step(tmp_path, one_threa
     probes.close()
     lines = (tmp_path / "probes.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [2, 3, 4, 5, 6]
+
+
+def test_trainer_records_the_steps_asked_and_trains_the_same(tmp_path, one_thread):
+    """Trainer(cfg).fit() with probes: rows at the recorded steps (every 3, and the save step 4) and losses in
+    metrics.jsonl equal to the same run without probes; a run stopped and resumed writes the same rows once."""
+    from lmlab.config import load_config
+    from lmlab.monitor.metrics import read_metrics
+    from lmlab.train import Trainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40)
+    probes = ["probes.modules=[layers.*.attention,norm]", "probes.params=['*']", "probes.every=3",
+              "probes.save_steps=[4]"]
+
+    def cfg(name, *extra):
+        return load_config(None, [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"data.train_files=[{corpus}]",
+                                  "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
+                                  "data.seq_len=32", "data.batch_size=4", "optim.warmup_steps=3", "train.steps=7",
+                                  "train.grad_accum=2", "train.log_every=1", "logging.progress=false", *extra])
+
+    def losses(c):
+        return [(r["step"], r["loss"]) for r in read_metrics(c.run_dir / "metrics.jsonl") if "loss" in r]
+
+    off, straight, split = cfg("off"), cfg("on", *probes), cfg("split", *probes)
+    Trainer(off).fit()
+    Trainer(straight).fit()
+    assert not (off.run_dir / "probes.jsonl").exists() and not (off.run_dir / "probes").exists()
+    assert losses(straight) == losses(off) and len(losses(off)) == 7
+    rows = read_probes(straight.run_dir)
+    assert [r["step"] for r in rows] == [3, 4, 6]
+    assert {"act/layers.1.attention/std", "grad/norm/absmax", "attn_entropy/layers.0.attention/h1",
+            "param/output.weight/update_ratio"} <= rows[0].keys()
+    saved = load_file(straight.run_dir / "probes" / "step_4.safetensors")
+    assert saved["act/layers.1.attention"].shape == (8, 32, 32)  # two micro-batches of 4 rows
+    assert saved["act/norm"].shape == (8 * 32, 32)  # sparse logits: the final norm sees the target positions
+    assert Trainer(split).fit(stop_after=5)["step"] == 5
+    assert Trainer(split).fit()["resumed"]
+    assert losses(split) == losses(off)
+    lines = [json.loads(x) for x in (split.run_dir / "probes.jsonl").read_text().splitlines()]
+    assert lines == rows  # every statistic equal to the last bit, each step once
