@@ -385,3 +385,55 @@ def test_trainer_records_the_steps_asked_and_trains_the_same(tmp_path, one_threa
     assert losses(split) == losses(off)
     lines = [json.loads(x) for x in (split.run_dir / "probes.jsonl").read_text().splitlines()]
     assert lines == rows  # every statistic equal to the last bit, each step once
+
+
+def _cli_train(tmp_path, name: str, nproc: int, *extra: str):
+    """``lmlab train`` with a tiny run's overrides, under torchrun with ``nproc`` gloo processes (or plainly)."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind\n" * 40)
+    args = [f"name={name}", f"runs_dir={tmp_path / 'runs'}", f"data.train_files=[{corpus}]", "data.val_fraction=0",
+            "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64", "data.seq_len=32",
+            "data.batch_size=8", "optim.warmup_steps=2", "train.steps=4", "train.log_every=1", "train.threads=1",
+            "logging.progress=false", "profile.measure_peak=false", *extra]
+    config = tmp_path / "base.yaml"
+    config.write_text("name: base\n")
+    cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+               "-m", "lmlab.cli", "train", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_records_on_rank_0_the_one_process_parameter_statistics_and_fsdp2_is_refused(tmp_path):
+    """Under DDP (2 gloo processes) rank 0 writes the rows; parameters' norms, gradient norms and update ratios
+    equal those of one process on the same global batch (the gradients are averaged over the ranks), as do the
+    losses. FSDP2 (DTensor parameters) stops with a ConfigError naming the probes."""
+    from lmlab.monitor.metrics import read_metrics
+
+    probes = ["probes.modules=[layers.*.attention]", "probes.params=['*']", "probes.every=2"]
+    for name, nproc, extra in [("one", 1, probes), ("ddp", 2, ["parallel.dp_replicate=2", *probes])]:
+        p = _cli_train(tmp_path, name, nproc, *extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+    runs = tmp_path / "runs"
+
+    def losses(name):
+        return [r["loss"] for r in read_metrics(runs / name / "metrics.jsonl") if "loss" in r]
+
+    assert len(losses("ddp")) == 4 and losses("ddp") == pytest.approx(losses("one"), rel=2e-5)
+    one, ddp = read_probes(runs / "one"), read_probes(runs / "ddp")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [2, 4]
+    for a, b in zip(ddp, one):
+        params = [k for k in b if k.startswith("param/")]
+        assert params and a.keys() == b.keys()
+        for k in params:
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+        assert a["act/layers.0.attention/std"] != b["act/layers.0.attention/std"]  # rank 0's half of the batch
+    p = _cli_train(tmp_path, "fsdp", 2, *probes)
+    assert p.returncode != 0 and "probes support one process and DDP" in p.stderr, p.stderr[-3000:]

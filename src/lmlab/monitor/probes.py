@@ -48,9 +48,12 @@ Support: one process, and DDP (data parallel with plain parameters; every rank r
 and writes: activations are rank 0's share of the batch, parameters' gradients are the averaged ones). FSDP2 and
 tensor parallel (DTensor parameters) and ``train.compile`` are refused with a ConfigError.
 
-Cost: on a recorded step, a few reductions per matched module and call, the attention recomputation (about
-the attention's q/k projections again, and B * H * T^2 scores in chunks), one copy of the matched parameters
-(for the update ratio), one device-to-host transfer at the end; on save steps, host copies of the tensors.
+Cost: on a recorded step, five cheap passes over each matched module's output and its gradient, the attention
+recomputation (q/k projections again and B * H * T^2 float32 scores in chunks), one copy of the matched parameters
+(for the update ratio) and one device-to-host transfer at the end; on save steps, host copies of the tensors.
+Measured on one CPU thread (dim 128, 4 layers, 16 x 256 tokens, CPU time of a recorded vs a plain step): +1% for
+the attention, MLP and final norm outputs, +1% for every parameter, +31% with the 4 layers' entropies, +49% for
+every module, every parameter and the entropies. Unrecorded steps: no hook, no cost.
 
 Usage::
 
