@@ -106,6 +106,11 @@ def test_no_hook_at_all_on_unrecorded_steps(tmp_path, monkeypatch, one_thread):
         probes.after_backward(step)
         probes.end(step)
         assert hook_counts(model) == 0
+    probes.begin(9)  # a recorded step that fails before its end: the next begin drops its hooks
+    model(b["inputs"]).sum()
+    assert hook_counts(model) > 0 and probes._act
+    probes.begin(10)
+    assert hook_counts(model) == 0 and not probes._act
     probes.close()
     assert [r["step"] for r in read_probes(tmp_path)] == [2, 3, 6]
     assert [p.name for p in (tmp_path / "probes").iterdir()] == ["step_2.safetensors"]

@@ -187,10 +187,11 @@ class Probes:
     # ---------------------------------------------------------------------------------------------
     def begin(self, step: int) -> None:
         """Before the forward of step ``step`` (1-based): attach the hooks when the step is recorded."""
-        self._disarm()  # a step that ended in an exception left them attached
+        if self._step is not None:  # a recorded step that ended in an exception: drop its hooks and data
+            self._disarm()
+            self._reset()
         if not self.recorded(step):
             return
-        self._reset()
         self._step = step
         self._saving = step in self._save_steps
         for name, m in self.modules.items():
