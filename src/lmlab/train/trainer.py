@@ -534,6 +534,11 @@ class Trainer:
                      finished["step"], self.ckpt.latest(), how)
             return {**finished, "resumed": False}
         resumed = tc.resume and self.resume()
+        if cfg.probes.modules or cfg.probes.params:  # checks the patterns before the run folder changes
+            from lmlab.monitor.probes import build_probes
+
+            self.probes = build_probes(cfg.probes, self.model, self.run_dir, self.rank, self.world_size,
+                                       start_step=self.step, compiled=cfg.train.compile)
         # the resume succeeded (or there was nothing to resume): from here on the run folder may change
         self._rewind_metrics()
         if self.rank == 0:
@@ -541,11 +546,6 @@ class Trainer:
         start_step = self.step
         # one writer per run folder; the sinks continue from the step the run resumed at
         sink = build_sinks(cfg, self.run_dir, start_step=self.step) if self.rank == 0 else MultiSink([])
-        if cfg.probes.modules or cfg.probes.params:
-            from lmlab.monitor.probes import build_probes
-
-            self.probes = build_probes(cfg.probes, self.model, self.run_dir, self.rank, self.world_size,
-                                       start_step=self.step)
         log.info("model: %s parameters; %.1f MFLOPs/token; device %s; peak %.3g FLOP/s (%s)",
                  f"{self.model.num_params():,}", self.flops_per_token / 1e6, self.device, self.peak_flops,
                  self.peak_source)
