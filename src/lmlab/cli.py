@@ -16,6 +16,7 @@ Usage::
     lmlab plot 'runs/memory/*' --x step --y loss --by tags.mode --out out/loss.png   # curves grouped by a key
     lmlab sync runs/NAME --to tensorboard                    # replay metrics.jsonl into TensorBoard (or wandb)
     lmlab profile runs/NAME                                  # top operators of the run's torch.profiler trace
+    lmlab report 'runs/memory/*' --by tags.mode --out out/report   # HTML report: table, curves, probes, timings
 
 Config problems (unknown key, wrong type, bad YAML) and bad usage (a bad option value, a prompt that does not
 fit the context) print one line and exit with status 2; bad data or state (a data file, a non-finite loss, an
@@ -264,6 +265,8 @@ DELEGATED = {
     "plot": ("lmlab.analysis.plot", "plot metrics of many runs (curves by a config key, final values vs a key)"),
     "sync": ("lmlab.monitor.sync", "replay a run's metrics.jsonl into wandb or TensorBoard"),
     "profile": ("lmlab.monitor.profiler", "print the top operators of a run's torch.profiler trace"),
+    "report": ("lmlab.analysis.run_report", "one self-contained HTML report of many runs: summary table, curves, "
+               "final values, probes, timings"),
 }
 
 
