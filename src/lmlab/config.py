@@ -386,10 +386,12 @@ class LoggingConfig:
     """Where metrics go besides runs/NAME/metrics.jsonl."""
 
     progress: bool = F(True, "show a progress bar with loss, rate and ETA")
-    wandb: bool = F(False, "also log to Weights & Biases")
+    wandb: bool = F(False, "also log to Weights & Biases (one run per run folder: its id is kept in RUN/wandb_id, so a "
+                    "resumed or requeued run continues it)")
     wandb_project: str = F("lmlab", "wandb project")
     wandb_mode: Literal["offline", "online", "disabled"] = F("offline", "wandb mode (offline works without network)")
-    tensorboard: bool = F(False, "also write TensorBoard event files under runs/NAME/tb")
+    tensorboard: bool = F(False, "also write TensorBoard event files under runs/NAME/tb (a resumed run purges the "
+                          "steps it re-does)")
 
 
 @dataclass
