@@ -478,8 +478,9 @@ def plot_capacity(rows: Any, path: str | os.PathLike, *, recall: str = "recall",
                 ax.text(0.02, 0.02, why, transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
                         bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
             ax.grid(True, which="both", alpha=0.25)
-            ax.set_xlim(*_padded(min(p["params"] for p in pts), max(p["params"] for p in pts)))
-            ax.set_ylim(*_padded(min(p["facts"] for p in pts), max(p["facts"] for p in pts)))
+            # the two panels share their axes: limits over every point, so neither hides the other's
+            ax.set_xlim(*_padded(min(p["params"] for p in points), max(p["params"] for p in points)))
+            ax.set_ylim(*_padded(min(p["facts"] for p in points), max(p["facts"] for p in points)))
             log_ticks(ax.xaxis)
             log_ticks(ax.yaxis, [p["facts"] for p in points])
         if points:

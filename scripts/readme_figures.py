@@ -1,0 +1,134 @@
+"""Redraw the README's analysis figures (docs/figures/) from committed results and real run folders.
+
+Figures whose run folders are missing on this machine are skipped with a message (the committed PNGs stay):
+- ``capacity.png``: the Physics of LMs 3.3 capacity plot from apps/memory/results/capacity.csv (in-weight grid) and
+  apps/memory/results/quickstart.csv (in-tool runs);
+- ``recall_vs_step.png``: train recall curves of the capacity grid at 1,280 facts, by width (runs/memory/capacity);
+- ``final_recall_vs_people.png``: final train / novel recall against people by mode, seeds as error bars
+  (runs/memory/observe, ``apps/memory/observe.yaml``);
+- ``attention_entropy.png``: per-head attention entropy over training from the probes of one in-tool and one
+  in-weight observe run;
+- ``step_time.png``: where a training step's time goes (the profiler's ``time/*`` columns) per observe run.
+
+Usage::
+
+    .venv/bin/python scripts/readme_figures.py            # writes docs/figures/*.png
+    .venv/bin/python scripts/readme_figures.py --runs /work/main/runs --out /tmp/figs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmlab.analysis import load_runs  # noqa: E402
+from lmlab.analysis.plot import plot_curves, plot_final, select_runs  # noqa: E402
+from lmlab.analysis.report import plot_capacity  # noqa: E402
+
+
+def capacity(out: Path) -> None:
+    rows = []
+    for name in ("capacity.csv", "quickstart.csv"):
+        for r in csv.DictReader(open(ROOT / "apps/memory/results" / name)):
+            if not r["params"] or (name == "quickstart.csv" and r["mode"] != "tool"):
+                continue  # an unfinished run; the quickstart's in-weight runs are under-trained (2,750 steps)
+            rows.append({"params": float(r["params"]), "facts": float(r["facts"]), "mode": r["mode"],
+                         "bits_per_fact": float(r["bits_per_fact"]), "recall": float(r["recall_train_best"])})
+    drawn = plot_capacity(rows, out / "capacity.png",
+                          title="Knowledge capacity: in-weight grid (capacity.yaml) and the quickstart's in-tool runs")
+    print("capacity:", drawn["points"], drawn["contours"], drawn["notes"])
+
+
+def observe_figures(runs_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmlab.monitor.probes import read_probes
+
+    cap = runs_dir / "memory/capacity"
+    if cap.is_dir():
+        plot_curves(select_runs(load_runs(cap), ["tags.people=256"]), "recall/train/correct",
+                    out / "recall_vs_step.png", by=["model.dim"],
+                    title="In-weight, 1,280 facts: train recall by width (flat lr, then the WSD decay)")
+        print("recall_vs_step.png")
+    obs = runs_dir / "memory/observe"
+    runs = [r for r in load_runs(obs) if r.summary.get("status", "").startswith(("completed", "stopped"))] \
+        if obs.is_dir() else []
+    if not runs:
+        print(f"skipped the observe figures: no finished runs under {obs}")
+        return
+    for metric, name in (("recall/train/correct", "train"), ("recall/novel/correct", "novel")):
+        plot_final(runs, "tags.people", metric, out / f"final_recall_{name}_vs_people.png", by=["tags.mode"],
+                   logx=True, title=f"Final {name} recall vs people (seeds: mean, min-max bars)")
+        print(f"final_recall_{name}_vs_people.png")
+    picks = [next((r for r in runs if r.get("tags.mode") == m and r.get("tags.people") == 256), None)
+             for m in ("tool", "weight")]
+    picks = [r for r in picks if r is not None and (r.path / "probes.jsonl").is_file()]
+    if picks:
+        fig, axes = plt.subplots(len(picks), 2, figsize=(11, 3.4 * len(picks)), squeeze=False, sharex=True)
+        for row, run in zip(axes, picks):
+            probes = read_probes(run.path)
+            for ax, layer in zip(row, (0, 1)):
+                prefix = f"attn_entropy/layers.{layer}.attention/h"
+                heads = sorted({k for p in probes for k in p if k.startswith(prefix)})
+                for h in heads:
+                    ax.plot([p["step"] for p in probes], [p.get(h) for p in probes], label=h.rsplit("/", 1)[1])
+                ax.set_title(f"{run.get('tags.mode')}, {run.get('tags.people')} people: layer {layer}")
+                ax.set_ylabel("attention entropy (nats)")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7, ncol=2)
+        for ax in axes[-1]:
+            ax.set_xlabel("step")
+        fig.suptitle("Per-head attention entropy over training (probes, every 100 steps)")
+        fig.tight_layout()
+        fig.savefig(out / "attention_entropy.png", dpi=100)
+        plt.close(fig)
+        print("attention_entropy.png")
+    parts = ("data", "forward", "backward", "optim")
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    names, bottoms = [], None
+    rows = []
+    for run in runs:
+        last = [m for m in run.metrics if "time/step_ms" in m and "time/forward_ms" in m]
+        if not last:
+            continue
+        m = last[-1]
+        names.append(f"{run.get('tags.mode')} {run.get('tags.people')} s{run.get('seed')}")
+        vals = [m.get(f"time/{p}_ms", 0.0) for p in parts]
+        rows.append(vals + [max(m["time/step_ms"] - sum(vals), 0.0)])
+    if rows:
+        bottoms = [0.0] * len(rows)
+        for i, label in enumerate(parts + ("other",)):
+            ax.bar(names, [r[i] for r in rows], bottom=bottoms, label=label)
+            bottoms = [b + r[i] for b, r in zip(bottoms, rows)]
+        ax.set_ylabel("ms per step (last log window)")
+        ax.set_title("Where a training step's time goes (profiler timers; one thread each, shared machine)")
+        ax.legend(fontsize=8)
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "step_time.png", dpi=100)
+        print("step_time.png")
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=str(ROOT / "runs"), help="runs folder (default: ./runs)")
+    ap.add_argument("--out", default=str(ROOT / "docs/figures"), help="output folder (default: docs/figures)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    capacity(out)
+    observe_figures(Path(args.runs), out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
