@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 
 import pytest
+from debian import SEARCH_PATH, apt_install, which
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -81,11 +82,8 @@ APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 _CLIENT_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
 _MARKER = "LMLAB_TEST_SLURM_CLUSTER"  # set in the daemons' and clients' environment: finds our strays at stop
 
-_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name, path=_SEARCH_PATH)
+_SEARCH_PATH = SEARCH_PATH
+_which = which
 
 
 def missing_slurm_binaries() -> list[str]:
@@ -96,29 +94,14 @@ def ensure_slurm_installed(verbose: bool = True) -> str | None:
     """Install Slurm 22.05 + munge with apt if any of slurmctld, slurmd, sbatch, munged is missing.
 
     Returns None when Slurm is there (already, or now), else the reason it cannot be (not root, no apt-get,
-    apt failed): the fixture skips with it. Prints how long the install took.
+    apt failed): the fixture skips with it.
     """
     missing = missing_slurm_binaries()
     if not missing:
         return None
-    if os.name != "posix" or os.geteuid() != 0:
-        return f"Slurm is not installed ({', '.join(missing)} missing) and we are not root to apt-get it"
-    apt = _which("apt-get")
-    if apt is None:
-        return f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = [apt, "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", *APT_PACKAGES]
-    start = time.monotonic()
-    proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:  # maybe stale package lists: update them once and retry
-        subprocess.run([apt, "update", "-o", "DPkg::Lock::Timeout=300"], env=env, capture_output=True, text=True)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    took = time.monotonic() - start
-    if proc.returncode != 0:
-        output = proc.stdout[-1500:] + proc.stderr[-1500:]
-        return f"apt-get install {' '.join(APT_PACKAGES)} failed ({took:.0f} s): {output}"
-    if verbose:
-        print(f"[slurm_cluster] installed {' '.join(APT_PACKAGES)} with apt-get in {took:.1f} s", flush=True)
+    why = apt_install(APT_PACKAGES, "slurm_cluster" if verbose else "")
+    if why:
+        return f"Slurm is not installed ({', '.join(missing)} missing): {why}"
     missing = missing_slurm_binaries()
     if missing:
         return f"apt-get installed {' '.join(APT_PACKAGES)} but {', '.join(missing)} still missing"

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from debian import apt_install, which
 
 from lmlab.analysis import load_runs, plot_capacity, plot_lines, runs_table, write_html_report
 from lmlab.analysis.plot import plot_curves
@@ -36,11 +37,10 @@ pytestmark = pytest.mark.slow  # starts a browser (~2-5 s), and may apt-get it f
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 APT_PACKAGES = ("chromium",)
-_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 
 
 def find_browser() -> str | None:
-    return next((p for p in (shutil.which(b, path=_SEARCH_PATH) for b in BROWSERS) if p), None)
+    return next((p for p in (which(b) for b in BROWSERS) if p), None)
 
 
 def ensure_browser() -> tuple[str | None, str | None]:
@@ -48,22 +48,9 @@ def ensure_browser() -> tuple[str | None, str | None]:
     found = find_browser()
     if found:
         return found, None
-    if os.name != "posix" or os.geteuid() != 0:
-        return None, "Chromium is not installed and we are not root to apt-get it"
-    apt = shutil.which("apt-get", path=_SEARCH_PATH)
-    if apt is None:
-        return None, "Chromium is not installed and there is no apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = [apt, "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", *APT_PACKAGES]
-    start = time.monotonic()
-    proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:  # maybe stale package lists: update them once and retry
-        subprocess.run([apt, "update", "-o", "DPkg::Lock::Timeout=300"], env=env, capture_output=True, text=True)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    took = time.monotonic() - start
-    if proc.returncode != 0:
-        return None, f"apt-get install {' '.join(APT_PACKAGES)} failed ({took:.0f} s): {proc.stderr[-1500:]}"
-    print(f"[browser] installed {' '.join(APT_PACKAGES)} with apt-get in {took:.1f} s", flush=True)
+    why = apt_install(APT_PACKAGES, "browser")
+    if why:
+        return None, f"Chromium is not installed: {why}"
     found = find_browser()
     return (found, None) if found else (None, "apt-get installed chromium but no browser binary was found")
 
