@@ -112,8 +112,34 @@ class InitConfig:
 
 
 @dataclass
+class RecurrentConfig:
+    """Settings of the recurrent sequence mixers (model.mixer: mamba2, hawk, mingru, minlstm; lmlab.models)."""
+
+    expand: int = F(2, "inner width of the recurrence = expand x dim (Mamba2, Hawk, minGRU, minLSTM)")
+    conv_width: int = F(4, "width of the short causal depthwise convolution before the recurrence (Mamba2, Hawk; "
+                        "minGRU / minLSTM: 0 = none)")
+    state_dim: int = F(16, "Mamba2: size N of each head's state (the SSM's d_state)")
+    head_dim: int = F(16, "Mamba2: channels per head (the state per head is head_dim x state_dim)")
+    chunk_size: int = F(64, "Mamba2: chunk length of the chunked (SSD) scan in training and prefill")
+    mlp: bool = F(True, "keep the SwiGLU MLP after the mixer in each block (Griffin style); false: mixer only "
+                  "(Mamba style)")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("expand", "state_dim", "head_dim", "chunk_size"):
+            if getattr(self, key) <= 0:
+                errs.append((key, "must be positive"))
+        if self.conv_width < 0:
+            errs.append(("conv_width", "must be >= 0 (0: no convolution)"))
+        return errs
+
+
+MIXERS = ("attention", "mamba2", "hawk", "mingru", "minlstm")
+
+
+@dataclass
 class ModelConfig:
-    """Shape of a Llama-style decoder."""
+    """Shape of a Llama-style decoder, or of the same stack with recurrent sequence mixers (``mixer``)."""
 
     arch: Literal["llama"] = F("llama", "model family (more come with the recurrent models)")
     vocab_size: int | None = F(None, "rows of the embedding; null: the tokenizer's vocabulary size")
@@ -134,10 +160,24 @@ class ModelConfig:
                              "convolution of the keys) instead of one per head")
     smear_queries: bool = F(False, "with smeared keys: add to each query a learned per-channel mix of the (raw) keys "
                             "of the smear_keys tokens before it, so that a query also says which tokens precede it")
+    mixer: str = F("attention", "sequence mixer of every block: attention (Llama), mamba2, hawk, mingru, minlstm")
+    layer_mixers: list[str] = F([], "hybrid stacks: one mixer per layer (e.g. [hawk, hawk, attention]); a shorter "
+                                "list repeats to n_layers; empty: model.mixer everywhere")
+    recurrent: RecurrentConfig = F(RecurrentConfig(), "settings of the recurrent mixers")
     init: InitConfig = F(InitConfig(), "weight initialisation")
+
+    def mixers(self) -> list[str]:
+        """The mixer of each layer."""
+        if not self.layer_mixers:
+            return [self.mixer] * self.n_layers
+        return [self.layer_mixers[i % len(self.layer_mixers)] for i in range(self.n_layers)]
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
+        for i, m in enumerate([self.mixer, *self.layer_mixers]):
+            if m not in MIXERS:
+                errs.append(("mixer" if i == 0 else f"layer_mixers[{i - 1}]",
+                             f"unknown mixer {m!r}; choose one of {', '.join(MIXERS)}"))
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
             errs.append(("dim", "dim, n_layers and n_heads must be positive"))
         elif self.dim % self.n_heads:
