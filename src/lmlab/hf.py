@@ -130,6 +130,9 @@ class ExportError(ValueError):
 def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``LlamaConfig`` as a plain dict (what config.json holds); :class:`ExportError` for a model with a
     feature Hugging Face Llama has no equivalent for."""
+    if set(cfg.mixers()) != {"attention"}:
+        raise ExportError(f"model.mixer: a model with recurrent mixers ({', '.join(cfg.mixers())}) has no Hugging Face "
+                          "Llama equivalent; keep it as an lmlab checkpoint")
     if cfg.smear_keys:
         raise ExportError(f"model.smear_keys={cfg.smear_keys} (smeared keys) has no Hugging Face Llama "
                           "equivalent: this model cannot be exported")

@@ -174,22 +174,40 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    With a recurrent mixer (``model.mixer`` / ``model.layer_mixers``) the first half is ``x + mixer(norm(x))``
+    (modules ``mixer_norm``, ``mixer``; see :mod:`lmlab.models.recurrent`) and the MLP is kept unless
+    ``model.recurrent.mlp`` is false."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, layer_id)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        hidden = cfg.hidden_dim or default_hidden_dim(cfg.dim, cfg.multiple_of)
-        self.feed_forward = SwiGLU(cfg.dim, hidden)
+        self.kind = cfg.mixers()[layer_id]
+        if self.kind == "attention":
+            self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.attention = Attention(cfg, layer_id)
+        else:
+            from lmlab.models.recurrent import build_mixer
+
+            self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.mixer = build_mixer(self.kind, cfg, layer_id)
+        self.ffn_norm = self.feed_forward = None
+        if self.kind == "attention" or cfg.recurrent.mlp:
+            self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            hidden = cfg.hidden_dim or default_hidden_dim(cfg.dim, cfg.multiple_of)
+            self.feed_forward = SwiGLU(cfg.dim, hidden)
 
     def reset_parameters(self, in_std: float, out_std: float, generator=None) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.reset_parameters(in_std, out_std, generator)
-        self.feed_forward.reset_parameters(in_std, out_std, generator)
+        if self.kind == "attention":
+            self.attention_norm.reset_parameters()
+            self.attention.reset_parameters(in_std, out_std, generator)
+        else:
+            self.mixer_norm.reset_parameters()
+            self.mixer.reset_parameters(in_std, out_std, generator)
+        if self.feed_forward is not None:
+            self.ffn_norm.reset_parameters()
+            self.feed_forward.reset_parameters(in_std, out_std, generator)
 
     def forward(
         self,
@@ -198,8 +216,18 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: AttentionCache | None = None,
+        resets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        if self.kind == "attention":
+            x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        elif cache is None:
+            x = x + self.mixer(self.mixer_norm(x), resets=resets)[0]
+        else:  # the cache holds this layer's recurrent state (one row per sequence)
+            y, state = self.mixer(self.mixer_norm(x), resets=resets, state=cache.recurrent_state(self.layer_id))
+            cache.set_recurrent_state(self.layer_id, state)
+            x = x + y
+        if self.feed_forward is None:
+            return x
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -213,6 +241,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.recurrent = any(layer.kind != "attention" for layer in self.layers)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -272,8 +301,13 @@ class Transformer(nn.Module):
                 positions = positions_from_doc_ids(doc_ids)
         cos, sin = self.rotary(positions, tokens.shape[1])
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        resets = None
+        if self.recurrent:  # recurrent mixers restart their state at each document of a packed row
+            from lmlab.models.recurrent import doc_resets
+
+            resets = getattr(cache, "resets", None) if cache is not None else doc_resets(doc_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, cos, sin, mask, cache, resets)
         if logits_at is not None:
             if logits_at.shape != tokens.shape or logits_at.dtype != torch.bool:
                 raise ValueError(f"logits_at must be a bool mask of the tokens' shape {tuple(tokens.shape)}, got "
@@ -299,6 +333,10 @@ class Transformer(nn.Module):
         )
 
         cfg = self.cfg
+        if self.recurrent:
+            mixers = ", ".join(sorted(set(cfg.mixers()) - {"attention"}))
+            raise ValueError(f"model.mixer: the recurrent mixers ({mixers}) have no tensor-parallel plan yet; train "
+                             "them with data parallelism (FSDP2 / DDP)")
         n_kv = cfg.n_kv_heads or cfg.n_heads
         if cfg.n_heads % tp or n_kv % tp:
             raise ValueError(f"tensor parallel over {tp} processes splits the heads: model.n_heads={cfg.n_heads} and "
@@ -351,4 +389,9 @@ class Transformer(nn.Module):
         n = self.num_params(exclude_embeddings=True)
         if self.cfg.tie_embeddings:
             n += self.output.weight.numel()
-        return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+        n_attention = sum(layer.kind == "attention" for layer in self.layers)
+        scans = 0  # recurrent mixers: their forward work beyond the matmuls of their weights, x3 for the backward
+        for layer in self.layers:
+            if layer.kind != "attention":
+                scans += layer.mixer.flops_per_token() - 2 * sum(p.numel() for p in layer.mixer.parameters())
+        return 6 * n + 12 * n_attention * self.cfg.dim * seq_len + 3 * max(scans, 0)
