@@ -1,0 +1,147 @@
+"""minGRU sequence mixer (Feng et al. 2024, "Were RNNs All We Needed?"), in log space.
+
+With ``inner = expand * dim`` channels and ``x`` the (normalised) block input::
+
+    z_t = sigmoid(W_z x_t)                   update gate
+    h~_t = g(W_h x_t)                        candidate, g(v) = v + 0.5 if v >= 0 else sigmoid(v) (> 0)
+    h_t = (1 - z_t) * h_{t-1} + z_t * h~_t
+    y_t = W_out h_t                          back to dim (the block adds it to the residual stream)
+
+The gates depend on ``x_t`` only, so the recurrence is linear in h and the parallel path runs it as one scan. Every
+term is positive (g > 0), so the scan runs in log space (:func:`lmlab.models.scan.log_scan`) with
+``log(1 - z) = -softplus(k)``, ``log z = -softplus(-k)`` and ``log g`` exact: gates near 0 or 1 lose nothing.
+:meth:`MinGRU.step` is the plain recurrence above in linear space, the reference the scan is tested against.
+
+Short convolution: the paper's minGRU has none; here a causal depthwise convolution of width
+``cfg.recurrent.conv_width`` (with bias) runs over the model-width input ``x`` before the projections whenever
+``conv_width > 0`` (the config's default is 4; set ``model.recurrent.conv_width=0`` for the paper's minGRU). It sits
+before the projections, at model width, so that both the gate and the candidate see the local window and its state
+is only ``dim x (conv_width - 1)``.
+
+State: ``{"h": (B, inner)}`` plus ``{"conv": (B, dim, conv_width - 1)}`` with a convolution. The math of gates and
+scan runs in float32 whatever the input dtype; the output has the input's dtype; a returned state keeps the dtype
+of the state passed in (the input's when none): ``init_state(..., torch.float32)`` decodes a bf16 model in float32.
+
+Usage::
+
+    from lmlab.models.mingru import MinGRU
+    mixer = MinGRU(cfg, layer_id=0)               # cfg: lmlab.config.ModelConfig
+    y, state = mixer(x, resets=resets)            # x (B, T, dim); resets (B, T) bool or None
+    y1, state = mixer.step(x[:, 0], mixer.init_state(B, x.device, torch.float32))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.models.recurrent import State, causal_conv1d, conv_step
+from lmlab.models.scan import log_scan
+
+
+def g(v: torch.Tensor) -> torch.Tensor:
+    """Feng et al.'s positive activation: ``v + 0.5`` for v >= 0, ``sigmoid(v)`` below (continuous at 0)."""
+    return torch.where(v >= 0, v + 0.5, torch.sigmoid(v))
+
+
+def log_g(v: torch.Tensor) -> torch.Tensor:
+    """``log g(v)``, exact on both sides (relu keeps the unused branch finite)."""
+    return torch.where(v >= 0, torch.log(F.relu(v) + 0.5), -F.softplus(-v))
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time with bias (:func:`lmlab.models.recurrent.causal_conv1d`)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+    def reset_parameters(self, generator=None) -> None:
+        # PyTorch's Conv1d default range (fan-in = width), zero bias
+        bound = 1.0 / math.sqrt(self.width)
+        nn.init.uniform_(self.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_conv1d(x, self.weight, self.bias, resets, conv_state)
+
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return conv_step(x, self.weight, self.bias, conv_state)
+
+
+class MinGRU(nn.Module):
+    """minGRU mixer: (B, T, dim) -> (B, T, dim) through a gated linear recurrence of width expand x dim."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.dim = cfg.dim
+        self.inner = cfg.recurrent.expand * cfg.dim
+        self.conv = ShortConv(cfg.dim, cfg.recurrent.conv_width) if cfg.recurrent.conv_width > 0 else None
+        self.w_z = nn.Linear(cfg.dim, self.inner, bias=False)
+        self.w_h = nn.Linear(cfg.dim, self.inner, bias=False)
+        self.w_out = nn.Linear(self.inner, cfg.dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
+        for lin in (self.w_z, self.w_h):
+            nn.init.normal_(lin.weight, 0.0, in_std, generator=generator)
+        nn.init.normal_(self.w_out.weight, 0.0, out_std, generator=generator)
+        if self.conv is not None:
+            self.conv.reset_parameters(generator)
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> State:
+        state = {"h": torch.zeros(batch, self.inner, device=device, dtype=dtype)}
+        if self.conv is not None:
+            state["conv"] = torch.zeros(batch, self.dim, self.conv.width - 1, device=device, dtype=dtype)
+        return state
+
+    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
+                state: State | None = None) -> tuple[torch.Tensor, State]:
+        new_state = {}
+        if self.conv is not None:
+            x, new_state["conv"] = self.conv(x, resets, None if state is None else state["conv"])
+        k, v = upcast(self.w_z(x)), upcast(self.w_h(x))
+        log_a = -F.softplus(k)  # log(1 - z)
+        log_b = -F.softplus(-k) + log_g(v)  # log(z * g(h~))
+        h = log_scan(log_a, log_b, None if state is None else state["h"], resets).exp()
+        new_state["h"] = h[:, -1]
+        return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        new_state = {}
+        if self.conv is not None:
+            x, new_state["conv"] = self.conv.step(x, state["conv"])
+        k, v = upcast(self.w_z(x)), upcast(self.w_h(x))
+        h = torch.sigmoid(-k) * upcast(state["h"]) + torch.sigmoid(k) * g(v)  # 1 - sigmoid(k) = sigmoid(-k)
+        new_state["h"] = h
+        return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
+
+    def num_state_elements(self) -> int:
+        return self.inner + (self.dim * (self.conv.width - 1) if self.conv is not None else 0)
+
+    def flops_per_token(self) -> int:
+        """2 x matmul weights (W_z, W_h, W_out), plus 2 x width per convolved channel, plus 6 elementwise ops per
+        inner channel as the step computes them (sigmoid, g, 1 - z, two products, a sum; a nonlinearity counts
+        one). The parallel scan does O(log T) times the recurrence's work; that is not counted (as for attention,
+        the count is the model's, not the kernel's)."""
+        matmul = 2 * (2 * self.dim * self.inner + self.inner * self.dim)
+        conv = 2 * self.conv.width * self.dim if self.conv is not None else 0
+        return matmul + conv + 6 * self.inner
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (bf16 / fp16 -> float32; float64 stays): the precision of gates and scans."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _cast_state(new: State, old: State | None, dtype: torch.dtype) -> State:
+    """Each tensor of ``new`` in the dtype of the same key in ``old`` (or ``dtype`` when there is no old state)."""
+    return {k: v.to(old[k].dtype if old is not None else dtype) for k, v in new.items()}
