@@ -209,10 +209,50 @@ class TokenizerConfig:
 
 
 @dataclass
+class MQARConfig:
+    """Multi-query associative recall (Zoology, Arora et al. 2023), generated on the fly (lmlab.data.mqar)."""
+
+    vocab_size: int = F(256, "ids used: keys from [1, V/2), values from [V/2, V), fed to the model as they are (must "
+                        "fit the tokenizer's vocabulary: the byte tokenizer's 264 ids take V <= 264)")
+    num_kv_pairs: list[int] = F([8], "key-value pairs per sequence; several: a mixture (each training sequence draws "
+                                "one, the validation set splits evenly)")
+    num_queries: int = F(0, "queries per sequence (distinct keys asked again); 0: every pair")
+    placement: Literal["power", "uniform"] = F("power", "query slots after the pairs: power: Zoology's power law "
+                                               "(short gaps likelier); uniform: any slot alike")
+    power_alpha: float = F(0.01, "power placement: slot i >= 1 drawn with weight i^(alpha-1) (Zoology's power_a)")
+    random_fill: bool = F(True, "slots after the pairs that hold no query get random ids (Zoology's "
+                          "random_non_queries); false: id 0")
+    train_size: int = F(100_000, "distinct training sequences (the pool each epoch shuffles; seed: data.seed)")
+    val_size: int = F(1024, "validation sequences, a fixed set drawn from val_seed whatever the run seed")
+    val_seed: int = F(12345, "seed of the validation set")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.vocab_size < 4:
+            errs.append(("vocab_size", "must be >= 4 (keys and values take half of it each)"))
+        if not self.num_kv_pairs or any(n <= 0 for n in self.num_kv_pairs):
+            errs.append(("num_kv_pairs", "needs at least one value, each positive"))
+        elif max(self.num_kv_pairs) > self.vocab_size // 2 - 1:
+            errs.append(("num_kv_pairs", f"{max(self.num_kv_pairs)} pairs need as many distinct keys, but "
+                         f"vocab_size={self.vocab_size} has {self.vocab_size // 2 - 1}"))
+        if self.num_queries < 0:
+            errs.append(("num_queries", "must be >= 0 (0: every pair)"))
+        elif self.num_kv_pairs and self.num_queries > min(self.num_kv_pairs):
+            errs.append(("num_queries", f"{self.num_queries} queries need as many pairs: the smallest num_kv_pairs "
+                         f"is {min(self.num_kv_pairs)}"))
+        if self.power_alpha <= 0:
+            errs.append(("power_alpha", "must be positive"))
+        if self.train_size <= 0 or self.val_size <= 0:
+            errs.append(("train_size", "train_size and val_size must be positive"))
+        return errs
+
+
+@dataclass
 class DataConfig:
     """Where training data comes from and how it is batched (see lmlab.data)."""
 
-    kind: Literal["text", "dialog", "shards"] = F("text", "text files, JSONL dialogs, or pretokenized shards")
+    kind: Literal["text", "dialog", "shards", "mqar"] = F(
+        "text", "text files, JSONL dialogs, pretokenized shards, or generated MQAR sequences (data.mqar)")
     train_files: list[str] = F([], "training files (paths or glob patterns, expanded and sorted)")
     val_files: list[str] = F([], "validation files; empty: hold out the tail val_fraction of the training data")
     val_fraction: float = F(0.1, "fraction held out for validation when val_files is empty")
@@ -228,11 +268,19 @@ class DataConfig:
     seed: int | None = F(None, "seed of the data order and split; null: the run seed")
     prefetch: Literal["none", "thread", "process"] = F("none", "build batches in the background")
     prefetch_depth: int = F(2, "batches built ahead when prefetching")
+    mqar: MQARConfig = F(MQARConfig(), "kind mqar: the generated task (validation: mqar.val_size sequences, "
+                         "evaluated when val_fraction > 0)")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         if self.seq_len <= 0:
             errs.append(("seq_len", "must be positive"))
+        elif self.kind == "mqar" and self.mqar.num_kv_pairs:
+            n = max(self.mqar.num_kv_pairs)
+            q = self.mqar.num_queries or n
+            if 2 * n + 2 * q > self.seq_len:
+                errs.append(("seq_len", f"mqar: {n} pairs and {q} queries need seq_len >= {2 * n + 2 * q} "
+                             f"(2 tokens per pair, a 2-token slot per query), got {self.seq_len}"))
         if self.batch_size <= 0:
             errs.append(("batch_size", "must be positive"))
         if not 0.0 <= self.val_fraction < 1.0:

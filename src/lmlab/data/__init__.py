@@ -3,7 +3,7 @@
 Batches are dicts of int64 tensors of shape (batch_size, seq_len): ``inputs``, ``targets`` (-100 where
 no loss is taken) and, for packed dialog rows, ``doc_ids`` and ``positions``. See :mod:`lmlab.data.loader`
 for the loader contract (seeded order, exact resume, rank sharding, prefetch) and the other modules for
-each data kind.
+each data kind (text, dialog, shards; :mod:`lmlab.data.mqar`: generated associative-recall sequences).
 
 Usage::
 
@@ -41,6 +41,9 @@ _EXPORTS = {
     "load_shards": "shards",
     "open_shard": "shards",
     "write_shard": "shards",
+    "MQARRows": "mqar",
+    "evaluate_mqar": "mqar",
+    "mqar_accuracy": "mqar",
     "DataLoader": "loader",
     "build_loader": "loader",
     "build_source": "loader",

@@ -261,6 +261,11 @@ def build_source(
     check_rank(rank, world_size)
     seed = cfg.seed if cfg.seed is not None else seed
     train = split == "train"
+    if cfg.kind == "mqar":  # generated sequences; the validation set is data.mqar.val_size of them
+        from lmlab.data.mqar import mqar_source
+
+        return mqar_source(cfg, tokenizer, split, seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=rank,
+                           world_size=world_size, seed=seed)
     if not train and not cfg.val_files and cfg.val_fraction == 0:
         raise DataError("no validation data: data.val_files is empty and data.val_fraction is 0")
     truncate = bool(getattr(cfg, "truncate", False))
@@ -289,7 +294,7 @@ def build_source(
         def load(files: Sequence[str], what: str) -> Any:
             return _cached("shards", files, tokenizer, (), what, lambda paths: load_shards(paths, tokenizer, what))
     else:
-        raise DataError(f"data.kind must be 'text', 'dialog' or 'shards', got {cfg.kind!r}")
+        raise DataError(f"data.kind must be 'text', 'dialog', 'shards' or 'mqar', got {cfg.kind!r}")
 
     context = None
     if cfg.val_files:
