@@ -26,6 +26,18 @@ cache, per-request sampling and stop conditions, and tool calls in token space.
   assistant's current message and run in a worker thread; the sequence waits (others keep decoding), then
   the answer and ``<|assistant|>`` are prefilled and decoding resumes. Errors and timeouts become an
   ``error: ...`` answer.
+* Recurrent models (``model.mixer`` / ``model.layer_mixers``: Mamba2, Hawk, minGRU, minLSTM, hybrids with attention):
+  each running sequence owns a slot of a :class:`~lmlab.inference.pool.StatePool` (allocated once, ``max_batch``
+  slots per recurrent layer) holding its state after the tokens it has fed; the cache steps gather the rows' slots
+  (``recurrent_state``) and scatter the new states back (``set_recurrent_state``). Attention layers of a hybrid keep
+  their keys/values in pages as above; a model without attention keeps no keys/values at all (its pages are ids).
+  A mixer returns only the state after each row's last token, so prefill puts one sequence per row (rows of equal
+  length run together, never padded) instead of packing. Decoding is one token per row, O(1) per token for a
+  recurrent layer. Prefix cache: the state after each full page is snapshotted into that page (prefill pieces end
+  at page boundaries; a decode step that fills a page snapshots it), so a match of k pages restarts from the
+  snapshot of page k, and an evicted page frees its snapshot. A preempted sequence frees its slot and is
+  recomputed from its tokens (from its cached pages' last snapshot with the prefix cache). Tool answers are
+  prefilled onto the sequence's state.
 * Every model call goes through :class:`ModelRunner` (one small interface to swap for parallel runners).
 
 Usage::
@@ -53,7 +65,16 @@ import torch
 from torch import nn
 
 from lmlab.config import EngineConfig
-from lmlab.inference.pool import DecodeBatch, PagedStep, PagePool, Segment, _ints
+from lmlab.inference.pool import (
+    DecodeBatch,
+    PagedStep,
+    PagePool,
+    Segment,
+    StatePool,
+    StateStep,
+    _ints,
+    recurrent_layers,
+)
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import Sampler, SamplingParams, TextStream, row_params, text_params
 from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
@@ -118,6 +139,8 @@ class ModelRunner:
     def forward(self, tokens: torch.Tensor, step: PagedStep, rows: list[int], cols: list[int]) -> torch.Tensor:
         """Float32 logits (len(rows), vocab) at ``(rows[i], cols[i])`` of the (B, T) ``tokens``."""
         logits = self.model(tokens.to(self.device), cache=step)
+        if not rows:
+            return logits.new_zeros((0, logits.shape[-1]), dtype=torch.float32)
         if logits.shape[1] == 1 and rows == list(range(logits.shape[0])):  # a decode forward: every row
             return logits[:, 0].float()
         return logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
@@ -201,6 +224,8 @@ class _Seq:
         self.finish_reason: str | None = None
         self.running = False  # in Engine.active
         self.row = -1  # its row in the decode batch (-1: none)
+        self.slot = -1  # its slot in the engine's StatePool (models with recurrent layers; -1: none)
+        self.state_at = -1  # tokens whose state its slot holds (-1: not loaded yet)
 
 
 class Engine:
@@ -229,6 +254,11 @@ class Engine:
         self.runner = ModelRunner(model)
         self.pool = PagePool.for_model(model, pool_tokens, page_size)
         self.prefix = PrefixCache(self.pool) if prefix_cache else None
+        # recurrent layers: one state slot per running sequence, and with the prefix cache one state snapshot per
+        # page (the state after the page's last token, freed with the page)
+        self.states = (StatePool.for_model(model, max_batch, self.pool.n_pages if prefix_cache else 0)
+                       if recurrent_layers(model) else None)
+        self._kv = bool(self.pool.kv_layers)  # whether any layer keeps keys/values
         self.max_batch, self.prefill_chunk, self.tool_timeout = max_batch, prefill_chunk, tool_timeout
         if cascade_min < 0:
             raise ValueError(f"Engine: cascade_min must be >= 0, got {cascade_min}")
@@ -426,6 +456,23 @@ class Engine:
             self.prefix.insert(s.tokens[:s.n_cached], s.pages)
         self.pool.decref(s.pages)
         s.pages, s.n_cached = [], 0
+        if s.slot >= 0:  # a preempted sequence is recomputed from its tokens (or from a prefix snapshot)
+            self.states.free(s.slot)
+            s.slot, s.state_at = -1, -1
+
+    def _load_states(self, seqs: list[_Seq]) -> None:
+        """Before a forward: each sequence's slot holds the state after its ``n_cached`` tokens: zeros before its first
+        token, else the snapshot of the last cached page that the prefix cache gave it."""
+        need = [s for s in seqs if s.state_at != s.n_cached]
+        if not need:
+            return
+        ps = self.pool.page_size
+        for s in need:
+            if s.n_cached % ps:
+                raise RuntimeError(f"Engine: no state for a sequence at {s.n_cached} tokens (not a page boundary)")
+        self.states.load([s.slot for s in need], [s.pages[s.n_cached // ps - 1] if s.n_cached else -1 for s in need])
+        for s in need:
+            s.state_at = s.n_cached
 
     def _rematch(self, s: _Seq) -> None:
         """Before its first forward, a sequence takes a longer cached prefix if one appeared since it was admitted
@@ -470,6 +517,8 @@ class Engine:
             self.waiting.popleft()
             self.active.append(s)
             s.running = s.fresh = True
+            if self.states is not None:
+                s.slot, s.state_at = self.states.alloc(), -1
 
     # ---- one step ------------------------------------------------------------------------------------
     def _step(self) -> list[StreamEvent]:
@@ -537,6 +586,8 @@ class Engine:
     def _forward(self, group: list[tuple[_Seq, int]]) -> tuple[list[_Seq], torch.Tensor]:
         """Run one packed prefill forward; the sequences whose pending tokens are all fed now, and their logits
         (rows)."""
+        if self.states is not None:
+            return self._forward_rows(group)
         t0 = time.perf_counter()
         for s, _ in group:
             if s.row >= 0:  # never the case (a sequence leaves the decode batch before it prefills): kept safe
@@ -568,15 +619,85 @@ class Engine:
             logits = logits[torch.tensor(idx, dtype=torch.long, device=logits.device)]
         return done, logits
 
+    def _forward_rows(self, group: list[tuple[_Seq, int]]) -> tuple[list[_Seq], torch.Tensor]:
+        """Prefill for a model with recurrent layers: a mixer returns only the state after each row's last token, so
+        every row holds one sequence (rows of equal length run together: no padding, which would run through the
+        recurrence). With the prefix cache, a sequence's tokens are fed in pieces that end at page boundaries, and
+        the state after each full page is snapshotted into that page (what a later prompt sharing the page
+        restarts from). The sequences whose pending tokens are all fed now, and their logits, back."""
+        t0 = time.perf_counter()
+        for s, _ in group:
+            if s.row >= 0:  # never the case (a sequence leaves the decode batch before it prefills): kept safe
+                self._leave_decode(s)
+        self._load_states([s for s, _ in group])
+        ps, snap, states = self.pool.page_size, bool(self.states.snapshots), self.states
+        pos = [s.n_cached for s, _ in group]
+        ends = [s.n_cached + k for s, k in group]
+        out: dict[int, torch.Tensor] = {}
+        while True:
+            waves: dict[int, list[int]] = {}  # piece length -> the sequences (indices in group) that feed one now
+            for i in range(len(group)):
+                if pos[i] < ends[i]:
+                    stop = min(ends[i], (pos[i] // ps + 1) * ps) if snap else ends[i]
+                    waves.setdefault(stop - pos[i], []).append(i)
+            if not waves:
+                break
+            for n, idx in waves.items():
+                seqs = [group[i][0] for i in idx]
+                tokens = _ints([t for i, s in zip(idx, seqs) for t in s.tokens[pos[i]:pos[i] + n]]).view(len(idx), n)
+                view = states.view([s.slot for s in seqs])
+                if self._kv:
+                    step = PagedStep(self.pool, [[Segment(s.pages, pos[i], n)] for i, s in zip(idx, seqs)])
+                    step.states = view
+                else:
+                    step = StateStep([pos[i] for i in idx], n, view)
+                want = [r for r, (i, s) in enumerate(zip(idx, seqs)) if pos[i] + n == ends[i] == len(s.tokens)]
+                lg = self.runner.forward(tokens, step, want, [n - 1] * len(want))
+                self.stats["prefill_forwards"] += 1
+                self.stats["forwards"] += 1
+                self.stats["prefill_tokens"] += n * len(idx)
+                for j, r in enumerate(want):
+                    out[idx[r]] = lg[j]
+                if snap:
+                    full = [(s.slot, s.pages[(pos[i] + n) // ps - 1]) for i, s in zip(idx, seqs)
+                            if (pos[i] + n) % ps == 0]
+                    states.save([a for a, _ in full], [b for _, b in full])
+                for i in idx:
+                    pos[i] += n
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        done, rows = [], []
+        for i, (s, k) in enumerate(group):
+            if s.cached_tokens < 0:
+                s.cached_tokens = s.n_cached
+            s.n_cached += k
+            s.state_at = s.n_cached
+            s.fresh = False
+            if self.prefix is not None:
+                self.prefix.insert(s.tokens[:s.n_cached], s.pages)
+            if s.n_cached == len(s.tokens):
+                done.append(s)
+                rows.append(out[i])
+        if not rows:
+            return done, torch.zeros((0, self.runner.cfg.vocab_size))
+        return done, torch.stack(rows)
+
     def _decode_forward(self, seqs: list[_Seq]) -> tuple[list[_Seq], torch.Tensor]:
         """One decode forward: one row per sequence (each has exactly one pending token), in the order of the
         decode batch's rows; those sequences and their logits back."""
         t0 = time.perf_counter()
-        rows = self._decode_batch(seqs)
+        if self.states is not None:
+            self._load_states(seqs)
+        if self._kv:
+            rows = self._decode_batch(seqs)
+            step = self._dec.step()
+            if self.states is not None:
+                step.states = self.states.view([s.slot for s in rows])
+        else:  # no attention layer: no keys to keep, the states are the whole context
+            rows = seqs
+            step = StateStep([s.n_cached for s in rows], 1, self.states.view([s.slot for s in rows]))
         tokens = _ints([s.tokens[-1] for s in rows]).view(-1, 1)  # pending == 1: the last token is the one to feed
-        step = self._dec.step()
         self.stats["decode_forwards"] += 1
-        self.stats["cascade_forwards"] += step.shared_keys > 0
+        self.stats["cascade_forwards"] += getattr(step, "shared_keys", 0) > 0
         self.stats["forwards"] += 1
         logits = self.runner.forward(tokens, step, list(range(len(rows))), [0] * len(rows))
         self.stats["decode_s"] += time.perf_counter() - t0
@@ -585,6 +706,14 @@ class Engine:
                 s.cached_tokens = s.n_cached
             s.n_cached += 1
             s.fresh = False
+        if self.states is not None:
+            ps = self.pool.page_size
+            for s in rows:
+                s.state_at = s.n_cached
+            if self.states.snapshots:  # a row that just filled a page: its state is that page's snapshot
+                full = [s for s in rows if s.n_cached % ps == 0]
+                if full:
+                    self.states.save([s.slot for s in full], [s.pages[s.n_cached // ps - 1] for s in full])
         return list(rows), logits
 
     def _clear_decode_batch(self) -> None:

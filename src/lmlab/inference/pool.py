@@ -17,6 +17,12 @@ Beside keys and values, the pool keeps the extra per-token *fields* that the mod
 for smeared keys (:class:`lmlab.models.smear.KeySmear`), which the steps' ``previous_keys`` read and write.
 A plain Llama declares none and the pool holds keys and values only.
 
+Recurrent layers keep no keys/values: the pool holds them for attention layers only (``kv_layers``; none for a
+model without attention), and a :class:`StatePool` holds each running sequence's recurrent state in a slot (plus,
+for the prefix cache, one state snapshot per page). The steps' ``states`` (a :class:`StateView`) give the model's
+recurrent layers their rows' states (``recurrent_state`` / ``set_recurrent_state``); :class:`StateStep` is the
+step of a model without attention (positions and states only).
+
 Usage::
 
     pool = PagePool.for_model(model, n_tokens=4096, page_size=16)
@@ -36,7 +42,22 @@ from torch import nn
 
 from lmlab.models.smear import gather_previous
 
-__all__ = ["DecodeBatch", "DecodeStep", "PagePool", "PagedStep", "PoolFullError", "Segment"]
+__all__ = ["DecodeBatch", "DecodeStep", "PagePool", "PagedStep", "PoolFullError", "Segment", "StatePool", "StateStep",
+           "StateView", "attention_layers", "recurrent_layers"]
+
+
+def attention_layers(model: nn.Module) -> list[int]:
+    """Ids of ``model``'s layers that keep keys/values (all of them for a model without ``layers`` kinds)."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return list(range(model.cfg.n_layers))
+    return [i for i, layer in enumerate(layers) if getattr(layer, "kind", "attention") == "attention"]
+
+
+def recurrent_layers(model: nn.Module) -> list[int]:
+    """Ids of ``model``'s layers with a recurrent mixer (their state lives in a :class:`StatePool`)."""
+    return [i for i, layer in enumerate(getattr(model, "layers", ())) if getattr(layer, "kind", "attention")
+            != "attention"]
 
 
 class PoolFullError(RuntimeError):
@@ -54,13 +75,19 @@ class PagePool:
 
     def __init__(self, n_layers: int, n_pages: int, page_size: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 fields: Sequence[str] = ()) -> None:
+                 fields: Sequence[str] = (), kv_layers: Sequence[int] | None = None) -> None:
         for name, val in (("n_layers", n_layers), ("n_pages", n_pages), ("page_size", page_size),
                           ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             if int(val) <= 0:
                 raise ValueError(f"PagePool: {name} must be positive, got {val}")
         self.n_layers, self.n_pages, self.page_size = n_layers, n_pages, page_size
-        shape = (n_layers, n_pages * page_size, n_kv_heads, head_dim)
+        # the layers that keep keys/values (attention; None: all). A recurrent layer keeps none: its state lives in
+        # a StatePool. kv_index[layer] is the layer's row of k/v (out of range for a layer without keys/values).
+        self.kv_layers = list(range(n_layers)) if kv_layers is None else sorted(int(i) for i in kv_layers)
+        self.kv_index = [len(self.kv_layers)] * n_layers
+        for i, layer in enumerate(self.kv_layers):
+            self.kv_index[layer] = i
+        shape = (len(self.kv_layers), n_pages * page_size, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.fields = {name: torch.zeros(shape, dtype=dtype, device=device) for name in fields}
@@ -75,18 +102,22 @@ class PagePool:
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> PagePool:
         """A pool of ``n_tokens`` slots (rounded up to whole pages) shaped for ``model``'s attention, with the
         per-token fields its modules declare (``cache_fields``). Under tensor parallel the pool holds this
-        process's key/value heads only (``n_kv_heads / tp``): the KV cache is sharded by heads."""
+        process's key/value heads only (``n_kv_heads / tp``): the KV cache is sharded by heads. Only attention
+        layers get keys/values: a model without attention layers gets a pool of page ids and no key/value memory
+        (its pages still carry the prefix cache's state snapshots, see :class:`StatePool`)."""
         cfg = model.cfg
+        kv_layers = attention_layers(model)
         w = next(model.parameters())
         n_pages = -(-int(n_tokens) // int(page_size))
         fields = sorted({name for m in model.modules() for name in getattr(m, "cache_fields", ())})
         head_dim = cfg.dim // cfg.n_heads
         kv_heads = cfg.n_kv_heads or cfg.n_heads
-        wk = getattr(getattr(getattr(model, "layers", [None])[0], "attention", None), "wk", None)
+        first = next((model.layers[i] for i in kv_layers[:1]), None) if hasattr(model, "layers") else None
+        wk = getattr(getattr(first, "attention", None), "wk", None)
         if wk is not None and hasattr(wk.weight, "to_local"):  # tensor parallel: this process's key/value heads
             kv_heads = wk.weight.to_local().shape[0] // head_dim
         return cls(cfg.n_layers, n_pages, page_size, kv_heads, head_dim,
-                   dtype=dtype or w.dtype, device=device or w.device, fields=fields)
+                   dtype=dtype or w.dtype, device=device or w.device, fields=fields, kv_layers=kv_layers)
 
     @property
     def n_free(self) -> int:
@@ -150,7 +181,146 @@ def _ints(xs: list[int]) -> torch.Tensor:
     return torch.frombuffer(array("q", xs), dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64)
 
 
-class PagedStep:
+class StatePool:
+    """The recurrent states of a model's recurrent layers, allocated once: ``n_slots`` running *slots* (a running
+    sequence owns one; it holds the state after the tokens the sequence has fed) and, for the prefix cache, one
+    *snapshot* per page of the :class:`PagePool` (the state after that page's last token, indexed by page id: a
+    snapshot lives and dies with its page, so evicting a prefix-cache node frees its snapshot too).
+
+    ``slots[layer][name]`` is (n_slots, *shape) for each tensor of the layer's state (the shapes and dtypes of
+    ``mixer.init_state``); ``snapshots[layer][name]`` is (n_snapshots, *shape) (no snapshots when 0). States are
+    O(1) in the sequence's length: a recurrent layer needs no keys/values and no pages of its own.
+    """
+
+    def __init__(self, shapes: dict[int, dict[str, tuple[tuple[int, ...], torch.dtype]]], n_slots: int,
+                 n_snapshots: int = 0, device: str | torch.device = "cpu") -> None:
+        if n_slots <= 0 or n_snapshots < 0:
+            raise ValueError(f"StatePool: n_slots must be positive and n_snapshots >= 0, got {n_slots}, {n_snapshots}")
+        self.n_slots, self.n_snapshots, self.device = n_slots, n_snapshots, torch.device(device)
+        self.slots = {layer: {k: torch.zeros((n_slots, *shape), dtype=dt, device=device)
+                              for k, (shape, dt) in st.items()} for layer, st in shapes.items()}
+        self.snapshots = {} if not n_snapshots else {
+            layer: {k: torch.zeros((n_snapshots, *shape), dtype=dt, device=device) for k, (shape, dt) in st.items()}
+            for layer, st in shapes.items()}
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, n_slots: int, n_snapshots: int = 0, *, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None) -> StatePool:
+        """Slots (and snapshots) shaped like the states of ``model``'s recurrent layers (``mixer.init_state``)."""
+        w = next(model.parameters())
+        device = device or w.device
+        shapes = {}
+        for i in recurrent_layers(model):
+            state = model.layers[i].mixer.init_state(1, device, dtype or w.dtype)
+            shapes[i] = {k: (tuple(v.shape[1:]), v.dtype) for k, v in state.items()}
+        return cls(shapes, n_slots, n_snapshots, device)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def bytes_per_state(self) -> int:
+        """Bytes of one sequence's state, all recurrent layers together."""
+        return sum(t[0].numel() * t.element_size() for st in self.slots.values() for t in st.values())
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise PoolFullError(f"StatePool: all {self.n_slots} slots are taken")
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots or slot in self._free:
+            raise RuntimeError(f"StatePool: free of slot {slot}, which is not taken")
+        self._free.append(slot)
+
+    def _index(self, xs: Sequence[int]) -> torch.Tensor:
+        return _ints(list(xs)).to(self.device)
+
+    def load(self, slots: Sequence[int], pages: Sequence[int]) -> None:
+        """Set each slot to the snapshot of its page, or to zeros (the state before a sequence's first token) where
+        the page is -1."""
+        zero = [s for s, p in zip(slots, pages) if p < 0]
+        copy = [(s, p) for s, p in zip(slots, pages) if p >= 0]
+        if copy and not self.snapshots:
+            raise RuntimeError("StatePool: a snapshot was asked of a pool without snapshots")
+        zi = self._index(zero) if zero else None
+        si = self._index([s for s, _ in copy]) if copy else None
+        pi = self._index([p for _, p in copy]) if copy else None
+        for layer, st in self.slots.items():
+            for k, buf in st.items():
+                if zi is not None:
+                    buf.index_fill_(0, zi, 0)
+                if si is not None:
+                    buf.index_copy_(0, si, self.snapshots[layer][k].index_select(0, pi))
+
+    def save(self, slots: Sequence[int], pages: Sequence[int]) -> None:
+        """Snapshot each slot's state into its page (the state after that page's last token)."""
+        if not slots or not self.snapshots:
+            return
+        si, pi = self._index(slots), self._index(pages)
+        for layer, st in self.slots.items():
+            for k, buf in st.items():
+                self.snapshots[layer][k].index_copy_(0, pi, buf.index_select(0, si))
+
+    def view(self, slots: Sequence[int]) -> StateView:
+        """What one forward's cache step hands the recurrent layers: row ``b`` continues from slot ``slots[b]``."""
+        return StateView(self, slots)
+
+
+class StateView:
+    """The recurrent states of one forward's rows: gathered from their slots (``get``) and scattered back after the
+    forward (``set``: the state after each row's last token)."""
+
+    def __init__(self, pool: StatePool, slots: Sequence[int]) -> None:
+        self.pool = pool
+        self.index = pool._index(slots)
+
+    def get(self, layer: int) -> dict[str, torch.Tensor]:
+        return {k: buf.index_select(0, self.index) for k, buf in self.pool.slots[layer].items()}
+
+    def set(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        bufs = self.pool.slots[layer]
+        if state.keys() != bufs.keys():
+            raise ValueError(f"layer {layer}: the mixer returned a state with {sorted(state)}, its init_state has "
+                             f"{sorted(bufs)}")
+        for k, buf in bufs.items():
+            buf.index_copy_(0, self.index, state[k].to(buf.dtype))
+
+
+class _RecurrentSteps:
+    """The recurrent half of a cache step (what :class:`lmlab.models.transformer.Block` calls for a recurrent
+    mixer): ``states`` (a :class:`StateView`, set by the engine) holds each row's state. Every row holds one
+    sequence, so no state is ever reset inside a row (``resets`` is None)."""
+
+    states: StateView | None = None
+    resets: torch.Tensor | None = None
+
+    def recurrent_state(self, layer: int) -> dict[str, torch.Tensor]:
+        if self.states is None:
+            raise ValueError("this cache step holds no recurrent states: set step.states = StatePool.view(slots) "
+                             "for a model with recurrent layers")
+        return self.states.get(layer)
+
+    def set_recurrent_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        if self.states is None:
+            raise ValueError("this cache step holds no recurrent states: set step.states = StatePool.view(slots) "
+                             "for a model with recurrent layers")
+        self.states.set(layer, state)
+
+
+class StateStep(_RecurrentSteps):
+    """The cache step of a model without attention layers: rows of new tokens (one sequence per row, no padding),
+    row ``b`` at positions ``starts[b] ..``, continuing from the states ``states``. No keys, no mask."""
+
+    mask = None
+
+    def __init__(self, starts: Sequence[int], n: int, states: StateView) -> None:
+        self.positions = (_ints(list(starts))[:, None] + torch.arange(n)).to(states.pool.device)
+        self.states = states
+
+
+class PagedStep(_RecurrentSteps):
     """One forward's view of a :class:`PagePool` (the model's ``AttentionCache`` interface).
 
     ``rows[b]`` lists the segments laid out back to back in row ``b`` of the (B, T) token tensor, T the
@@ -224,7 +394,7 @@ class PagedStep:
 
     def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
         """Write the new tokens' raw keys and return the raw keys of the ``n`` tokens before each (B, H, T, n, D)."""
-        kr = _field(self.pool.fields, "raw_keys")[layer]
+        kr = _field(self.pool.fields, "raw_keys")[self.pool.kv_index[layer]]
         b, h, t, d = k.shape
         kr.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(kr.dtype))
         ctx = kr.view(-1, self.pool.page_size, h, d).index_select(0, self._pages).view(*self._shape, h, d)
@@ -232,7 +402,8 @@ class PagedStep:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, T, D) keys/values of real tokens and gather each row's keys (B, H, S, D)."""
-        ck, cv = self.pool.k[layer], self.pool.v[layer]
+        li = self.pool.kv_index[layer]
+        ck, cv = self.pool.k[li], self.pool.v[li]
         b, h, t, d = k.shape
         ck.index_copy_(0, self._dst, k.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(ck.dtype))
         cv.index_copy_(0, self._dst, v.transpose(1, 2).reshape(b * t, h, d).index_select(0, self._src).to(cv.dtype))
@@ -322,7 +493,7 @@ class DecodeBatch:
         if len(seg.pages) * ps < seg.start:
             raise ValueError(f"DecodeBatch: {len(seg.pages)} pages cannot hold {seg.start} tokens")
         n_pages = -(-seg.start // ps)
-        if n_pages:
+        if n_pages and self.pool.k.shape[0]:  # (a pool of a model without attention holds no keys to copy)
             pages = _ints(list(seg.pages[:n_pages])).to(self.pool.device)
             n_layers, _, h, d = self.pool.k.shape
             for src, dst in self._pairs():
@@ -348,6 +519,9 @@ class DecodeBatch:
         ps, pages = self.pool.page_size, self.pages[row]
         if len(pages) * ps < b:
             raise ValueError(f"DecodeBatch: {len(pages)} pages cannot hold the {b} tokens of row {row}")
+        if not self.pool.k.shape[0]:
+            self.flushed[row] = b
+            return
         slots = _ints([pages[p // ps] * ps + p % ps for p in range(a, b)]).to(self.pool.device)
         for store, buf in self._pairs():
             store.index_copy_(1, slots, buf[:, row, :, a:b].transpose(1, 2).to(store.dtype))
@@ -393,7 +567,7 @@ class DecodeBatch:
         return DecodeStep(self)
 
 
-class DecodeStep:
+class DecodeStep(_RecurrentSteps):
     """One decode forward over a :class:`DecodeBatch` (the model's ``AttentionCache`` interface): row ``b`` has
     one new token at position ``lengths[b]``; it sees the row's keys ``0 .. lengths[b]``. Keys are views of
     the batch's first S = max(lengths) + 1 slots. New keys/values are written to the batch only (the batch
@@ -425,7 +599,7 @@ class DecodeStep:
     def previous_keys(self, layer: int, k: torch.Tensor, n: int) -> torch.Tensor:
         """Write the new raw keys (B, H, 1, D) to the batch; the raw keys of the ``n`` tokens before each back
         (B, H, 1, n, D): a gather of n slots per row, whatever the rows' lengths."""
-        bkr = _field(self.batch.fields, "raw_keys")[layer]
+        bkr = _field(self.batch.fields, "raw_keys")[self.batch.pool.kv_index[layer]]
         b, h, _, d = k.shape
         bkr.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bkr.dtype))
         return gather_previous(bkr[:b].to(k.dtype), self.positions, self.positions, n)
@@ -434,7 +608,8 @@ class DecodeStep:
         """Write the new (B, H, 1, D) keys/values to the batch; the batch's (B, H, S, D) back, S the longest row's
         context."""
         batch = self.batch
-        bk, bv = batch.k[layer], batch.v[layer]
+        li = batch.pool.kv_index[layer]
+        bk, bv = batch.k[li], batch.v[li]
         b, h, _, d = k.shape
         bk.view(-1, d).index_copy_(0, self._slot, k.reshape(b * h, d).to(bk.dtype))
         bv.view(-1, d).index_copy_(0, self._slot, v.reshape(b * h, d).to(bv.dtype))
