@@ -124,10 +124,15 @@ def test_probes_of_more_runs_than_shown_are_averaged_per_group(probed, tmp_path)
     assert list(done["probes"]) == ["model.dim=16 (mean of 2 runs)", "model.dim=32 (mean of 2 runs)"]
     a, b = (read_probes(probed / f"d16_s{s}") for s in (0, 1))
     mean = done["probes"]["model.dim=16 (mean of 2 runs)"]
-    key = "attn_entropy/layers.1.attention/h0"
     assert [r["step"] for r in mean] == [2, 4, 6, 8]
-    assert [r[key] for r in mean] == pytest.approx([(x[key] + y[key]) / 2 for x, y in zip(a, b)])
-    assert sum(p.name.startswith("probes_entropy") for p in done["images"]) == 2  # one figure per group
+    for key in ("act/layers.1.attention/norm", "grad/layers.0.attention/norm",
+                "param/layers.0.attention.wq.weight/update_ratio"):
+        assert [r[key] for r in mean] == pytest.approx([(x[key] + y[key]) / 2 for x, y in zip(a, b)])
+    # per-head entropy: one figure per group, of its first run (heads do not line up across seeds)
+    assert [p.name for p in done["images"] if p.name.startswith("probes_entropy")] == [
+        "probes_entropy_model.dim=16_its_first_run_d16_s0.png", "probes_entropy_model.dim=32_its_first_run_d32_s0.png"]
+    page = done["path"].read_text()
+    assert "A group shows its first run" in page and "showing" not in page  # two groups: both shown
 
 
 def test_report_skips_sections_without_data(plain, tmp_path):

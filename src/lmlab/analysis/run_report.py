@@ -23,8 +23,8 @@ its own; ``DIR/runs.csv``: the full :func:`lmlab.analysis.table.runs_table`) hol
    peak memory, evaluation and checkpoint time.
 5. **Probes** (runs with ``probes.jsonl``; at most ``--probe-runs`` runs, or groups of runs averaged per step when
    there are more): attention entropy per head over steps (a figure per run or group, a panel per attention
-   module, a line per head), activation and gradient norms of the probed modules, and each probed parameter's
-   update / weight ratio (log y).
+   module, a line per head; a group shows its first run, as head J of one seed is not head J of another),
+   activation and gradient norms of the probed modules, and each probed parameter's update / weight ratio (log y).
 
 A section without data says in one line why it is skipped. Writing into a folder that holds a report already
 replaces that report's figures. Bad usage (no runs, unknown key, bad option) prints
@@ -426,7 +426,7 @@ def _final(rep: _Report) -> None:
         return
     x = rep.x or _numeric_key(rep.rows, rep.by) or _numeric_key(rep.rows, rep.varying)
     if x is None:
-        rep.skip(heading, "no numeric config key varies across the runs (--x KEY picks one)")
+        rep.skip(heading, "no numeric config key other than a seed varies across the runs (--x KEY picks one)")
         return
     by = [k for k in rep.by if k != x]
     wanted = [m for m in ("loss", "val_loss") if m in rep.metrics]
@@ -545,29 +545,38 @@ def _profile(rep: _Report) -> None:
 # ---- 5. probes ---------------------------------------------------------------------------------------------
 
 
-def _probe_units(rep: _Report) -> tuple[list[tuple[str, list[dict[str, Any]]]], str]:
-    """``[(label, rows)]``: the probe rows of each shown run, or of each group averaged per step; and a note."""
+Units = list[tuple[str, list[dict[str, Any]]]]  # (label, probe rows) of a run or a group of runs
+
+
+def _probe_units(rep: _Report) -> tuple[Units, Units, str]:
+    """``(units, head_units, note)``: the probe rows of each shown run, or of each group averaged per step; for
+    per-head plots a group's first run instead (head J of one seed is not head J of another); a note."""
     from lmlab.monitor.probes import read_probes
 
     have = [i for i, r in enumerate(rep.runs) if (r.path / "probes.jsonl").is_file()]
     rows = {i: read_probes(rep.runs[i].path) for i in have}
     have = [i for i in have if rows[i]]
     if not have:
-        return [], ""
+        return [], [], ""
     if len(have) <= rep.probe_runs:
-        return [(rep.runs[i].name, rows[i]) for i in have], f"{len(have)} run(s) with probes.jsonl"
-    units = []
+        units = [(rep.runs[i].name, rows[i]) for i in have]
+        return units, units, f"{len(have)} run(s) with probes.jsonl"
+    units, heads = [], []
     for label, idx in rep.groups().items():
-        mine = [rows[i] for i in idx if i in rows and rows[i]]
-        if mine:
-            units.append((label + (f" (mean of {len(mine)} runs)" if len(mine) > 1 else ""), _mean_rows(mine)))
+        mine = [i for i in idx if i in rows and rows[i]]
+        if not mine:
+            continue
+        many = len(mine) > 1
+        units.append((label + (f" (mean of {len(mine)} runs)" if many else ""), _mean_rows([rows[i] for i in mine])))
+        first = rep.runs[mine[0]].name
+        heads.append((f"{label}, its first run {first}" if many and rep.by else label, rows[mine[0]]))
     note = f"{len(have)} runs with probes.jsonl, " + (f"grouped by {', '.join(rep.by)}" if rep.by else "each")
     if len(units) > rep.probe_runs:  # spread over the groups' order, so that the first key's values all show
         k = rep.probe_runs
         pick = sorted({round(i * (len(units) - 1) / max(k - 1, 1)) for i in range(k)})
         note += f"; showing {len(pick)} of the {len(units)} groups, evenly spread (--probe-runs N for more)"
-        units = [units[i] for i in pick]
-    return units, note
+        units, heads = [units[i] for i in pick], [heads[i] for i in pick]
+    return units, heads, note
 
 
 def _mean_rows(runs_rows: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -629,7 +638,7 @@ def _legend(ax: Any, n: int) -> None:
         ax.legend(fontsize=7, ncol=1 + n // 8, loc="best")
 
 
-def _entropy_figures(rep: _Report, units: Sequence[tuple[str, list[dict[str, Any]]]]) -> list[Path]:
+def _entropy_figures(rep: _Report, units: Units) -> list[Path]:
     import matplotlib.pyplot as plt
 
     images = []
@@ -662,8 +671,8 @@ def _entropy_figures(rep: _Report, units: Sequence[tuple[str, list[dict[str, Any
     return images
 
 
-def _lines_figure(rep: _Report, units: Sequence[tuple[str, list[dict[str, Any]]]], panels: Sequence[tuple[str, str]],
-                  stem: str, title: str) -> Path | None:
+def _lines_figure(rep: _Report, units: Units, panels: Sequence[tuple[str, str]], stem: str,
+                  title: str) -> Path | None:
     """A panel per unit and ``(prefix, stat)`` (keys ``prefix/NAME/stat``; a row per unit when there are several
     pairs), a line per NAME coloured alike in every panel, log y. None when no unit has such keys."""
     import matplotlib.pyplot as plt
@@ -701,7 +710,7 @@ def _lines_figure(rep: _Report, units: Sequence[tuple[str, list[dict[str, Any]]]
 
 
 def _probes(rep: _Report) -> None:
-    units, note = _probe_units(rep)
+    units, heads, note = _probe_units(rep)
     rep.probe_units = dict(units)
     if not units:
         rep.skip("Probes", "no run has a probes.jsonl (probes.modules / probes.params in the config)")
@@ -709,9 +718,10 @@ def _probes(rep: _Report) -> None:
     keys = {k for _, rows in units for r in rows for k in r}
     heading = "Probes: attention entropy per head"
     if any(k.startswith("attn_entropy/") for k in keys):
+        grouped = " A group shows its first run: head J of one seed is not head J of another." if heads != units else ""
         rep.add(heading, text=f"{note}. Entropy (nats) of each head's attention distribution, averaged over the "
-                "query positions of the recorded step; the same y range in every panel.",
-                images=_entropy_figures(rep, units))
+                f"query positions of the recorded step; the same y range in every panel.{grouped}",
+                images=_entropy_figures(rep, heads))
     else:
         rep.skip(heading, f"{note}, none with attn_entropy/* columns (an attention module in probes.modules)")
     heading = "Probes: activation and gradient norms"
