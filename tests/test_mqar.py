@@ -210,3 +210,56 @@ def test_attention_learns_easy_mqar(tmp_path, one_thread):
     assert summary["val_loss"] < 2.0  # the trainer's validation runs on the MQAR set: ln 8 = 2.08 is chance
     _, model, _ = load_run(cfg.run_dir)  # what the app evaluates: the final checkpoint
     assert evaluate_mqar(model, cfg.data, batch_size=50) == after
+    # the app's report on this run: the evaluation cached in RUN/mqar_eval.json, a CSV row, the plots
+    app = zoology_app()
+    rows = app.make_report([cfg], tmp_path / "report")
+    assert rows[0]["mqar/acc"] == after["mqar/acc"] and rows[0]["mixer"] == "attention"
+    assert rows[0]["state_bytes"] == 2 * 2 * 16 * 2 * 16 * 4
+    stored = json.loads((cfg.run_dir / "mqar_eval.json").read_text())
+    assert stored["metrics"] == after
+    csv_text = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert len(csv_text) == 2 and "mqar/acc/kv2" in csv_text[0]
+    assert (tmp_path / "report" / "acc_vs_state.png").read_bytes()[:4] == b"\x89PNG"
+    stored["metrics"]["mqar/acc"] = -1.0  # a stored result for the same checkpoint and task is reused...
+    (cfg.run_dir / "mqar_eval.json").write_text(json.dumps(stored))
+    assert app.evaluate_run(cfg.run_dir)["metrics"]["mqar/acc"] == -1.0
+    stored["key"]["mqar"]["val_size"] = 7  # ...one for another task is redone
+    (cfg.run_dir / "mqar_eval.json").write_text(json.dumps(stored))
+    assert app.evaluate_run(cfg.run_dir)["metrics"] == after
+
+
+def zoology_app():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "apps" / "zoology" / "run.py"
+    spec = importlib.util.spec_from_file_location("zoology_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_state_bytes_per_sequence():
+    from lmlab.models import build_model
+
+    app = zoology_app()
+    base = ["data.kind=mqar", "data.seq_len=128", "model.max_seq_len=128", "model.dim=64", "model.n_layers=3",
+            "model.n_heads=4"]
+    attn = load_config(None, base)
+    assert app.state_bytes(attn) == 3 * 2 * 128 * 4 * 16 * 4  # layers x (K and V) x seq_len x heads x head_dim x 4
+    gqa = load_config(None, [*base, "model.n_kv_heads=2"])
+    assert app.state_bytes(gqa) == 3 * 2 * 128 * 2 * 16 * 4
+    for mixer in ("mamba2", "hawk", "mingru", "minlstm"):
+        cfg = load_config(None, [*base, f"model.mixer={mixer}"])
+        model = build_model(cfg.model, vocab_size=264)
+        per_layer = model.layers[0].mixer.num_state_elements() * 4
+        assert per_layer > 0 and app.state_bytes(cfg) == 3 * per_layer  # independent of seq_len
+        longer = load_config(None, [*base, f"model.mixer={mixer}", "data.seq_len=64"])
+        assert app.state_bytes(longer) == app.state_bytes(cfg)
+    hybrid = load_config(None, [*base, "model.layer_mixers=[hawk, hawk, attention]"])
+    hawk = load_config(None, [*base, "model.mixer=hawk"])
+    assert app.state_bytes(hybrid) == 2 * app.state_bytes(hawk) // 3 + app.state_bytes(attn) // 3
+    assert app.mixer_label(hybrid) == "hawk+hawk+attention" and app.mixer_label(hawk) == "hawk"
+    rows = [{"mixer": "a", "state_bytes": 8, "mqar/acc": 0.5}, {"mixer": "a", "state_bytes": 8, "mqar/acc": 0.7},
+            {"mixer": "a", "state_bytes": 2, "mqar/acc": 0.1}, {"mixer": "b", "state_bytes": 4, "mqar/acc": 0.3}]
+    assert app.best_points(rows, "state_bytes") == {"a": ([2.0, 8.0], [0.1, 0.7]), "b": ([4.0], [0.3])}
