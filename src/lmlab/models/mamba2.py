@@ -88,23 +88,23 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     if pad:  # padded steps have dt = 0 and log-decay 0: they add nothing and keep the final state as it was
         x, dt, loga, B, C = (torch.cat([v, v.new_zeros(b, pad, *v.shape[2:])], dim=1) for v in (x, dt, loga, B, C))
     c = (t + pad) // q
-    x, B, C = x.view(b, c, q, h, p), B.view(b, c, q, n), C.view(b, c, q, n)
-    dt = dt.view(b, c, q, h).permute(0, 3, 1, 2)  # (b, H, c, Q)
-    loga = loga.view(b, c, q, h).permute(0, 3, 1, 2)
+    xdt = (x * dt.unsqueeze(-1)).view(b, c, q, h, p)  # dt_j x_j: the input of step j
+    B, C = B.view(b, c, q, n), C.view(b, c, q, n)
+    loga = loga.view(b, c, q, h).permute(0, 3, 1, 2)  # (b, H, c, Q)
 
     # inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
     seg = segsum(loga)  # (b, H, c, Q, Q)
-    scores = torch.einsum("bcin,bcjn->bcij", C, B).unsqueeze(1) * torch.exp(seg) * dt.unsqueeze(-2)
-    y = torch.einsum("bhcij,bcjhp->bcihp", scores, x)
+    scores = torch.einsum("bcin,bcjn->bcij", C, B).unsqueeze(1) * torch.exp(seg)
+    y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
 
     # each chunk's own contribution to the state at its last step (the last row of seg: decay from j to the end)
-    to_end = (torch.exp(seg[..., -1, :]) * dt).permute(0, 2, 3, 1).unsqueeze(-1)  # (b, c, Q, H, 1)
-    chunk_states = torch.einsum("bcjhp,bcjn->bchpn", x * to_end, B)
+    to_end = torch.exp(seg[..., -1, :]).permute(0, 2, 3, 1).unsqueeze(-1)  # (b, c, Q, H, 1)
+    chunk_states = torch.einsum("bcjhp,bcjn->bchpn", xdt * to_end, B)
 
     # across chunks: the state entering chunk c, one recurrence step per chunk
     within = torch.cumsum(loga, dim=-1)  # (b, H, c, Q): a_start + ... + a_i, the decay from the chunk's entry
     chunk_decay = torch.exp(within[..., -1])  # (b, H, c)
-    s = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(x.dtype)
+    s = xdt.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(xdt.dtype)
     entering = []
     for k in range(c):
         entering.append(s)
