@@ -34,6 +34,7 @@ Usage::
 
     from lmlab.config import ModelConfig
     from lmlab.models.mamba2 import Mamba2
+    from lmlab.models.recurrent import doc_resets
     mixer = Mamba2(ModelConfig(dim=64), layer_id=0)
     y, state = mixer(x, resets=doc_resets(doc_ids))   # x (B, T, 64) -> y (B, T, 64)
     y1, state = mixer.step(x_next, state)              # x_next (B, 64): one more token per row
