@@ -134,6 +134,45 @@ class RecurrentConfig:
         return errs
 
 
+@dataclass
+class RopeScalingConfig:
+    """Rotary scaling for a longer context than the model was trained at, as Hugging Face defines it (lmlab.models.
+    layers.Rotary): linear position interpolation, static NTK-aware scaling, or YaRN."""
+
+    kind: Literal["none", "linear", "ntk", "yarn"] = F(
+        "none", "none: plain rotary; linear: positions / factor (HF 'linear'); ntk: base theta * factor^(d/(d-2)) "
+        "(NTK-aware, no HF equivalent); yarn: per-dimension blend of the two by wavelength (HF 'yarn')")
+    factor: float = F(1.0, "context extension factor (>= 1; e.g. 4 to go from 128 to 512 tokens)")
+    original_max_seq_len: int | None = F(None, "yarn: the context length the model was trained at (sets which "
+                                         "dimensions interpolate); required for yarn, unused otherwise")
+    beta_fast: float = F(32.0, "yarn: dimensions turning more than this many times over original_max_seq_len keep "
+                         "their frequency (extrapolate)")
+    beta_slow: float = F(1.0, "yarn: dimensions turning fewer than this many times are fully interpolated (/ factor)")
+    attention_factor: float | None = F(None, "yarn: scale of cos/sin (attention logits scale by its square); null: "
+                                       "0.1*ln(factor)+1 as in YaRN")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.kind == "none":
+            if self.factor != 1.0:
+                errs.append(("factor", f"factor={self.factor} has no effect with kind none: set kind (linear, ntk, "
+                             "yarn) or leave factor at 1"))
+            return errs
+        if not self.factor >= 1.0:
+            errs.append(("factor", f"must be >= 1 (the context extension), got {self.factor}"))
+        if self.kind == "yarn":
+            if self.original_max_seq_len is None:
+                errs.append(("original_max_seq_len", "yarn needs the context length the model was trained at"))
+            elif self.original_max_seq_len <= 0:
+                errs.append(("original_max_seq_len", "must be positive"))
+            if not self.beta_fast > self.beta_slow > 0:
+                errs.append(("beta_fast", f"yarn needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
+                             f"beta_slow={self.beta_slow}"))
+            if self.attention_factor is not None and self.attention_factor <= 0:
+                errs.append(("attention_factor", "must be positive or null"))
+        return errs
+
+
 MIXERS = ("attention", "mamba2", "hawk", "mingru", "minlstm")
 
 
@@ -152,6 +191,8 @@ class ModelConfig:
     norm_eps: float = F(1e-5, "epsilon of RMSNorm")
     rope_theta: float = F(10000.0, "base of the rotary embedding frequencies")
     max_seq_len: int = F(2048, "longest sequence the rotary tables cover")
+    rope_scaling: RopeScalingConfig = F(RopeScalingConfig(), "rotary scaling for a longer context (linear, ntk, "
+                                        "yarn); changes no weight, so a run may resume with it")
     tie_embeddings: bool = F(False, "share the token embedding with the output head")
     qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
     smear_keys: int = F(0, "smeared keys: each key becomes a learned per-head mix of the keys of its token and the "
@@ -195,6 +236,8 @@ class ModelConfig:
             errs.append(("smear_keys", "must be >= 0 (tokens mixed into each key; 0: off)"))
         if self.smear_queries and self.smear_keys <= 0:
             errs.append(("smear_queries", "needs smear_keys > 0 (the number of earlier tokens mixed in)"))
+        if self.rope_scaling.kind == "ntk" and self.dim > 0 and self.n_heads > 0 and self.dim // self.n_heads <= 2:
+            errs.append(("rope_scaling.kind", "ntk scales the base by factor^(d/(d-2)): needs a head dim above 2"))
         return errs
 
 

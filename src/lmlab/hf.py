@@ -13,18 +13,23 @@ Usage::
     cfg = model_config_from_hf(hf_model.config)                 # ModelConfig with the same shape
     save_hf_folder(model, "out/")                               # config.json + model.safetensors
     model = load_hf_folder("out/")                              # lmlab Transformer with those weights
+
+Rotary scaling (``model.rope_scaling``) maps to HF's rope types: ``linear`` and ``yarn`` both ways (written as
+``rope_scaling``, which every transformers version reads, and as transformers 5's ``rope_parameters``); lmlab's
+static ``ntk`` has no HF equivalent (HF's ``dynamic`` NTK recomputes its base per length) and is refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.config import InitConfig, ModelConfig
+from lmlab.config import InitConfig, ModelConfig, RopeScalingConfig
 from lmlab.models.layers import default_hidden_dim
 
 # lmlab name pattern -> HF name pattern ({i} = layer index)
@@ -137,6 +142,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ExportError(f"model.smear_keys={cfg.smear_keys} (smeared keys) has no Hugging Face Llama "
                           "equivalent: this model cannot be exported")
     head_dim = cfg.dim // cfg.n_heads
+    rope = rope_scaling_to_hf(cfg)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -155,7 +161,59 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "attention_bias": cfg.qkv_bias,
         "mlp_bias": False,
         "torch_dtype": "float32",
+        **({"rope_scaling": rope, "rope_parameters": {**rope, "rope_theta": cfg.rope_theta}} if rope else {}),
     }
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
+    """HF's ``rope_scaling`` dict for ``cfg.rope_scaling`` (None for plain rotary); :class:`ExportError` for ntk."""
+    rs = cfg.rope_scaling
+    if rs.kind == "none":
+        return None
+    if rs.kind == "linear":
+        return {"rope_type": "linear", "factor": float(rs.factor)}
+    if rs.kind == "yarn":
+        out = {"rope_type": "yarn", "factor": float(rs.factor), "original_max_position_embeddings":
+               rs.original_max_seq_len, "beta_fast": float(rs.beta_fast), "beta_slow": float(rs.beta_slow)}
+        if rs.attention_factor is not None:
+            out["attention_factor"] = float(rs.attention_factor)
+        return out
+    raise ExportError(f"model.rope_scaling.kind={rs.kind!r} (static NTK-aware scaling) has no Hugging Face Llama "
+                      "equivalent (HF's 'dynamic' NTK recomputes its base for each sequence length): this model cannot "
+                      "be exported; use kind linear or yarn to export")
+
+
+def rope_scaling_from_hf(params: dict[str, Any], key: str, max_position_embeddings: int,
+                         original_max: int | None = None) -> RopeScalingConfig:
+    """``model.rope_scaling`` from HF's ``rope_scaling`` / ``rope_parameters`` dict (``key`` names it in errors),
+    read as HF's ``_compute_linear_scaling_rope_parameters`` / ``_compute_yarn_parameters`` do; ValueError for a
+    rope type or option lmlab lacks. ``original_max``: a top-level ``original_max_position_embeddings``, which HF
+    prefers to the one inside the dict."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{key} {params}: partial_rotary_factor is not supported by lmlab (it rotates whole heads)")
+    if kind == "default":
+        return RopeScalingConfig()
+    if kind == "linear":
+        return RopeScalingConfig(kind="linear", factor=float(params["factor"]))
+    if kind != "yarn":
+        raise ValueError(f"{key} {params}: rope type {kind!r} is not supported by lmlab (it reads default, linear and "
+                         "yarn; its static ntk is not HF's dynamic one)")
+    original = original_max or params.get("original_max_position_embeddings") or max_position_embeddings
+    factor = params.get("factor") or max_position_embeddings / original
+    if params.get("truncate", True) is not True:
+        raise ValueError(f"{key} {params}: yarn with truncate=False is not supported by lmlab")
+    attn = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attn is None and mscale and mscale_all_dim:  # DeepSeek's form; the same number as HF computes it
+        def get_mscale(scale: float, m: float) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    return RopeScalingConfig(kind="yarn", factor=float(factor), original_max_seq_len=int(original),
+                             beta_fast=float(params.get("beta_fast") or 32),
+                             beta_slow=float(params.get("beta_slow") or 1),
+                             attention_factor=None if attn is None else float(attn))
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
@@ -165,12 +223,11 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     head_dim = get("head_dim") or dim // n_heads
     if head_dim != dim // n_heads:
         raise ValueError(f"head_dim={head_dim} differs from hidden_size/num_attention_heads; lmlab needs them equal")
-    scaling = get("rope_scaling")
+    # transformers < 5 writes rope_scaling, 5 writes rope_parameters (and reads rope_scaling first, as here)
     rope_params = get("rope_parameters") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"rope_scaling {scaling} is not supported by lmlab")
-    if rope_params.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters {rope_params} are not supported by lmlab")
+    key, scaling = ("rope_scaling", get("rope_scaling")) if get("rope_scaling") else ("rope_parameters", rope_params)
+    max_pos = get("max_position_embeddings", 2048)
+    rope_scaling = rope_scaling_from_hf(dict(scaling), key, max_pos, get("original_max_position_embeddings"))
     if get("mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported by lmlab")
     if get("hidden_act", "silu") != "silu":
@@ -185,7 +242,8 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         hidden_dim=get("intermediate_size"),
         norm_eps=float(get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
-        max_seq_len=get("max_position_embeddings", 2048),
+        max_seq_len=max_pos,
+        rope_scaling=rope_scaling,
         tie_embeddings=bool(get("tie_word_embeddings", False)),
         qkv_bias=bool(get("attention_bias", False)),
         init=InitConfig(),

@@ -6,9 +6,16 @@ is cut into two halves that rotate together (``rotate_half``), with frequencies
 ``theta ** (-2i / head_dim)`` computed in float32 exactly as HF does. Meta's original checkpoints use
 the interleaved layout instead; ``lmlab.hf.permute_interleaved_to_half`` converts their q/k weights.
 
+Rotary scaling (``model.rope_scaling``) stretches a model to a longer context than it was trained at, with HF's
+definitions (``transformers.modeling_rope_utils``): ``linear`` divides every frequency by ``factor`` (positions /
+factor); ``ntk`` raises the base to ``theta * factor ** (d / (d - 2))`` (static NTK-aware scaling: HF's dynamic
+NTK at the length where its base is the same; HF has no static one); ``yarn`` keeps the fast dimensions' frequencies,
+divides the slow ones' by ``factor``, ramps between them (``beta_fast`` .. ``beta_slow`` turns over the original
+length) and scales cos/sin by the attention factor ``0.1 * ln(factor) + 1``. Only the tables change, never a weight.
+
 Usage::
 
-    rope = Rotary(head_dim=64, max_seq_len=2048, theta=10000.0)
+    rope = Rotary(head_dim=64, max_seq_len=2048, theta=10000.0)     # scaling=cfg.rope_scaling for a scaled one
     cos, sin = rope(positions)                 # positions: (B, T) int64 -> (B, 1, T, head_dim) each
     q = apply_rotary(q, cos, sin)              # q: (B, H, T, head_dim)
 """
@@ -16,10 +23,14 @@ Usage::
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from lmlab.config import RopeScalingConfig
 
 
 class RMSNorm(nn.Module):
@@ -46,16 +57,67 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's scale of cos/sin, ``0.1 * ln(factor) + 1`` (1 for factor <= 1), as HF's ``_compute_yarn_parameters``."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_seq_len: int, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0) -> torch.Tensor:
+    """YaRN's inverse frequencies, float32, computed step by step as HF's ``_compute_yarn_parameters`` (with its
+    default ``truncate=True``): dimension ``i`` keeps its frequency (extrapolation) when it turns more than
+    ``beta_fast`` times over ``original_max_seq_len`` positions, is divided by ``factor`` (interpolation) when it
+    turns fewer than ``beta_slow`` times, and blends the two linearly in between."""
+    dim = head_dim
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the length
+        return (dim * math.log(original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def rope_scaled_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig | None) -> tuple[torch.Tensor, float]:
+    """``(inverse frequencies, scale of cos/sin)`` of a rotary embedding with ``scaling`` (``model.rope_scaling``;
+    None or kind ``none``: plain rotary), float32, matching HF's rope types ``default``, ``linear`` and ``yarn``;
+    ``ntk`` is static NTK-aware scaling (HF's ``dynamic`` type at the length where its base is the same)."""
+    kind = "none" if scaling is None else scaling.kind
+    if kind == "none":
+        return rope_inv_freq(head_dim, theta), 1.0
+    factor = float(scaling.factor)
+    if kind == "linear":
+        return rope_inv_freq(head_dim, theta) / factor, 1.0
+    if kind == "ntk":
+        return rope_inv_freq(head_dim, theta * factor ** (head_dim / (head_dim - 2))), 1.0
+    if kind == "yarn":
+        if scaling.original_max_seq_len is None:
+            raise ValueError("model.rope_scaling.original_max_seq_len: yarn needs the context length the model was "
+                             "trained at")
+        inv_freq = yarn_inv_freq(head_dim, theta, factor, scaling.original_max_seq_len, scaling.beta_fast,
+                                 scaling.beta_slow)
+        attn = scaling.attention_factor if scaling.attention_factor is not None else yarn_attention_factor(factor)
+        return inv_freq, float(attn)
+    raise ValueError(f"model.rope_scaling.kind: unknown kind {kind!r}; choose none, linear, ntk or yarn")
+
+
 class Rotary(nn.Module):
     """Cos/sin tables for positions ``0 .. max_seq_len-1``; indexed by explicit positions at run time.
 
     Tables are non-persistent buffers rebuilt by ``reset_parameters`` (so a model built on the meta
-    device gets correct tables when materialised).
+    device gets correct tables when materialised); they are never saved, so a checkpoint resumes under another
+    ``max_seq_len`` or ``scaling`` (``model.rope_scaling``, see :func:`rope_scaled_inv_freq`).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
         self.reset_parameters()
@@ -63,12 +125,17 @@ class Rotary(nn.Module):
     def reset_parameters(self) -> None:
         if self.cos.is_meta:
             return
-        inv_freq = rope_inv_freq(self.head_dim, self.theta).to(self.cos.device)
+        inv_freq, scale = rope_scaled_inv_freq(self.head_dim, self.theta, self.scaling)
+        inv_freq = inv_freq.to(self.cos.device)
         t = torch.arange(self.max_seq_len, device=self.cos.device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos.copy_(emb.cos())
-        self.sin.copy_(emb.sin())
+        self.cos.copy_(emb.cos() * scale)  # YaRN's attention factor, as HF applies it; 1 otherwise
+        self.sin.copy_(emb.sin() * scale)
+
+    def extra_repr(self) -> str:
+        kind = "none" if self.scaling is None else self.scaling.kind
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}, scaling={kind}"
 
     def forward(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (cos, sin) broadcastable to (B, H, T, head_dim)."""
