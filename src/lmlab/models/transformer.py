@@ -246,7 +246,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
         self.register_load_state_dict_pre_hook(load_old_parameter_names)  # older checkpoints' names
         self.reset_parameters()
 

@@ -366,6 +366,19 @@ class Trainer:
         return self.ckpt.save(self.step, self.model, self.optimizer, meta=meta,
                               rank_state={"data": self.train_loader.state_dict()})
 
+    def _data_state_at_new_length(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A data position saved at another data.seq_len (a run resumed at a longer context) cannot continue: the
+        rows are cut differently. The data order then restarts at the start of the next epoch, with a warning; any
+        other change of the data is refused by the loader as before."""
+        mine, old = dict(self.train_loader.source.fingerprint()), dict(saved.get("source", {}))
+        new_length = old.get("seq_len", mine.get("seq_len")) != mine.get("seq_len")
+        if not new_length or {**old, "seq_len": mine.get("seq_len")} != mine:
+            return saved  # the same length, or more changed than the length: the loader decides, as before
+        epoch = int(saved["epoch"]) + 1
+        log.warning("data.seq_len changed (%s -> %s): the saved data position does not carry over; the data order "
+                    "restarts at the start of epoch %d", old["seq_len"], mine["seq_len"], epoch)
+        return {**saved, "source": mine, "epoch": epoch, "index": 0}
+
     def resume(self) -> bool:
         """Load the newest loadable checkpoint of the run folder, if any; True when resumed. Newer damaged ones
         are renamed ``step_N.damaged`` (``train.ckpt_fallback``; else CheckpointError names them)."""
@@ -387,7 +400,7 @@ class Trainer:
             state = ranks[min(self.rank, len(ranks) - 1)]
             log.info("resharded the run from %s to %s", saved_layout, dataclasses.asdict(self.par.sizes))
         else:
-            self.train_loader.load_state_dict(state["data"])
+            self.train_loader.load_state_dict(self._data_state_at_new_length(state["data"]))
         set_rng_state(state["rng"])
         self._saved_step = self.step
         if self.rank == 0:
@@ -412,7 +425,11 @@ class Trainer:
         if old is None:
             return
         changed = config_diff(old, config_to_dict(self.cfg))
-        arch = [c for c in changed if c.startswith(("model.", "tokenizer.")) and not c.startswith("model.init.")]
+        # the rotary tables are buffers rebuilt from the config, never saved: a longer context (max_seq_len) or a
+        # rotary scaling changes no weight, so a run may resume with them changed (e.g. trained at 128, on at 512)
+        context = ("model.max_seq_len:", "model.rope_scaling.")
+        arch = [c for c in changed
+                if c.startswith(("model.", "tokenizer.")) and not c.startswith(("model.init.", *context))]
         if arch and self.cfg.train.resume and self.ckpt.complete():
             raise ConfigError(f"{self.run_dir} holds checkpoints of another model: {'; '.join(arch)}. Use another "
                               "name (or runs_dir), restore these values, or delete the run folder to start over")
