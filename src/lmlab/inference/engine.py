@@ -35,7 +35,8 @@ cache, per-request sampling and stop conditions, and tool calls in token space.
   length run together, never padded) instead of packing. Decoding is one token per row, O(1) per token for a
   recurrent layer. Prefix cache: the state after each full page is snapshotted into that page (prefill pieces end
   at page boundaries; a decode step that fills a page snapshots it), so a match of k pages restarts from the
-  snapshot of page k, and an evicted page frees its snapshot. A preempted sequence frees its slot and is
+  snapshot of page k, and an evicted page frees its snapshot (snapshot memory: one state per page of the pool,
+  allocated with it when ``prefix_cache`` is on). A preempted sequence frees its slot and is
   recomputed from its tokens (from its cached pages' last snapshot with the prefix cache). Tool answers are
   prefilled onto the sequence's state.
 * Every model call goes through :class:`ModelRunner` (one small interface to swap for parallel runners).
