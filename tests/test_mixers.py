@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig, RecurrentConfig
-from lmlab.models.hawk import Hawk
+from lmlab.models.hawk import Hawk, _SqrtBoundedGrad
 from lmlab.models.layers import RMSNorm
 from lmlab.models.mingru import MinGRU
 from lmlab.models.minlstm import MinLSTM
@@ -296,10 +296,43 @@ def test_bf16_state_size_flops_and_meta(name, conv_width):
         assert torch.equal(p, q), pname
 
 
+def test_hawk_step_is_the_rg_lru():
+    """Hawk's step (which shares its gate code with the forward) against the paper's formulas written out here:
+    dense block-diagonal gates, a_t = sigmoid(Lambda)^(8 r_t), h_t = a_t h + sqrt(1 - a_t^2) (i_t u_t); values and
+    gradients."""
+    mixer = make_mixer("hawk", 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    state = random_state(mixer, 3, torch.float64)
+    y, new = mixer.step(x, state)
+    window = torch.cat([state["conv"], mixer.w_in(x).unsqueeze(-1)], dim=-1)
+    u = (window * mixer.conv.weight).sum(-1) + mixer.conv.bias
+    r = torch.sigmoid(u @ torch.block_diag(*mixer.w_a) + mixer.b_a)
+    i = torch.sigmoid(u @ torch.block_diag(*mixer.w_x) + mixer.b_x)
+    a = torch.sigmoid(mixer.a_param) ** (8 * r)
+    h = a * state["h"] + torch.sqrt(1 - a**2) * i * u
+    y_ref = mixer.w_out(F.gelu(mixer.w_gate(x), approximate="tanh") * h)
+    torch.testing.assert_close(new["h"], h, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(new["conv"], window[..., 1:], atol=0, rtol=0)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+    inputs = [x, *mixer.parameters()]
+    got = torch.autograd.grad((y * w).sum() + new["h"].sum(), inputs)
+    want = torch.autograd.grad((y_ref * w).sum() + h.sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
 def test_hawk_init_and_head_dim_check():
     mixer = make_mixer("hawk", 4, dim=32)
     a_c = torch.exp(-8.0 * F.softplus(-mixer.a_param.detach()))  # a^c
     assert a_c.min() >= 0.9 - 1e-6 and a_c.max() <= 0.999 + 1e-6 and a_c.std() > 0.02
+    # sqrt(1 - a^2): the exact value, with its slope capped at 1000 where a -> 1
+    x = torch.tensor([0.0, 1e-9, 0.25], requires_grad=True)
+    y = _SqrtBoundedGrad.apply(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y.detach(), x.detach().sqrt())
+    torch.testing.assert_close(grad, torch.tensor([1000.0, 1000.0, 1.0]))
     with pytest.raises(ValueError, match="head_dim"):
         Hawk(ModelConfig(dim=12, n_heads=2, recurrent=RecurrentConfig(expand=1, head_dim=8)), 0)
 
@@ -341,4 +374,4 @@ def test_two_layer_stack_learns_to_copy_previous_token(name):
         opt.step()
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.5 * first, (first, last)

@@ -143,5 +143,6 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _cast_state(new: State, old: State | None, dtype: torch.dtype) -> State:
-    """Each tensor of ``new`` in the dtype of the same key in ``old`` (or ``dtype`` when there is no old state)."""
-    return {k: v.to(old[k].dtype if old is not None else dtype) for k, v in new.items()}
+    """Each tensor of ``new`` in the dtype of the same key in ``old`` (or ``dtype`` when there is no old state), as
+    its own copy: a state kept by the caller must not hold on to the (B, T, ...) activations it was sliced from."""
+    return {k: v.to(old[k].dtype if old is not None else dtype, copy=True) for k, v in new.items()}
