@@ -116,13 +116,16 @@ class RecurrentConfig:
     """Settings of the recurrent sequence mixers (model.mixer: mamba2, hawk, mingru, minlstm; lmlab.models)."""
 
     expand: int = F(2, "inner width of the recurrence = expand x dim (Mamba2, Hawk, minGRU, minLSTM)")
-    conv_width: int = F(4, "width of the short causal depthwise convolution before the recurrence (Mamba2, Hawk; "
-                        "minGRU / minLSTM: 0 = none)")
+    conv_width: int = F(4, "width of the short causal depthwise convolution before the recurrence (every mixer; "
+                        "Mamba2 needs one; minGRU / minLSTM / Hawk: 0 = none, minGRU's paper has none)")
     state_dim: int = F(16, "Mamba2: size N of each head's state (the SSM's d_state)")
-    head_dim: int = F(16, "Mamba2: channels per head (the state per head is head_dim x state_dim)")
+    head_dim: int = F(16, "Mamba2: channels per head (the state per head is head_dim x state_dim); Hawk: block width "
+                      "of the RG-LRU gates' block-diagonal weights; must divide expand x dim")
     chunk_size: int = F(64, "Mamba2: chunk length of the chunked (SSD) scan in training and prefill")
     mlp: bool = F(True, "keep the SwiGLU MLP after the mixer in each block (Griffin style); false: mixer only "
                   "(Mamba style)")
+    kernels: bool = F(False, "Mamba2: use the mamba_ssm / causal_conv1d CUDA kernels when installed and on CUDA "
+                      "(plain PyTorch is the reference)")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []

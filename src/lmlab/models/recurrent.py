@@ -37,7 +37,6 @@ import importlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
@@ -87,8 +86,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if conv_state is None:
         conv_state = x.new_zeros(b, c, w - 1)
     xt = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], dim=2)  # (B, C, W-1+T)
-    if resets is None:
-        y = F.conv1d(xt, weight.unsqueeze(1).to(x.dtype), groups=c).transpose(1, 2)
+    if resets is None:  # W shifted multiply-adds: on CPU several times faster to differentiate than a grouped conv1d
+        wt = weight.to(x.dtype)
+        y = sum(xt[:, :, j:j + t] * wt[:, j:j + 1] for j in range(w)).transpose(1, 2)
     else:
         # tap j of output t reads input t - (W-1) + j: it counts only if no document starts after that input
         # and at or before t. seg[t] = index of t's document; an input s may reach t iff seg[s] == seg[t].
