@@ -223,7 +223,13 @@ class Block(nn.Module):
         elif cache is None:
             x = x + self.mixer(self.mixer_norm(x), resets=resets)[0]
         else:  # the cache holds this layer's recurrent state (one row per sequence)
-            y, state = self.mixer(self.mixer_norm(x), resets=resets, state=cache.recurrent_state(self.layer_id))
+            state = cache.recurrent_state(self.layer_id)
+            h = self.mixer_norm(x)
+            if h.shape[1] == 1 and state is not None and resets is None:  # decoding: the O(1) recurrence
+                y, state = self.mixer.step(h[:, 0], state)
+                y = y.unsqueeze(1)
+            else:
+                y, state = self.mixer(h, resets=resets, state=state)
             cache.set_recurrent_state(self.layer_id, state)
             x = x + y
         if self.feed_forward is None:
