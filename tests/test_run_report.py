@@ -130,7 +130,7 @@ def test_probes_of_more_runs_than_shown_are_averaged_per_group(probed, tmp_path)
         assert [r[key] for r in mean] == pytest.approx([(x[key] + y[key]) / 2 for x, y in zip(a, b)])
     # per-head entropy: one figure per group, of its first run (heads do not line up across seeds)
     assert [p.name for p in done["images"] if p.name.startswith("probes_entropy")] == [
-        "probes_entropy_model.dim=16_its_first_run_d16_s0.png", "probes_entropy_model.dim=32_its_first_run_d32_s0.png"]
+        "probes_entropy_model.dim=16.png", "probes_entropy_model.dim=32.png"]
     page = done["path"].read_text()
     assert "A group shows its first run" in page and "showing" not in page  # two groups: both shown
 

@@ -665,7 +665,8 @@ def _entropy_figures(rep: _Report, units: Units) -> list[Path]:
                 ax.grid(True, alpha=0.3)
             _legend(axes[0], len(heads))
             fig.suptitle(f"Attention entropy per head: {label}", fontsize=10)
-            images.append(save_figure(fig, rep.figure(f"probes_entropy_{label}")))
+            stem = label.partition(", its first run")[0]  # the group's label names the file
+            images.append(save_figure(fig, rep.figure(f"probes_entropy_{stem}")))
         finally:
             plt.close(fig)
     return images
