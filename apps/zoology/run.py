@@ -24,6 +24,9 @@ Usage::
     .venv/bin/python apps/zoology/run.py --grid apps/zoology/quick.yaml --jobs 2  # the small check (3 x 2 runs)
     .venv/bin/python apps/zoology/run.py --jobs 1 train.steps=200               # overrides apply to every run
     .venv/bin/python apps/zoology/run.py --report-only                          # evaluate and redraw, train nothing
+
+A variant of a grid (another learning rate, more steps) goes to another ``runs_dir`` (e.g. ``runs_dir=runs/lr1e-2``):
+grid points are named from ``name``, so overriding ``name`` would give every point the same folder.
 """
 
 from __future__ import annotations
