@@ -76,8 +76,14 @@ class ShortConv(nn.Module):
         return conv_step(x, self.weight, self.bias, conv_state)
 
 
-class MinGRU(nn.Module):
-    """minGRU mixer: (B, T, dim) -> (B, T, dim) through a gated linear recurrence of width expand x dim."""
+class MinRNN(nn.Module):
+    """What minGRU and minLSTM share: the optional short convolution, input projections of width expand x dim named
+    in ``GATES`` (``w_<name>``), the log-space scan, the output projection, the state ``{"h"}`` (+ ``"conv"``). A
+    subclass gives the scan's coefficients from the projections: :meth:`log_coefficients` (parallel path) and
+    :meth:`coefficients` (the step)."""
+
+    GATES: tuple[str, ...] = ()
+    ELEMENTWISE = 0  # ops per inner channel of one step, for flops_per_token
 
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
@@ -85,14 +91,25 @@ class MinGRU(nn.Module):
         self.dim = cfg.dim
         self.inner = cfg.recurrent.expand * cfg.dim
         self.conv = ShortConv(cfg.dim, cfg.recurrent.conv_width) if cfg.recurrent.conv_width > 0 else None
-        self.w_z = nn.Linear(cfg.dim, self.inner, bias=False)
-        self.w_h = nn.Linear(cfg.dim, self.inner, bias=False)
+        for name in self.GATES:
+            setattr(self, f"w_{name}", nn.Linear(cfg.dim, self.inner, bias=False))
         self.w_out = nn.Linear(self.inner, cfg.dim, bias=False)
         self.reset_parameters()
 
+    def _projections(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [upcast(getattr(self, f"w_{name}")(x)) for name in self.GATES]
+
+    def log_coefficients(self, *proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log a, log b)`` of h_t = a_t h_{t-1} + b_t from the projections (float32)."""
+        raise NotImplementedError
+
+    def coefficients(self, *proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` of one step, computed in linear space (the reference of the scan)."""
+        raise NotImplementedError
+
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
-        for lin in (self.w_z, self.w_h):
-            nn.init.normal_(lin.weight, 0.0, in_std, generator=generator)
+        for name in self.GATES:
+            nn.init.normal_(getattr(self, f"w_{name}").weight, 0.0, in_std, generator=generator)
         nn.init.normal_(self.w_out.weight, 0.0, out_std, generator=generator)
         if self.conv is not None:
             self.conv.reset_parameters(generator)
@@ -108,9 +125,7 @@ class MinGRU(nn.Module):
         new_state = {}
         if self.conv is not None:
             x, new_state["conv"] = self.conv(x, resets, None if state is None else state["conv"])
-        k, v = upcast(self.w_z(x)), upcast(self.w_h(x))
-        log_a = -F.softplus(k)  # log(1 - z)
-        log_b = -F.softplus(-k) + log_g(v)  # log(z * g(h~))
+        log_a, log_b = self.log_coefficients(*self._projections(x))
         h = log_scan(log_a, log_b, None if state is None else state["h"], resets).exp()
         new_state["h"] = h[:, -1]
         return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
@@ -119,8 +134,8 @@ class MinGRU(nn.Module):
         new_state = {}
         if self.conv is not None:
             x, new_state["conv"] = self.conv.step(x, state["conv"])
-        k, v = upcast(self.w_z(x)), upcast(self.w_h(x))
-        h = torch.sigmoid(-k) * upcast(state["h"]) + torch.sigmoid(k) * g(v)  # 1 - sigmoid(k) = sigmoid(-k)
+        a, b = self.coefficients(*self._projections(x))
+        h = a * upcast(state["h"]) + b
         new_state["h"] = h
         return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
 
@@ -128,13 +143,27 @@ class MinGRU(nn.Module):
         return self.inner + (self.dim * (self.conv.width - 1) if self.conv is not None else 0)
 
     def flops_per_token(self) -> int:
-        """2 x matmul weights (W_z, W_h, W_out), plus 2 x width per convolved channel, plus 6 elementwise ops per
-        inner channel as the step computes them (sigmoid, g, 1 - z, two products, a sum; a nonlinearity counts
-        one). The parallel scan does O(log T) times the recurrence's work; that is not counted (as for attention,
-        the count is the model's, not the kernel's)."""
-        matmul = 2 * (2 * self.dim * self.inner + self.inner * self.dim)
+        """2 x matmul weights (the gate projections and W_out), plus 2 x width per convolved channel, plus
+        ``ELEMENTWISE`` ops per inner channel as the step computes them (a nonlinearity counts one). The parallel
+        scan does O(log T) times the recurrence's work; that is not counted (as for attention, the count is the
+        model's, not the kernel's)."""
+        matmul = 2 * ((len(self.GATES) + 1) * self.dim * self.inner)
         conv = 2 * self.conv.width * self.dim if self.conv is not None else 0
-        return matmul + conv + 6 * self.inner
+        return matmul + conv + self.ELEMENTWISE * self.inner
+
+
+class MinGRU(MinRNN):
+    """minGRU mixer: (B, T, dim) -> (B, T, dim) through a gated linear recurrence of width expand x dim:
+    h_t = (1 - z_t) h_{t-1} + z_t g(h~_t), z = sigmoid(W_z x), h~ = W_h x."""
+
+    GATES = ("z", "h")
+    ELEMENTWISE = 6  # sigmoid, g, 1 - z, two products, a sum
+
+    def log_coefficients(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return -F.softplus(k), -F.softplus(-k) + log_g(v)  # log(1 - z), log(z * g(h~))
+
+    def coefficients(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(-k), torch.sigmoid(k) * g(v)  # 1 - sigmoid(k) = sigmoid(-k)
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

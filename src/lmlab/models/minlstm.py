@@ -29,71 +29,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lmlab.config import ModelConfig
-from lmlab.models.mingru import ShortConv, _cast_state, g, log_g, upcast
-from lmlab.models.recurrent import State
-from lmlab.models.scan import log_scan
+from lmlab.models.mingru import MinRNN, g, log_g
 
 
-class MinLSTM(nn.Module):
-    """minLSTM mixer: (B, T, dim) -> (B, T, dim) through a normalised-gate linear recurrence of width expand x dim."""
+class MinLSTM(MinRNN):
+    """minLSTM mixer: (B, T, dim) -> (B, T, dim) through a normalised-gate linear recurrence of width expand x dim:
+    h_t = f'_t h_{t-1} + i'_t g(h~_t) with f' = f / (f + i), i' = i / (f + i)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
-        super().__init__()
-        self.layer_id = layer_id
-        self.dim = cfg.dim
-        self.inner = cfg.recurrent.expand * cfg.dim
-        self.conv = ShortConv(cfg.dim, cfg.recurrent.conv_width) if cfg.recurrent.conv_width > 0 else None
-        self.w_f = nn.Linear(cfg.dim, self.inner, bias=False)
-        self.w_i = nn.Linear(cfg.dim, self.inner, bias=False)
-        self.w_h = nn.Linear(cfg.dim, self.inner, bias=False)
-        self.w_out = nn.Linear(self.inner, cfg.dim, bias=False)
-        self.reset_parameters()
+    GATES = ("f", "i", "h")
+    ELEMENTWISE = 9  # two sigmoids, f + i, two divisions, g, two products, a sum
 
-    def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
-        for lin in (self.w_f, self.w_i, self.w_h):
-            nn.init.normal_(lin.weight, 0.0, in_std, generator=generator)
-        nn.init.normal_(self.w_out.weight, 0.0, out_std, generator=generator)
-        if self.conv is not None:
-            self.conv.reset_parameters(generator)
-
-    def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> State:
-        state = {"h": torch.zeros(batch, self.inner, device=device, dtype=dtype)}
-        if self.conv is not None:
-            state["conv"] = torch.zeros(batch, self.dim, self.conv.width - 1, device=device, dtype=dtype)
-        return state
-
-    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
-                state: State | None = None) -> tuple[torch.Tensor, State]:
-        new_state = {}
-        if self.conv is not None:
-            x, new_state["conv"] = self.conv(x, resets, None if state is None else state["conv"])
-        kf, ki, v = upcast(self.w_f(x)), upcast(self.w_i(x)), upcast(self.w_h(x))
+    def log_coefficients(self, kf: torch.Tensor, ki: torch.Tensor,
+                         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = F.softplus(-kf) - F.softplus(-ki)  # log i - log f
-        log_a, log_b = -F.softplus(d), -F.softplus(-d) + log_g(v)  # log f', log(i' g(h~))
-        h = log_scan(log_a, log_b, None if state is None else state["h"], resets).exp()
-        new_state["h"] = h[:, -1]
-        return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
+        return -F.softplus(d), -F.softplus(-d) + log_g(v)  # log f', log(i' g(h~))
 
-    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        new_state = {}
-        if self.conv is not None:
-            x, new_state["conv"] = self.conv.step(x, state["conv"])
-        kf, ki, v = upcast(self.w_f(x)), upcast(self.w_i(x)), upcast(self.w_h(x))
+    def coefficients(self, kf: torch.Tensor, ki: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         diff = F.logsigmoid(kf) - F.logsigmoid(ki)  # log f - log i
-        h = torch.sigmoid(diff) * upcast(state["h"]) + torch.sigmoid(-diff) * g(v)  # f / (f + i), i / (f + i)
-        new_state["h"] = h
-        return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
-
-    def num_state_elements(self) -> int:
-        return self.inner + (self.dim * (self.conv.width - 1) if self.conv is not None else 0)
-
-    def flops_per_token(self) -> int:
-        """2 x matmul weights (W_f, W_i, W_h, W_out), plus 2 x width per convolved channel, plus 9 elementwise ops
-        per inner channel as the recurrence reads (two sigmoids, f + i, two divisions, g, two products, a sum).
-        The parallel scan's extra O(log T) work is not counted."""
-        matmul = 2 * (3 * self.dim * self.inner + self.inner * self.dim)
-        conv = 2 * self.conv.width * self.dim if self.conv is not None else 0
-        return matmul + conv + 9 * self.inner
+        return torch.sigmoid(diff), torch.sigmoid(-diff) * g(v)  # f / (f + i), i / (f + i): never 0 / 0
