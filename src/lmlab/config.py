@@ -183,7 +183,7 @@ MIXERS = ("attention", "mamba2", "hawk", "mingru", "minlstm")
 class ModelConfig:
     """Shape of a Llama-style decoder, or of the same stack with recurrent sequence mixers (``mixer``)."""
 
-    arch: Literal["llama"] = F("llama", "model family (more come with the recurrent models)")
+    arch: Literal["llama"] = F("llama", "model family: the Llama-style stack (blocks' sequence mixers: model.mixer)")
     vocab_size: int | None = F(None, "rows of the embedding; null: the tokenizer's vocabulary size")
     dim: int = F(256, "model width (embedding and residual stream size)")
     n_layers: int = F(4, "number of transformer blocks")
