@@ -91,6 +91,19 @@ def test_parallel_training_matches_one_process(single, name, nproc, extra):
     assert ref[-1] < ref[0]
 
 
+@pytest.mark.parametrize("mixers", ["[mingru,attention]", "[mamba2,hawk]"])
+def test_fsdp2_with_recurrent_mixers_matches_one_process(tmp_path, mixers):
+    """FSDP2 shards recurrent blocks like attention blocks (each block, then the root): the same losses."""
+    extra = (f"model.layer_mixers={mixers}", "model.recurrent.head_dim=8", "model.recurrent.state_dim=4",
+             "model.recurrent.chunk_size=8")
+    train(tmp_path, "one", 1, *extra)
+    train(tmp_path, "fsdp", 2, *extra)
+    ref, got = losses(tmp_path, "one"), losses(tmp_path, "fsdp")
+    assert close(got, ref), (got, ref)
+    assert abs(val_loss(tmp_path, "fsdp") - val_loss(tmp_path, "one")) < 1e-4
+    assert ref[-1] < ref[0]
+
+
 @pytest.mark.parametrize("name,extra", [("hsdp_tp", ("parallel.dp_replicate=2", "parallel.tp=2")),
                                         ("hsdp", ("parallel.dp_replicate=2",))])
 def test_four_processes_match_one_process(single, name, extra):
