@@ -474,3 +474,28 @@ def test_early_stop_config_is_checked():
         load_config(None, ["train.early_stop.metric=val_loss", "train.eval_every=5"])
     with pytest.raises(ConfigError, match="evals.recall.every"):
         load_config(None, ["train.early_stop.metric=recall/train/correct", "train.early_stop.target=0.95"])
+
+
+class CountingRecall(Trainer):
+    """A stand-in recall evaluation (its value grows with the step) that records when it runs."""
+
+    calls: list = []
+
+    def evaluate_recall(self):
+        CountingRecall.calls.append(self.step)
+        return {"recall/train/correct": round(0.2 * self.step, 6)}
+
+
+def test_an_early_stop_on_recall_does_not_evaluate_its_step_twice(tmp_path, corpus):
+    common = ["evals.recall.sets=[unused.jsonl]", "evals.recall.every=2", "data.val_fraction=0"]
+    CountingRecall.calls = []
+    s = CountingRecall(make_cfg(tmp_path, corpus, *common, "train.early_stop.metric=recall/train/correct",
+                                "train.early_stop.target=0.75", name="stop")).fit()
+    assert s["step"] == 4 and "reached the target" in s["status"]
+    assert CountingRecall.calls == [2, 4]  # the stop step's recall is the final one
+    assert s["recall/train/correct"] == 0.8
+    rows = [r for r in read_metrics(tmp_path / "runs" / "stop" / "metrics.jsonl") if "recall/train/correct" in r]
+    assert [(r["step"], r["recall/train/correct"]) for r in rows] == [(2, 0.4), (4, 0.8)]
+    CountingRecall.calls = []  # a run that completes is still evaluated at its end
+    done = CountingRecall(make_cfg(tmp_path, corpus, *common, "train.steps=5", name="full")).fit()
+    assert done["status"] == "completed" and CountingRecall.calls == [2, 4, 5] and done["recall/train/correct"] == 1.0

@@ -170,6 +170,7 @@ class Trainer:
         self._early_reason: str | None = None
         self._timed_out = False
         self._stopping = False  # a stop signal, as every process agreed after the last step
+        self._recall_at: tuple[int, dict[str, Any]] = (-1, {})  # the step and row of the last periodic recall
 
     # ---------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -627,10 +628,12 @@ class Trainer:
                     try:
                         with self._abortable():
                             last_eval = self.evaluate()  # the final evaluation always covers the whole split
+                            # the recall of this very step was just measured (an early stop on it): not again
+                            done = self._recall_at[1] if self._recall_at[0] == self.step else None
                             if rc.sets:
-                                last_recall = self.evaluate_recall()
-                        if last_eval or last_recall:
-                            sink.log({"step": self.step, **last_eval, **last_recall})
+                                last_recall = done if done is not None else self.evaluate_recall()
+                        if last_eval or (last_recall and done is None):
+                            sink.log({"step": self.step, **last_eval, **(last_recall if done is None else {})})
                     except Interrupted:  # the checkpoint is saved: a rerun only evaluates
                         last_eval, last_recall = {}, {}
                 if self._stop_signal is not None:
@@ -668,6 +671,7 @@ class Trainer:
                 if due_recall:
                     with self.timer.phase("eval"):
                         rows.append({"step": self.step, **self.evaluate_recall()})
+                        self._recall_at = (self.step, {k: v for k, v in rows[-1].items() if k != "step"})
                     sink.log(rows[-1])
             for row in rows:
                 self._watch(row)
