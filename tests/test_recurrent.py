@@ -1,8 +1,6 @@
 """Recurrent mixers inside the model (model.mixer, model.layer_mixers): packed rows == documents alone, the parallel
 forward == token-by-token decoding through a state cache, training and exact resume, clear refusals (TP, export)."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -12,17 +10,7 @@ from lmlab.models.recurrent import RECURRENT_MIXERS
 from lmlab.monitor.metrics import read_metrics
 from lmlab.train import Trainer
 
-
-def _available(name):
-    module = RECURRENT_MIXERS[name].split(":")[0]
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
-MIXERS = [m for m in RECURRENT_MIXERS if _available(m)]
+MIXERS = list(RECURRENT_MIXERS)
 # every recurrent mixer alone, and two hybrids (recurrent + attention)
 STACKS = [{"mixer": m} for m in MIXERS] + [{"layer_mixers": [m, "attention"]} for m in MIXERS[:2]]
 IDS = [s.get("mixer") or "+".join(s["layer_mixers"]) for s in STACKS]
@@ -64,7 +52,6 @@ class StateCache:
         self.states[layer] = state
 
 
-@pytest.mark.skipif(not MIXERS, reason="no recurrent mixer module yet")
 @pytest.mark.parametrize("stack", STACKS, ids=IDS)
 def test_packed_rows_equal_documents_alone(stack):
     torch.manual_seed(0)
@@ -79,7 +66,6 @@ def test_packed_rows_equal_documents_alone(stack):
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not MIXERS, reason="no recurrent mixer module yet")
 @pytest.mark.parametrize("stack", STACKS, ids=IDS)
 def test_decoding_through_states_equals_the_parallel_forward(stack):
     torch.manual_seed(1)
@@ -94,7 +80,6 @@ def test_decoding_through_states_equals_the_parallel_forward(stack):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not MIXERS, reason="no recurrent mixer module yet")
 def test_recurrent_blocks_names_and_mlp_switch():
     m = MIXERS[0]
     model = build_model(tiny(layer_mixers=[m, "attention"]), seed=0)
@@ -113,8 +98,6 @@ def test_recurrent_blocks_names_and_mlp_switch():
 def test_unknown_mixer_and_refusals(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.layer_mixers\[1\].*unknown mixer 'lstm'"):
         load_config(None, ["model.layer_mixers=[attention,lstm]"])
-    if not MIXERS:
-        pytest.skip("no recurrent mixer module yet")
     model = build_model(tiny(mixer=MIXERS[0]), seed=0)
     with pytest.raises(ValueError, match="no tensor-parallel plan"):
         model.tensor_parallel_plan(2)
@@ -127,7 +110,6 @@ def test_unknown_mixer_and_refusals(tmp_path):
 TEXT = "the cat sat on the mat and the dog sat on the log. " * 80
 
 
-@pytest.mark.skipif(not MIXERS, reason="no recurrent mixer module yet")
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_trains_and_resumes_exactly(tmp_path, mixer, one_thread):
     corpus = tmp_path / "c.txt"

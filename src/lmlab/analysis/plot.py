@@ -444,15 +444,21 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``lmlab plot ...``: 0 on success, 2 (one line ``error: ...`` on stderr) on bad usage."""
+def run_command(run: Any, argv: list[str] | None, errors: type[Exception]) -> int:
+    """An analysis command's exit status: ``run(argv)``'s, or 2 with one line ``error: ...`` on stderr for bad usage
+    (``errors``); --help exits 0."""
     try:
-        return _run(argv)
-    except PlotError as e:
+        return run(argv)
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lmlab plot ...``: 0 on success, 2 (one line ``error: ...`` on stderr) on bad usage."""
+    return run_command(_run, argv, PlotError)
 
 
 if __name__ == "__main__":

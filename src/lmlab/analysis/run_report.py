@@ -49,12 +49,11 @@ import math
 import os
 import re
 import statistics
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.plot import PlotError, _unknown, plot_curves, plot_final, select_runs
+from lmlab.analysis.plot import PlotError, _unknown, plot_curves, plot_final, run_command, select_runs
 from lmlab.analysis.report import Section, log_ticks, save_figure, write_html_report
 from lmlab.analysis.runs import RunRecord, load_runs
 from lmlab.analysis.table import metric_names, runs_table, summarize_run
@@ -840,13 +839,7 @@ def _run(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``lmlab report ...``: 0 on success, 2 (one line ``error: ...`` on stderr) on bad usage."""
-    try:
-        return _run(argv)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command(_run, argv, ReportError)
 
 
 if __name__ == "__main__":
