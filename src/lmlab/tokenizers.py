@@ -123,6 +123,10 @@ class Tokenizer(ABC):
     """
 
     name: str = "tokenizer"
+    #: how :class:`DialogTokenizer` renders dialogs with this tokenizer (``tokenizer.chat_format``), and the system
+    #: turn it puts before a dialog that has none (``tokenizer.system_prompt``); set by :func:`build_tokenizer`
+    chat_format: str = "lmlab"
+    system_prompt: str = ""
 
     def __init__(self, base_vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIALS) -> None:
         if isinstance(special_tokens, (str, bytes)) or not isinstance(special_tokens, Iterable):
@@ -170,6 +174,23 @@ class Tokenizer(ABC):
     def is_special(self, token_id: int) -> bool:
         """True for the ids of our appended special tokens."""
         return token_id in self._special_by_id
+
+    def token_id(self, literal: str) -> int:
+        """Id of a token named by its literal: one of our specials, else one of the base vocabulary's own
+        control tokens (a tokenizer.json's added tokens such as ``<|im_start|>``, a tiktoken encoding's
+        ``<|endoftext|>``). KeyError naming the literal when the vocabulary has no such token."""
+        if literal in self._special_ids:
+            return self._special_ids[literal]
+        own = self._own_tokens()
+        if literal in own:
+            return own[literal]
+        raise KeyError(f"{literal!r} is not a token of {self.name}: neither one of its specials "
+                       f"{list(self._special_ids)} nor one of the vocabulary's own control tokens "
+                       f"{sorted(own)[:20]}")
+
+    def _own_tokens(self) -> dict[str, int]:
+        """The base vocabulary's own control tokens, literal -> id (none for bytes)."""
+        return {}
 
     @property
     def bos_id(self) -> int:
@@ -343,6 +364,9 @@ class TiktokenTokenizer(Tokenizer):
         """The underlying ``tiktoken.Encoding``."""
         return self._enc
 
+    def _own_tokens(self) -> dict[str, int]:
+        return dict(getattr(self._enc, "_special_tokens", {}))
+
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
         # encode_ordinary treats every substring as text: "<|endoftext|>" never becomes the special id
@@ -487,6 +511,9 @@ class HFTokenizer(Tokenizer):
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tok
 
+    def _own_tokens(self) -> dict[str, int]:
+        return {text: i for i, text in self._added.items()}
+
     def encode(self, text: str) -> list[int]:
         self._check_text(text)
         try:
@@ -531,13 +558,21 @@ def _byte_level_alphabet_inverse() -> dict[str, int]:
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
-    """The tokenizer a config asks for; ConfigError naming the key for a config problem."""
+    """The tokenizer a config asks for, with its chat settings (``chat_format``, ``system_prompt``, read by
+    :class:`DialogTokenizer`); ConfigError naming the key for a config problem."""
+    tok = _build_base(cfg)
+    tok.chat_format, tok.system_prompt = cfg.chat_format, cfg.system_prompt
+    return tok
+
+
+def _build_base(cfg: TokenizerConfig) -> Tokenizer:
+    specials = list(cfg.special_tokens)
     kind = cfg.kind
     if kind == "byte":
         for key in ("path", "encoding"):
             if getattr(cfg, key):
                 raise ConfigError(f"tokenizer.{key}: must be empty for kind 'byte', got {getattr(cfg, key)!r}")
-        return ByteTokenizer()
+        return ByteTokenizer(specials)
     if kind == "tiktoken":
         if cfg.path and cfg.encoding:
             raise ConfigError(
@@ -545,7 +580,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             )
         if cfg.encoding:
             try:
-                return TiktokenTokenizer(encoding=cfg.encoding)
+                return TiktokenTokenizer(encoding=cfg.encoding, special_tokens=specials)
             except ValueError as e:
                 raise ConfigError(f"tokenizer.encoding: {e}") from e
         if not cfg.path:
@@ -559,7 +594,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             raise ConfigError(f"tokenizer.pattern: {e}") from e
         _check_file(cfg.path)
         try:
-            return TiktokenTokenizer(bpe_file=cfg.path, pattern=cfg.pattern)
+            return TiktokenTokenizer(bpe_file=cfg.path, pattern=cfg.pattern, special_tokens=specials)
         except ValueError as e:
             raise ConfigError(f"tokenizer.path: {e}") from e
     if kind == "hf":
@@ -567,7 +602,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             raise ConfigError("tokenizer.path: kind 'hf' needs the path of a tokenizer.json file")
         _check_file(cfg.path)
         try:
-            return HFTokenizer(cfg.path)
+            return HFTokenizer(cfg.path, specials)
         except ValueError as e:
             raise ConfigError(f"tokenizer.path: {e}") from e
     raise ConfigError(f"tokenizer.kind: expected one of 'byte', 'tiktoken', 'hf', got {kind!r}")
@@ -588,44 +623,115 @@ class DialogError(ValueError):
 
 
 class DialogTokenizer:
-    """Dialogs <-> tokens with a loss mask, on top of any :class:`Tokenizer` that has the dialog specials.
+    """Dialogs <-> tokens with a loss mask, on top of any :class:`Tokenizer`, in one of two formats.
 
-    A turn is its source's begin token (``<|user|>``, ...) then its encoded content; the dialog ends with
-    ``<|end_of_dialog|>``. The loss mask is 1 exactly on what the assistant generates at inference: the
-    content of assistant turns and the one token that ends an assistant turn (the next turn's begin token,
-    e.g. ``<|database|>`` after a SQL call, or ``<|end_of_dialog|>``). The assistant's own begin token is
-    part of the prompt (:meth:`encode_prompt` ends with it), so it is never trained on.
+    ``lmlab`` (the default; needs the dialog specials): a turn is its source's begin token (``<|user|>``, ...)
+    then its encoded content; the dialog ends with ``<|end_of_dialog|>``. The token after an assistant turn (the
+    next turn's begin token, e.g. ``<|database|>`` after a SQL call, or ``<|end_of_dialog|>``) is the assistant's
+    choice, so it is trained on; a tool answers when the model emits its trigger (``<|database|>``).
+
+    ``chatml`` (SmolLM2, Qwen and most instruct models; needs ``<|im_start|>`` and ``<|im_end|>`` in the
+    vocabulary, e.g. a tokenizer.json's own added tokens): a turn is ``<|im_start|>role\\n content <|im_end|>\\n``,
+    exactly as those models' chat templates write it (roles system, user, assistant; the database source is
+    the role ``tool``, the role chat templates give tool results). The assistant ends every turn with
+    ``<|im_end|>``; a turn that holds a tool call (what the tool's ``extract`` finds in it, e.g. a fenced SQL
+    block) gets the tool's answer as a ``tool`` turn and a new assistant turn, as tool-calling chat models do.
+
+    Both: the loss mask is 1 exactly on what the assistant generates at inference: the content of assistant turns
+    and the one token that ends an assistant turn. Turn headers (the assistant's own begin token included) are
+    the prompt: :meth:`encode_prompt` ends with the assistant's header, so they are never trained on. With a
+    ``system_prompt`` (``tokenizer.system_prompt``, e.g. a chat template's default system message), a dialog
+    without a system turn gets one first, and :meth:`decode_dialog` takes it off again.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        needed = [*TURN_TOKENS.values(), END_OF_DIALOG]
-        have = tokenizer.special_tokens
-        missing = [t for t in needed if t not in have]
-        if missing:
-            raise DialogError(
-                f"tokenizer {tokenizer.name} lacks the dialog special tokens {missing}; "
-                f"its specials are {list(have)}"
-            )
+    FORMATS = ("lmlab", "chatml")
+    CHATML_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "database": "tool"}
+
+    def __init__(self, tokenizer: Tokenizer, chat_format: str | None = None, system_prompt: str | None = None) -> None:
         self.tokenizer = tokenizer
-        self._begin = {src: have[tok] for src, tok in TURN_TOKENS.items()}
-        self._source_of = {i: src for src, i in self._begin.items()}
-        self._end = have[END_OF_DIALOG]
+        self.format = chat_format or getattr(tokenizer, "chat_format", "lmlab")
+        self.system_prompt = getattr(tokenizer, "system_prompt", "") if system_prompt is None else system_prompt
+        encode = tokenizer.encode
+        if self.format == "lmlab":
+            needed = [*TURN_TOKENS.values(), END_OF_DIALOG]
+            have = tokenizer.special_tokens
+            missing = [t for t in needed if t not in have]
+            if missing:
+                raise DialogError(
+                    f"tokenizer {tokenizer.name} lacks the dialog special tokens {missing}; "
+                    f"its specials are {list(have)}"
+                )
+            self._begin = {src: have[tok] for src, tok in TURN_TOKENS.items()}
+            self._end = have[END_OF_DIALOG]
+            self._header = {src: [i] for src, i in self._begin.items()}
+            self._stops = tuple(have[t] for t in (END_OF_DIALOG, EOS) if t in have)
+        elif self.format == "chatml":
+            try:
+                self._im_start, self._im_end = tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")
+            except KeyError as e:
+                raise DialogError(f"chat format chatml: {e.args[0]}") from None
+            self._header = {src: [self._im_start, *encode(role + "\n")] for src, role in self.CHATML_ROLES.items()}
+            self._newline = encode("\n")
+            self._roles = {tuple(h[1:]): src for src, h in self._header.items()}
+            own = tokenizer._own_tokens()
+            self._stops = (self._im_end, *(own[t] for t in ("<|endoftext|>",) if t in own))
+        else:
+            raise DialogError(f"unknown chat format {self.format!r}; expected one of {', '.join(self.FORMATS)}")
+        self._source_of = {i: src for src, i in getattr(self, "_begin", {}).items()}
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     def begin_id(self, source: str) -> int:
-        """Id of the begin-of-turn token of ``source``."""
+        """Id of the begin-of-turn token of ``source`` (lmlab format; chatml turns begin with ``<|im_start|>``)."""
+        if self.format != "lmlab":
+            raise DialogError(f"begin_id: the {self.format} format has no begin token per source; use header()")
         try:
             return self._begin[source]
         except (KeyError, TypeError):
             raise DialogError(f"unknown source {source!r}; expected one of {', '.join(DIALOG_SOURCES)}") from None
 
+    def header(self, source: str) -> list[int]:
+        """Tokens that open a turn of ``source`` (``[<|user|>]``; chatml ``<|im_start|>user\\n``)."""
+        try:
+            return list(self._header[source])
+        except (KeyError, TypeError):
+            raise DialogError(f"unknown source {source!r}; expected one of {', '.join(DIALOG_SOURCES)}") from None
+
     @property
     def end_id(self) -> int:
-        """Id of ``<|end_of_dialog|>``."""
+        """Id of ``<|end_of_dialog|>`` (lmlab format)."""
+        if self.format != "lmlab":
+            raise DialogError(f"end_id: the {self.format} format has no end-of-dialog token")
         return self._end
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens after which the assistant is done (lmlab: ``<|end_of_dialog|>``, ``<|eos|>``; chatml:
+        ``<|im_end|>`` unless its turn holds a tool call, and the vocabulary's ``<|endoftext|>``)."""
+        return self._stops
+
+    def trigger_id(self, trigger: str) -> int:
+        """The token after which a tool with this ``trigger`` answers: the trigger itself (lmlab, e.g.
+        ``<|database|>``), or the end of the assistant's turn (chatml: the call is read from the turn)."""
+        return self.tokenizer.token_id(trigger) if self.format == "lmlab" else self._im_end
+
+    def tool_answer_ids(self, answer: str) -> list[int]:
+        """Tokens inserted after the trigger: the tool's answer as a database turn, then the assistant's header."""
+        if self.format == "lmlab":
+            return [*self.tokenizer.encode(answer), self._begin["assistant"]]
+        return [*self._newline, *self._header["database"], *self.tokenizer.encode(answer), self._im_end,
+                *self._newline, *self._header["assistant"]]
+
+    def current_message(self, ids: Sequence[int]) -> str:
+        """Text of the assistant's last message in ``ids`` (after its last header; the final token, the one that
+        ended the message, excluded)."""
+        ids = list(ids[:-1])
+        head = self._header["assistant"]
+        n = len(head)
+        start = max((i + n for i in range(len(ids) - n, -1, -1) if ids[i:i + n] == head), default=0)
+        return self.tokenizer.decode(ids[start:])
 
     def _turns(self, dialog: Any) -> list[tuple[str, str]]:
         if not isinstance(dialog, (list, tuple)):
@@ -640,21 +746,30 @@ class DialogTokenizer:
                 if key not in turn:
                     raise DialogError(f"dialog turn {i}: missing {key!r} (keys: {list(turn)})")
             source, content = turn["source"], turn["content"]
-            if not isinstance(source, str) or source not in self._begin:
+            if not isinstance(source, str) or source not in self._header:
                 raise DialogError(
                     f"dialog turn {i}: unknown source {source!r}; expected one of {', '.join(DIALOG_SOURCES)}"
                 )
             if not isinstance(content, str):
                 raise DialogError(f"dialog turn {i}: content must be a str, got {type(content).__name__}")
             turns.append((source, content))
+        if self.system_prompt and (not turns or turns[0][0] != "system"):
+            turns.insert(0, ("system", self.system_prompt))
         return turns
 
     def encode_dialog(self, dialog: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
-        """Tokens of the whole dialog (ending with ``<|end_of_dialog|>``) and its 0/1 loss mask."""
+        """Tokens of the whole dialog (lmlab: ending with ``<|end_of_dialog|>``) and its 0/1 loss mask."""
         tokens: list[int] = []
         mask: list[int] = []
-        prev_assistant = False
         encode = self.tokenizer.encode
+        if self.format == "chatml":
+            for source, content in self._turns(dialog):
+                ids = encode(content)
+                a = int(source == "assistant")
+                tokens += [*self._header[source], *ids, self._im_end, *self._newline]
+                mask += [0] * len(self._header[source]) + [a] * (len(ids) + 1) + [0] * len(self._newline)
+            return tokens, mask
+        prev_assistant = False
         for source, content in self._turns(dialog):
             tokens.append(self._begin[source])
             mask.append(int(prev_assistant))
@@ -668,21 +783,31 @@ class DialogTokenizer:
         return tokens, mask
 
     def encode_prompt(self, dialog: Sequence[Mapping[str, str]]) -> list[int]:
-        """Tokens of the turns followed by ``<|assistant|>``: where generation starts."""
+        """Tokens of the turns followed by the assistant's header (``<|assistant|>``): where generation starts."""
         tokens: list[int] = []
+        encode = self.tokenizer.encode
         for source, content in self._turns(dialog):
-            tokens.append(self._begin[source])
-            tokens.extend(self.tokenizer.encode(content))
-        tokens.append(self._begin["assistant"])
+            tokens.extend(self._header[source])
+            tokens.extend(encode(content))
+            if self.format == "chatml":
+                tokens += [self._im_end, *self._newline]
+        tokens.extend(self._header["assistant"])
         return tokens
 
     def decode_dialog(self, tokens: Iterable[int]) -> list[dict[str, str]]:
         """Turns of a token sequence (inverse of :meth:`encode_dialog`).
 
-        The end-of-dialog token may be missing (a partial generation): the last turn then holds what was
-        generated so far. Tokens before the first begin token or after the end-of-dialog are errors.
+        The end (lmlab: ``<|end_of_dialog|>``; chatml: the last turn's ``<|im_end|>``) may be missing (a partial
+        generation): the last turn then holds what was generated so far. Tokens before the first turn, or
+        (lmlab) after the end-of-dialog, are errors.
         """
         ids = _as_id_list(tokens)
+        turns = self._decode_chatml(ids) if self.format == "chatml" else self._decode_lmlab(ids)
+        if self.system_prompt and turns and turns[0] == {"source": "system", "content": self.system_prompt}:
+            turns = turns[1:]
+        return turns
+
+    def _decode_lmlab(self, ids: list[int]) -> list[dict[str, str]]:
         turns: list[dict[str, str]] = []
         source: str | None = None
         start = 0
@@ -701,6 +826,29 @@ class DialogTokenizer:
             source, start = new_source, pos + 1
         if source is not None:
             turns.append({"source": source, "content": self.tokenizer.decode(ids[start:])})
+        return turns
+
+    def _decode_chatml(self, ids: list[int]) -> list[dict[str, str]]:
+        turns: list[dict[str, str]] = []
+        starts = [i for i, t in enumerate(ids) if t == self._im_start]
+        if ids and (not starts or any(t not in self._newline for t in ids[:starts[0]])):
+            raise DialogError(f"token 0 (id {ids[0]}) comes before the first <|im_start|>")
+        for k, pos in enumerate(starts):
+            stop = starts[k + 1] if k + 1 < len(starts) else len(ids)
+            span = ids[pos + 1:stop]
+            role = next((r for r in self._roles if tuple(span[:len(r)]) == r), None)
+            if role is None:
+                raise DialogError(f"token {pos + 1}: the turn at <|im_start|> (position {pos}) names no known role "
+                                  f"(roles: {', '.join(self.CHATML_ROLES.values())})")
+            source, body = self._roles[role], span[len(role):]
+            if self._im_end in body:
+                end = body.index(self._im_end)
+                rest = body[end + 1:]
+                if any(t not in self._newline for t in rest):
+                    raise DialogError(f"{len(rest)} tokens follow <|im_end|> at position {pos + 1 + len(role) + end} "
+                                      "outside any turn")
+                body = body[:end]
+            turns.append({"source": source, "content": self.tokenizer.decode(body)})
         return turns
 
     def __repr__(self) -> str:

@@ -78,7 +78,7 @@ from lmlab.inference.pool import (
 )
 from lmlab.inference.prefix_cache import PrefixCache
 from lmlab.inference.sampling import Sampler, SamplingParams, TextStream, row_params, text_params
-from lmlab.tokenizers import END_OF_DIALOG, EOS, DialogTokenizer, Tokenizer
+from lmlab.tokenizers import DialogTokenizer, Tokenizer
 
 __all__ = ["Engine", "ModelRunner", "Request", "Result", "StreamEvent"]
 
@@ -278,7 +278,7 @@ class Engine:
         for tool in tools:
             if self.dialog_tokenizer is None:
                 raise ValueError("Engine: tools need a tokenizer with the dialog special tokens")
-            self.tools[self.tokenizer.special_id(tool.trigger)] = tool
+            self.tools[self.dialog_tokenizer.trigger_id(tool.trigger)] = tool
         self.waiting: deque[_Seq] = deque()
         self.active: list[_Seq] = []
         self._dec: DecodeBatch | None = None  # contiguous contexts of the decoding sequences, kept across steps
@@ -340,8 +340,7 @@ class Engine:
                              f"{self.pool.n_tokens} tokens)")
         stops = p.stop_token_ids
         if stops is None and req.dialog is not None:
-            specials = self.tokenizer.special_tokens
-            stops = tuple(specials[s] for s in (END_OF_DIALOG, EOS) if s in specials)
+            stops = self.dialog_tokenizer.stop_ids
         if p.seed is None and not p.greedy:
             p = dataclasses.replace(p, seed=int(torch.randint(0, 2**62, ())))
         seq = _Seq(index, req, prompt, p, set(stops or ()))
@@ -791,15 +790,23 @@ class Engine:
                 self._after_token(s, tok, events)
 
     def _after_token(self, s: _Seq, tok: int, events: list[StreamEvent]) -> None:
-        """Stop conditions and tool calls after ``s`` sampled ``tok``."""
-        if tok in s.stops:
+        """Stop conditions and tool calls after ``s`` sampled ``tok``. A tool's trigger that is also a stop token
+        (the chatml format: ``<|im_end|>`` ends every assistant turn) is a call only when the turn holds one."""
+        call = None
+        if tok in self.tools:
+            call = self.tools[tok].extract(self._message(s))
+            if tok in s.stops and call is None:
+                pass  # a final answer, not a call
+            else:
+                call = (call,)
+        if tok in s.stops and call is None:
             s.finish_reason = "stop"
         elif self._hit_stop_string(s):
             s.finish_reason = "stop_string"
         elif s.n_sampled >= s.params.max_new_tokens or len(s.tokens) >= self.runner.cfg.max_seq_len:
             s.finish_reason = "length"
-        elif tok in self.tools:
-            s.tool = _ToolCall(self.tools[tok], self.tools[tok].extract(self._message(s)), self.tool_timeout)
+        elif call is not None:
+            s.tool = _ToolCall(self.tools[tok], call[0], self.tool_timeout)
             self._tool_seqs.append(s)
             if s.row >= 0:  # it prefills the answer next, from its pages
                 self._leave_decode(s)
@@ -827,11 +834,8 @@ class Engine:
         return any(x in tail for x in s.req.stop_strings)
 
     def _message(self, s: _Seq) -> str:
-        """Text of the assistant's current message: after its last ``<|assistant|>``, before the trigger."""
-        begin = self.dialog_tokenizer.begin_id("assistant")
-        ids = s.tokens[:-1]
-        start = max((i for i, t in enumerate(ids) if t == begin), default=-1) + 1
-        return self.tokenizer.decode(ids[start:])
+        """Text of the assistant's current message: after its last header, before the trigger."""
+        return self.dialog_tokenizer.current_message(s.tokens)
 
     def _poll_tools(self, events: list[StreamEvent]) -> None:
         if not self._tool_seqs:
@@ -842,7 +846,7 @@ class Engine:
                 continue
             s.tool_calls.append((s.tool.call, answer))
             s.tool = None
-            added = self.tokenizer.encode(answer) + [self.dialog_tokenizer.begin_id("assistant")]
+            added = self.dialog_tokenizer.tool_answer_ids(answer)
             room = min(self.runner.cfg.max_seq_len, self.pool.n_tokens) - len(s.tokens)
             s.tokens.extend(added[:max(room, 0)])
             events.append(StreamEvent(s.index, added[:max(room, 0)]))
