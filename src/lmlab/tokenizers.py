@@ -670,9 +670,10 @@ class DialogTokenizer:
                 self._im_start, self._im_end = tokenizer.token_id("<|im_start|>"), tokenizer.token_id("<|im_end|>")
             except KeyError as e:
                 raise DialogError(f"chat format chatml: {e.args[0]}") from None
-            self._header = {src: [self._im_start, *encode(role + "\n")] for src, role in self.CHATML_ROLES.items()}
+            self._role_text = {src: role + "\n" for src, role in self.CHATML_ROLES.items()}
+            self._header = {src: [self._im_start, *encode(text)] for src, text in self._role_text.items()}
             self._newline = encode("\n")
-            self._roles = {tuple(h[1:]): src for src, h in self._header.items()}
+            self._sources = {role: src for src, role in self.CHATML_ROLES.items()}
             own = tokenizer._own_tokens()
             self._stops = (self._im_end, *(own[t] for t in ("<|endoftext|>",) if t in own))
         else:
@@ -721,8 +722,17 @@ class DialogTokenizer:
         """Tokens inserted after the trigger: the tool's answer as a database turn, then the assistant's header."""
         if self.format == "lmlab":
             return [*self.tokenizer.encode(answer), self._begin["assistant"]]
-        return [*self._newline, *self._header["database"], *self.tokenizer.encode(answer), self._im_end,
-                *self._newline, *self._header["assistant"]]
+        return [*self._newline, *self._turn_ids("database", answer), self._im_end, *self._newline,
+                *self._header["assistant"]]
+
+    def _turn_ids(self, source: str, content: str) -> list[int]:
+        """chatml: ``<|im_start|>`` and the turn's text. The header and the content are one text for the turns the
+        model reads (so that their ids are exactly the chat template's, where BPE merges the header's newline with
+        leading whitespace of the content); an assistant's content is encoded on its own, as the model writes it
+        after the prompt's header."""
+        if source == "assistant":
+            return [*self._header[source], *self.tokenizer.encode(content)]
+        return [self._im_start, *self.tokenizer.encode(self._role_text[source] + content)]
 
     def current_message(self, ids: Sequence[int]) -> str:
         """Text of the assistant's last message in ``ids`` (after its last header; the final token, the one that
@@ -764,10 +774,13 @@ class DialogTokenizer:
         encode = self.tokenizer.encode
         if self.format == "chatml":
             for source, content in self._turns(dialog):
-                ids = encode(content)
-                a = int(source == "assistant")
-                tokens += [*self._header[source], *ids, self._im_end, *self._newline]
-                mask += [0] * len(self._header[source]) + [a] * (len(ids) + 1) + [0] * len(self._newline)
+                ids = self._turn_ids(source, content)
+                if source == "assistant":
+                    n = len(self._header[source])
+                    mask += [0] * n + [1] * (len(ids) - n + 1) + [0] * len(self._newline)
+                else:
+                    mask += [0] * (len(ids) + 1 + len(self._newline))
+                tokens += [*ids, self._im_end, *self._newline]
             return tokens, mask
         prev_assistant = False
         for source, content in self._turns(dialog):
@@ -787,10 +800,11 @@ class DialogTokenizer:
         tokens: list[int] = []
         encode = self.tokenizer.encode
         for source, content in self._turns(dialog):
-            tokens.extend(self._header[source])
-            tokens.extend(encode(content))
             if self.format == "chatml":
-                tokens += [self._im_end, *self._newline]
+                tokens += [*self._turn_ids(source, content), self._im_end, *self._newline]
+            else:
+                tokens.append(self._begin[source])
+                tokens.extend(encode(content))
         tokens.extend(self._header["assistant"])
         return tokens
 
@@ -836,19 +850,18 @@ class DialogTokenizer:
         for k, pos in enumerate(starts):
             stop = starts[k + 1] if k + 1 < len(starts) else len(ids)
             span = ids[pos + 1:stop]
-            role = next((r for r in self._roles if tuple(span[:len(r)]) == r), None)
-            if role is None:
+            if self._im_end in span:
+                end = span.index(self._im_end)
+                rest = span[end + 1:]
+                if any(t not in self._newline for t in rest):
+                    raise DialogError(f"{len(rest)} tokens follow <|im_end|> at position {pos + 1 + end} outside any "
+                                      "turn")
+                span = span[:end]
+            role, newline, content = self.tokenizer.decode(span).partition("\n")
+            if not newline or role not in self._sources:
                 raise DialogError(f"token {pos + 1}: the turn at <|im_start|> (position {pos}) names no known role "
                                   f"(roles: {', '.join(self.CHATML_ROLES.values())})")
-            source, body = self._roles[role], span[len(role):]
-            if self._im_end in body:
-                end = body.index(self._im_end)
-                rest = body[end + 1:]
-                if any(t not in self._newline for t in rest):
-                    raise DialogError(f"{len(rest)} tokens follow <|im_end|> at position {pos + 1 + len(role) + end} "
-                                      "outside any turn")
-                body = body[:end]
-            turns.append({"source": source, "content": self.tokenizer.decode(body)})
+            turns.append({"source": self._sources[role], "content": content})
         return turns
 
     def __repr__(self) -> str:
