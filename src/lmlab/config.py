@@ -180,6 +180,28 @@ MIXERS = ("attention", "mamba2", "hawk", "mingru", "minlstm")
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (lmlab.models.lora): trainable updates on chosen linear layers, everything else frozen."""
+
+    rank: int = F(0, "rank of each update; 0: no adapters (every weight trains)")
+    alpha: float = F(16.0, "the update is scaled by alpha / rank")
+    dropout: float = F(0.0, "dropout on the adapters' input while training")
+    targets: list[str] = F(["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "linear layers that get an update: module-name "
+                           "suffixes (wq: every *.wq) or fnmatch patterns on full names")
+    train_also: list[str] = F([], "other parameters left trainable (fnmatch on names, e.g. '*norm*')")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if self.rank < 0:
+            errs.append(("rank", "must be >= 0 (0: off)"))
+        if not 0.0 <= self.dropout < 1.0:
+            errs.append(("dropout", "must be in [0, 1)"))
+        if self.rank and not self.targets:
+            errs.append(("targets", "adapters need at least one target layer"))
+        return errs
+
+
+@dataclass
 class ModelConfig:
     """Shape of a Llama-style decoder, or of the same stack with recurrent sequence mixers (``mixer``)."""
 
@@ -209,6 +231,7 @@ class ModelConfig:
                                 "list repeats to n_layers; empty: model.mixer everywhere")
     recurrent: RecurrentConfig = F(RecurrentConfig(), "settings of the recurrent mixers")
     init: InitConfig = F(InitConfig(), "weight initialisation")
+    lora: LoraConfig = F(LoraConfig(), "low-rank adapters (finetuning with the base weights frozen)")
 
     def mixers(self) -> list[str]:
         """The mixer of each layer."""
