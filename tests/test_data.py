@@ -860,3 +860,17 @@ def test_pkg_paths_resolve_inside_installed_packages():
     assert all(f.name.endswith("_gut.txt") for f in files)
     with pytest.raises(DataError, match="names package 'no_such_pkg_xyz', which is not installed"):
         expand_files(["pkg:no_such_pkg_xyz/a.txt"], "data.train_files")
+
+
+def test_dialogs_with_a_tokenizer_without_pad_token_pad_with_id_0(dialog_file) -> None:
+    """A pretrained vocabulary kept as it is (tokenizer.special_tokens: []) has no <|pad|>: rows pad with id 0 (the
+    padding carries no loss), in the training and the validation split."""
+    path, dialogs = dialog_file
+    tok = ByteTokenizer(["<|im_start|>", "<|im_end|>"])
+    dtok = DialogTokenizer(tok, "chatml")
+    cfg = DataConfig(kind="dialog", train_files=[str(path)], seq_len=256, batch_size=4, packing=False,
+                     val_fraction=0.25)
+    for split in ("train", "val"):
+        b = next(build_loader(cfg, dtok, split))
+        pads = b["targets"] == -100
+        assert pads.any() and (b["inputs"][:, -1][pads[:, -1]] == 0).all()

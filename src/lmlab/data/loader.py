@@ -233,7 +233,10 @@ def _cached(kind: str, patterns: Sequence[str], tokenizer: Any, extra: tuple, wh
 def _pad_id(tokenizer: Any) -> int:
     """The tokenizer's pad id (a DialogTokenizer's from the tokenizer it wraps), else 0."""
     for obj in (tokenizer, getattr(tokenizer, "tokenizer", None)):
-        pad = getattr(obj, "pad_id", None)
+        try:
+            pad = obj.pad_id
+        except (AttributeError, KeyError):  # no <|pad|> (e.g. tokenizer.special_tokens: [])
+            continue
         if isinstance(pad, int):
             return pad
     return 0
