@@ -36,13 +36,20 @@ def resolve_vocab(cfg: ModelConfig, vocab_size: int | None) -> ModelConfig:
 
 
 def materialize(model: nn.Module, device: str | torch.device = "cpu", seed: int | None = None) -> nn.Module:
-    """Allocate a meta-device model on ``device`` and initialise it (seeded when ``seed`` is given)."""
+    """Allocate a meta-device model on ``device`` and initialise it (seeded when ``seed`` is given); with
+    ``model.lora.rank > 0`` the LoRA adapters are added last (lmlab.models.lora: the base weights frozen, the
+    updates zero), so that a run's checkpoints, base weights loaded by name and fresh runs all see one structure."""
     model.to_empty(device=device)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     model.reset_parameters(generator=gen)
+    lora = getattr(getattr(model, "cfg", None), "lora", None)
+    if lora is not None and lora.rank > 0:
+        from lmlab.models.lora import add_lora
+
+        add_lora(model, lora, generator=gen)
     return model
 
 
