@@ -5,6 +5,8 @@ Usage::
     lmlab train apps/shakespeare/quick.yaml train.steps=100  # train (resumes runs/NAME if it has a checkpoint)
     lmlab generate runs/NAME --prompt "ROMEO:" --temperature 0.8 --top-p 0.95 --seed 1  # streams the text
     lmlab generate runs/NAME --prompts-file prompts.txt --max-new-tokens 100  # one prompt per line (or .jsonl)
+    lmlab generate runs/smol --chat "What is the capital of France?"   # a dialog turn (no message: stdin lines)
+    lmlab import SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smol   # a GGUF / HF Llama folder / hub id -> run folder
     lmlab eval runs/NAME --max-questions 0                  # fact recall, SQL tool live (the run's evals.recall)
     lmlab export runs/NAME out/                              # Hugging Face Llama folder of the newest checkpoint
     lmlab config apps/shakespeare/demo.yaml model.dim=128   # print the resolved config as YAML
@@ -164,6 +166,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.inference.sampling import SamplingParams, read_prompts
     from lmlab.train.checkpoint import load_run
 
+    if args.chat is not None:
+        if args.prompt or args.prompts_file:
+            raise UsageError("--chat takes the message itself (or reads them from stdin): drop --prompt / "
+                             "--prompts-file")
+        return _chat(args)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)
@@ -194,6 +201,62 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for i, (prompt, text) in enumerate(zip(prompts, engine.generate_text(prompts, params))):
         print(f"=== {i}\n{prompt}{text}")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """``lmlab generate RUN --chat [MESSAGE]``: the assistant's reply to one user message, or (no message) a
+    conversation read from stdin, one user message per line; turns rendered by the run's dialog format."""
+    import itertools
+
+    from lmlab.inference.engine import Engine, Request
+    from lmlab.inference.sampling import SamplingParams, TextStream
+    from lmlab.tokenizers import DialogTokenizer
+    from lmlab.train.checkpoint import load_run
+
+    cfg, model, tokenizer = load_run(args.run, step=args.step)
+    dtok = _checked(lambda: DialogTokenizer(tokenizer))
+    given = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                               ("top_k", args.top_k), ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
+    params = _checked(lambda: SamplingParams.from_config(cfg.sample, cfg.seed, **given))
+    engine = Engine.from_config(model, dtok, cfg.engine)
+    history: list[dict[str, str]] = []
+
+    def reply(message: str) -> None:
+        history.append({"source": "user", "content": message})
+        p = params
+        if args.max_new_tokens is None:  # the run's default, capped to the room the conversation leaves
+            room = engine.context_limit - len(dtok.encode_prompt(history))
+            if 0 < room < p.max_new_tokens:
+                p = dataclasses.replace(p, max_new_tokens=room)
+        stream = TextStream(tokenizer, 1, lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        new: list[int] = []
+        events = engine.stream([Request(dialog=list(history), params=p)])
+        first = _checked(lambda: next(events))  # the request is checked (it fits the context) before any output
+        for ev in itertools.chain([first], events):
+            if ev.result is not None:
+                done = ev.result.tokens[:-1] if ev.result.finish_reason == "stop" else ev.result.tokens
+                stream.push(0, done, final=True)
+                history.append({"source": "assistant", "content": ev.result.text or ""})
+            elif ev.tokens:
+                new += ev.tokens
+                if new[-1] not in dtok.stop_ids:
+                    stream.push(0, new)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    if args.chat:
+        reply(args.chat)
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            reply(line.rstrip("\n"))
 
 
 def _checked(make):
@@ -231,12 +294,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lmlab.hf import save_hf_folder
+    from lmlab.hf import hf_tokenizer_files, save_hf_folder
     from lmlab.train.checkpoint import load_run
 
-    _, model, _ = load_run(args.run, step=args.step)
-    out = save_hf_folder(model, args.out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    cfg, model, _ = load_run(args.run, step=args.step)
+    # an hf tokenizer goes along (tokenizer.json, tokenizer_config.json with the chat template): AutoTokenizer loads it
+    files, ids = hf_tokenizer_files(cfg.tokenizer) if cfg.tokenizer.kind == "hf" else ({}, {})
+    out = save_hf_folder(model, args.out, extra_files=files, extra_config=ids)
+    print(f"wrote {out}: " + ", ".join(["config.json", "model.safetensors", *files]))
     return 0
 
 
@@ -265,18 +330,23 @@ DELEGATED = {
     "plot": ("lmlab.analysis.plot", "plot metrics of many runs (curves by a config key, final values vs a key)"),
     "sync": ("lmlab.monitor.sync", "replay a run's metrics.jsonl into wandb or TensorBoard"),
     "profile": ("lmlab.monitor.profiler", "print the top operators of a run's torch.profiler trace"),
+    "import": ("lmlab.pretrained", "import a pretrained Llama (GGUF file, Hugging Face folder or hub id) into a run "
+               "folder"),
     "report": ("lmlab.analysis.run_report", "one self-contained HTML report of many runs: summary table, curves, "
                "final values, probes, timings"),
+    "lm-eval": ("lmlab.evals.harness", "score a run on lm-evaluation-harness tasks (loglikelihood, rolling "
+                "perplexity, generation through the engine)"),
 }
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from lmlab.data import DataError
     from lmlab.hf import ExportError
+    from lmlab.pretrained import PretrainedError
     from lmlab.train import TrainingError
     from lmlab.train.checkpoint import CheckpointError
 
-    return DataError, TrainingError, CheckpointError, ExportError, FileNotFoundError
+    return DataError, TrainingError, CheckpointError, ExportError, PretrainedError, FileNotFoundError
 
 
 @exit_on_config_error
@@ -340,6 +410,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="sampling seed; prompt i uses seed + i (default: sample.seed, else "
                    "the run's seed)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--chat", nargs="?", const="", default=None, metavar="MESSAGE",
+                   help="chat: the assistant's reply to MESSAGE as a user turn (the run's tokenizer.chat_format and "
+                        "system_prompt); without MESSAGE, a conversation read from stdin, one user message per line")
     p.set_defaults(fn=_cmd_generate)
     p = sub.add_parser("eval", help="recall evaluation (lmlab.evals.recall) of a run's checkpoint, tool live; "
                                     "writes RUN/recall/eval/", epilog=EXIT_CODES, formatter_class=fmt)
@@ -353,7 +426,8 @@ def _main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint", epilog=EXIT_CODES,
                        formatter_class=fmt)
     p.add_argument("run", help="run folder (runs/NAME)")
-    p.add_argument("out", help="output folder (created; config.json and model.safetensors are written into it)")
+    p.add_argument("out", help="output folder (created; config.json and model.safetensors are written into it, and "
+                   "the tokenizer files of a tokenizer.kind hf run)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_export)
     p = sub.add_parser("describe", help="list every config key with its type, default and help")

@@ -472,6 +472,10 @@ class TrainConfig:
     ckpt_fallback: bool = F(True, "when the newest checkpoint is damaged, resume from the newest one that loads "
                             "(with a warning; the damaged one is renamed step_N.damaged); false: refuse")
     early_stop: EarlyStopConfig = F(EarlyStopConfig(), "stop on a metric's target or plateau")
+    init_from: str = F("", "start a new run from pretrained weights: a run folder (RUN: its newest checkpoint; "
+                       "RUN@STEP), a Hugging Face Llama folder or a .gguf file (lmlab.pretrained); weights only "
+                       "(fresh optimizer, step 0), the model section equal to the source's; a run resumed from its "
+                       "own checkpoint ignores it; empty: random init")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []

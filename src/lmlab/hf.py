@@ -12,6 +12,7 @@ Usage::
     sd = from_hf_state_dict(hf_model.state_dict(), cfg)         # back to lmlab names
     cfg = model_config_from_hf(hf_model.config)                 # ModelConfig with the same shape
     save_hf_folder(model, "out/")                               # config.json + model.safetensors
+    files, ids = hf_tokenizer_files(cfg.tokenizer)              # + tokenizer files of an hf tokenizer run
     model = load_hf_folder("out/")                              # lmlab Transformer with those weights
 
 Rotary scaling (``model.rope_scaling``) maps to HF's rope types: ``linear`` and ``yarn`` both ways (written as
@@ -250,8 +251,11 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     )
 
 
-def save_hf_folder(model: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads.
+def save_hf_folder(model: torch.nn.Module, out_dir: str | Path, extra_files: dict[str, str] | None = None,
+                   extra_config: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads, and
+    ``extra_files`` (name -> text, e.g. :func:`hf_tokenizer_files`); ``extra_config`` adds keys to config.json
+    (e.g. ``eos_token_id``).
 
     Everything is checked before anything is written (:class:`ExportError`), and each file is written under a
     temporary name and renamed into place, so a failed export leaves no folder or half-written file behind.
@@ -262,11 +266,13 @@ def save_hf_folder(model: torch.nn.Module, out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder: give a new or existing folder to write into")
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
-    hf_config = model_config_to_hf(cfg)
+    hf_config = {**model_config_to_hf(cfg), **(extra_config or {})}
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
     out.mkdir(parents=True, exist_ok=True)
     files = {"model.safetensors": lambda p: save_file(sd, str(p), metadata={"format": "pt"}),
              "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n")}
+    for name, text in (extra_files or {}).items():
+        files[name] = lambda p, text=text: p.write_text(text, encoding="utf-8")
     for name, write in files.items():
         tmp = out / f".{name}.tmp"
         write(tmp)
@@ -300,3 +306,104 @@ def load_hf_folder(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     if missing or unexpected:
         raise ValueError(f"{p}: weights do not match the config: missing {missing}, unexpected {unexpected}")
     return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer files (an ``hf`` tokenizer of a run exported beside the weights)
+# ------------------------------------------------------------------------------------------------
+
+def folder_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The default chat template of a Hugging Face folder: chat_template.jinja (transformers 5), else
+    tokenizer_config.json's ``chat_template`` (a string, or a list of named templates: the one named 'default')."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tpl = tokenizer_config.get("chat_template")
+    if isinstance(tpl, list):
+        tpl = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}.get("default")
+    return tpl if isinstance(tpl, str) else None
+
+
+def chat_template_for(chat_format: str, system_prompt: str = "") -> str:
+    """A Jinja chat template rendering dialogs as :class:`lmlab.tokenizers.DialogTokenizer` does in ``chat_format``
+    (chatml: ``<|im_start|>role\\n...<|im_end|>\\n`` turns; lmlab: one begin token per turn), with
+    ``system_prompt`` put before a dialog that has no system turn."""
+    sys_text = json.dumps(system_prompt)  # a JSON string is a valid Jinja string literal
+    if chat_format == "chatml":
+        system = ("{%- if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + " + sys_text
+                  + " + '<|im_end|>\\n' }}{%- endif %}") if system_prompt else ""
+        return ("{%- for message in messages %}" + system + "{{ '<|im_start|>' + message['role'] + '\\n' + "
+                "message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+    system = ("{%- if loop.first and messages[0]['role'] != 'system' %}{{ '<|system|>' + " + sys_text
+              + " }}{%- endif %}") if system_prompt else ""
+    return ("{%- for message in messages %}" + system + "{{ '<|' + ('database' if message['role'] == 'tool' else "
+            "message['role']) + '|>' + message['content'] }}{%- endfor %}{%- if add_generation_prompt %}"
+            "{{ '<|assistant|>' }}{%- else %}{{ '<|end_of_dialog|>' }}{%- endif %}")
+
+
+def hf_tokenizer_files(tok_cfg: Any) -> tuple[dict[str, str], dict[str, int]]:
+    """The tokenizer files of a Hugging Face folder for a run's ``hf`` tokenizer (``tokenizer:`` config section), and
+    the ``bos/eos/pad_token_id`` keys for config.json.
+
+    ``tokenizer.json``: the run's, with lmlab's appended ``special_tokens`` added as special added tokens at their
+    ids; ``tokenizer_config.json``: the one beside the run's tokenizer.json (an imported model's) or a new one, with
+    the chat template (the one beside, else one written for ``chat_format`` / ``system_prompt``) and bos / eos / pad
+    tokens; ``special_tokens_map.json``. ExportError for a file that cannot be read.
+    """
+    from lmlab.tokenizers import HFTokenizer
+
+    path = Path(tok_cfg.path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tok = HFTokenizer(path, list(tok_cfg.special_tokens))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"tokenizer.path {path}: cannot be read for the export ({e})") from e
+    added = data.setdefault("added_tokens", [])
+    have = {t.get("content"): t.get("id") for t in added if isinstance(t, dict)}
+    for literal, i in tok.special_tokens.items():
+        if literal in have:
+            if have[literal] != i:
+                raise ExportError(f"tokenizer.special_tokens: {literal!r} is also an added token of {path} (id "
+                                  f"{have[literal]}, lmlab gives it {i}); drop it from tokenizer.special_tokens")
+            continue
+        added.append({"id": i, "content": literal, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})
+    beside = path.parent / "tokenizer_config.json"
+    tc: dict[str, Any] = {}
+    if beside.is_file():
+        try:
+            tc = json.loads(beside.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{beside}: not JSON ({e})") from e
+    template = folder_chat_template(path.parent, tc) if beside.is_file() else None
+    if template is None and (tok_cfg.chat_format != "lmlab" or all(
+            t in tok.special_tokens for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end_of_dialog|>"))):
+        template = chat_template_for(tok_cfg.chat_format, tok_cfg.system_prompt)
+    if template is not None:
+        tc["chat_template"] = template
+    tc.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for key in ("is_local", "local_files_only", "name_or_path"):
+        tc.pop(key, None)
+    defaults = ({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"} if tok_cfg.chat_format == "chatml" else
+                {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"})
+    ids: dict[str, int] = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        literal = tc.get(key, defaults.get(key))
+        if isinstance(literal, dict):
+            literal = literal.get("content")
+        try:
+            i = tok.token_id(literal) if isinstance(literal, str) else None
+        except KeyError:
+            i = None
+        if i is None:
+            tc.pop(key, None)
+            continue
+        tc[key] = literal
+        if key != "unk_token":
+            ids[f"{key}_id"] = i
+    special_map = {k: tc[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in tc}
+    files = {"tokenizer.json": json.dumps(data, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(tc, indent=2, ensure_ascii=False) + "\n",
+             "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"}
+    return files, ids

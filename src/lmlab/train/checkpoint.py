@@ -288,7 +288,9 @@ def load_checkpoint(
     try:
         if optimizer is not None:
             if not meta.get("has_optimizer", True):
-                raise CheckpointError(f"{path}: holds no optimizer state")
+                hint = (f" (model weights only, imported from {meta['imported_from']}: finetune them in a new run "
+                        f"with train.init_from={path.parent.parent})") if meta.get("imported_from") else ""
+                raise CheckpointError(f"{path}: holds no optimizer state{hint}")
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
         else:

@@ -130,6 +130,12 @@ class Trainer:
         self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
         init_seed = cfg.model.init.seed if cfg.model.init.seed is not None else cfg.seed
         self.model = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=init_seed)
+        if cfg.train.init_from and not (cfg.train.resume and CheckpointManager(self.run_dir).complete()):
+            # pretrained weights on every rank before sharding; a run with checkpoints resumes from its own instead
+            from lmlab.pretrained import load_init_weights
+
+            log.info("train.init_from: weights of %s", load_init_weights(self.model, self.model_cfg,
+                                                                         cfg.train.init_from))
         # the same weights on every rank (one seed), then tensor parallel / FSDP2 / DDP as cfg.parallel says
         self.step_model = self.par.parallelize(self.model, compile=cfg.train.compile)
         optim_cfg = cfg.optim
