@@ -22,8 +22,8 @@ def make(chunk=8, dim=16, head_dim=8, state_dim=4, conv_width=4, dtype=torch.flo
     g = torch.Generator().manual_seed(seed)
     m.reset_parameters(1 / math.sqrt(dim), 1 / math.sqrt(m.inner), generator=g)
     with torch.no_grad():
-        for p, (lo, hi) in ((m.conv_bias, (-0.5, 0.5)), (m.dt_bias, (-2.0, 1.0)), (m.D, (-1.0, 1.0)),
-                            (m.norm.weight, (0.5, 1.5))):
+        for p, (lo, hi) in ((m.x_conv.bias, (-0.5, 0.5)), (m.bc_conv.bias, (-0.5, 0.5)), (m.dt_bias, (-2.0, 1.0)),
+                            (m.D, (-1.0, 1.0)), (m.norm.weight, (0.5, 1.5))):
             p.uniform_(lo, hi, generator=g)
         m.A_log.uniform_(0.2, 2.0, generator=g).log_()
     return m
@@ -265,7 +265,8 @@ def test_init_ranges_seed_and_meta():
     dt = F.softplus(m.dt_bias)
     assert (dt >= 1e-3 * 0.999).all() and (dt <= 1e-1 * 1.001).all()
     assert (m.A_log.exp() >= 1).all() and (m.A_log.exp() <= 16).all()
-    assert torch.equal(m.D, torch.ones(8)) and torch.equal(m.conv_bias, torch.zeros(m.conv_channels))
+    assert torch.equal(m.D, torch.ones(8)) and torch.equal(m.x_conv.bias, torch.zeros(m.inner))
+    assert torch.equal(m.bc_conv.bias, torch.zeros(2 * m.state_dim))
     a, b = Mamba2(cfg), Mamba2(cfg)
     a.reset_parameters(0.1, 0.05, generator=torch.Generator().manual_seed(0))
     b.reset_parameters(0.1, 0.05, generator=torch.Generator().manual_seed(0))

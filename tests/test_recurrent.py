@@ -1,5 +1,6 @@
 """Recurrent mixers inside the model (model.mixer, model.layer_mixers): packed rows == documents alone, the parallel
-forward == token-by-token decoding through a state cache, training and exact resume, clear refusals (TP, export)."""
+forward == token-by-token decoding through a state cache, training and exact resume, clear refusals (tensor-parallel
+sizes, export)."""
 
 import pytest
 import torch
@@ -99,8 +100,9 @@ def test_unknown_mixer_and_refusals(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.layer_mixers\[1\].*unknown mixer 'lstm'"):
         load_config(None, ["model.layer_mixers=[attention,lstm]"])
     model = build_model(tiny(mixer=MIXERS[0]), seed=0)
-    with pytest.raises(ValueError, match="no tensor-parallel plan"):
-        model.tensor_parallel_plan(2)
+    assert "layers.1.mixer.out_proj" in model.tensor_parallel_plan(2)  # each mixer's plan (tests/test_tp_recurrent.py)
+    with pytest.raises(ValueError, match=r"model\.recurrent\.head_dim.*parallel\.tp=3"):  # 8 heads of 8
+        model.tensor_parallel_plan(3)
     from lmlab.hf import ExportError, model_config_to_hf
 
     with pytest.raises(ExportError, match="recurrent mixers"):

@@ -21,6 +21,12 @@ the recurrence above, the reference the scan is tested against. State: ``{"h": (
 conv_width - 1)}`` (no "conv" when conv_width = 0). Gates and scan run in float32 whatever the input dtype; the
 output has the input's dtype; a returned state keeps the dtype of the state passed in (the input's when none).
 
+Tensor parallel (:meth:`Hawk.tensor_parallel_plan`, training): ``W_gate`` and ``W_in`` split by output channels, so
+each process computes ``heads / tp`` whole heads (``head_dim`` channels each); the convolution, the blocks of
+``W_a`` and ``W_x``, ``b_a``, ``b_x`` and ``Lambda`` are per channel or per head and split the same way on dim 0
+(:class:`lmlab.models.recurrent.ShardParameters`); the RG-LRU runs on the local channels with no communication;
+``W_out`` is split by input channels (its partial sums all-reduced).
+
 Usage::
 
     from lmlab.models.hawk import Hawk
@@ -36,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.models.mingru import ShortConv, _cast_state, upcast
-from lmlab.models.recurrent import State
+from lmlab.models.mingru import _cast_state, upcast
+from lmlab.models.recurrent import ShardParameters, ShortConv, State, local
 from lmlab.models.scan import linear_scan
 
 C = 8.0  # the RG-LRU's fixed exponent c
@@ -102,10 +108,12 @@ class Hawk(nn.Module):
 
     def _gates(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 u (..., inner) -> the RG-LRU's a_t and its input sqrt(1 - a_t^2) i_t u_t."""
-        heads = u.unflatten(-1, (-1, self.head_dim))  # (..., heads, head_dim)
-        r = torch.sigmoid(torch.einsum("...hi,hij->...hj", heads, upcast(self.w_a)).flatten(-2) + upcast(self.b_a))
-        i = torch.sigmoid(torch.einsum("...hi,hij->...hj", heads, upcast(self.w_x)).flatten(-2) + upcast(self.b_x))
-        log_a = -C * F.softplus(-upcast(self.a_param)) * r
+        heads = u.unflatten(-1, (-1, self.head_dim))  # (..., heads, head_dim): this process's heads under TP
+        w_a, b_a, w_x, b_x, a_param = (upcast(local(p)) for p in (self.w_a, self.b_a, self.w_x, self.b_x,
+                                                                   self.a_param))
+        r = torch.sigmoid(torch.einsum("...hi,hij->...hj", heads, w_a).flatten(-2) + b_a)
+        i = torch.sigmoid(torch.einsum("...hi,hij->...hj", heads, w_x).flatten(-2) + b_x)
+        log_a = -C * F.softplus(-a_param) * r
         mult = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a))
         return torch.exp(log_a), mult * (i * u)
 
@@ -134,6 +142,26 @@ class Hawk(nn.Module):
 
     def num_state_elements(self) -> int:
         return self.inner + (self.inner * (self.conv.width - 1) if self.conv is not None else 0)
+
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
+        """Megatron-style, by heads (keys relative to this mixer; see the module docstring)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        heads = self.inner // self.head_dim
+        if heads % tp:
+            raise ValueError(f"model.recurrent.head_dim: Hawk's heads, expand x dim / head_dim = {self.inner} / "
+                             f"{self.head_dim} = {heads}, must divide by parallel.tp={tp} (tensor parallel splits "
+                             "the heads of the block-diagonal gates)")
+        plan: dict[str, object] = {
+            "": ShardParameters(("w_a", "b_a", "w_x", "b_x", "a_param"), gather_input=sequence_parallel),
+            "w_gate": ColwiseParallel(),
+            "w_in": ColwiseParallel(),
+            "w_out": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+        }
+        if self.conv is not None:
+            plan["conv"] = ShardParameters(("weight", "bias"))
+        return plan
 
     def flops_per_token(self) -> int:
         """2 x matmul weights (W_gate, W_in, the block-diagonal W_a and W_x, W_out), plus 2 x width per convolved

@@ -2,8 +2,8 @@
 
 One layer (single group, ``ngroups = 1``), mapping normalised x (B, T, dim) to the block's update (B, T, dim)::
 
-    z, xs, B, C, dt = in_proj(x)                  # inner, inner, N, N, H   (inner = expand * dim, H = inner / P)
-    xs, B, C = silu(causal_conv([xs, B, C]))       # depthwise, conv_width taps, reset at document starts
+    z, xs, dt = head_proj(x); B, C = bc_proj(x)    # inner, inner, H; N, N   (inner = expand * dim, H = inner / P)
+    xs, B, C = silu(causal_conv([xs, B, C]))       # depthwise (x_conv, bc_conv), conv_width taps, reset at doc starts
     dt = softplus(dt + dt_bias);  A = -exp(A_log)  # per head
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T     # per head: h (P, N), x_t (P,), B_t, C_t (N,) shared by the heads
     y_t = h_t C_t + D x_t
@@ -22,8 +22,20 @@ The segment sums add the decays directly (a masked cumulative sum, never a diffe
 -inf needs no special case and there is no cancellation; every exponent is <= 0 (never the exp of a large
 positive).
 
-State ``{"ssm": (B, H, P, N), "conv": (B, inner + 2N, conv_width - 1)}``; the SSM runs in float32 (float64 for
-float64 inputs) whatever the activations' dtype.
+State ``{"ssm": (B, H, P, N), "conv": (B, inner + 2N, conv_width - 1)}`` (the convolution's window over [x, B, C]);
+the SSM runs in float32 (float64 for float64 inputs) whatever the activations' dtype.
+
+Parameters are laid out by heads, for tensor parallel: ``head_proj`` (a Linear) holds, for each head in turn, the
+rows of its z (P), its x (P) and its dt (1); ``bc_proj`` the rows of B and C, which all heads share (one group).
+``x_conv`` convolves the x channels, ``bc_conv`` the B and C channels. Tensor parallel
+(:meth:`Mamba2.tensor_parallel_plan`, training) splits the heads over the ``tp`` processes: ``head_proj``
+column-wise (a contiguous split of its rows gives each process whole heads: their z, x and dt), and on dim 0
+``x_conv``, ``dt_bias``, ``A_log``, ``D`` and the norm's gain; each process scans its own heads with no
+communication. ``bc_proj`` and ``bc_conv`` stay replicated: every process computes B and C, and since each one's
+loss reaches them through its own heads only, their gradient is summed over the processes
+(:func:`lmlab.models.recurrent.all_reduce_grad`). The gated RMSNorm is over all inner channels: each process sums
+the squares of its channels and the sums are all-reduced (:func:`lmlab.models.recurrent.all_reduce_sum`).
+``out_proj`` is split row-wise (its partial sums all-reduced). Forward and gradients equal the one-process ones.
 
 Optional CUDA kernels: with ``use_kernels`` (``cfg.recurrent.kernels`` if the config has it, else False; or set
 the attribute), ``mamba_ssm``'s ``mamba_chunk_scan_combined`` and ``causal_conv1d``'s ``causal_conv1d_fn`` replace
@@ -51,7 +63,17 @@ from torch import nn
 
 from lmlab.config import ModelConfig
 from lmlab.models.layers import RMSNorm
-from lmlab.models.recurrent import State, causal_conv1d, conv_step
+from lmlab.models.recurrent import (
+    ShardParameters,
+    ShortConv,
+    State,
+    all_reduce_grad,
+    all_reduce_sum,
+    causal_conv1d,
+    conv_step,
+    local,
+    tp_mesh,
+)
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # dt starts log-uniform in [DT_MIN, DT_MAX] (Mamba2's defaults)
 A_MIN, A_MAX = 1.0, 16.0  # -A starts uniform in [A_MIN, A_MAX]
@@ -155,9 +177,11 @@ class Mamba2(nn.Module):
         self.conv_channels = self.inner + 2 * self.state_dim  # the conv runs over [x, B, C]
         self.use_kernels = bool(getattr(r, "kernels", False))  # CUDA kernels when importable (module docstring)
 
-        self.in_proj = nn.Linear(cfg.dim, 2 * self.inner + 2 * self.state_dim + self.n_heads, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(self.conv_channels, self.conv_width))
-        self.conv_bias = nn.Parameter(torch.empty(self.conv_channels))
+        p, n = self.head_dim, self.state_dim
+        self.head_proj = nn.Linear(cfg.dim, self.n_heads * (2 * p + 1), bias=False)  # per head: z (P), x (P), dt
+        self.bc_proj = nn.Linear(cfg.dim, 2 * n, bias=False)  # B, C: shared by the heads
+        self.x_conv = ShortConv(self.inner, self.conv_width)
+        self.bc_conv = ShortConv(2 * n, self.conv_width)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
@@ -167,11 +191,11 @@ class Mamba2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, in_std: float = 0.02, out_std: float = 0.02, generator=None) -> None:
-        nn.init.normal_(self.in_proj.weight, 0.0, in_std, generator=generator)
+        nn.init.normal_(self.head_proj.weight, 0.0, in_std, generator=generator)
+        nn.init.normal_(self.bc_proj.weight, 0.0, in_std, generator=generator)
         nn.init.normal_(self.out_proj.weight, 0.0, out_std, generator=generator)
-        bound = 1.0 / math.sqrt(self.conv_width)  # nn.Conv1d's default for a depthwise filter
-        nn.init.uniform_(self.conv_weight, -bound, bound, generator=generator)
-        nn.init.zeros_(self.conv_bias)
+        self.x_conv.reset_parameters(generator)  # nn.Conv1d's default range for a depthwise filter, zero bias
+        self.bc_conv.reset_parameters(generator)
         # dt = softplus(dt_bias) log-uniform in [DT_MIN, DT_MAX]: dt_bias = dt + log(1 - exp(-dt)), softplus's inverse
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(DT_MIN), math.log(DT_MAX), generator=generator)
         dt = dt.exp().clamp(min=DT_FLOOR)
@@ -193,69 +217,109 @@ class Mamba2(nn.Module):
         the chunk-state outer products and the state read-out 2 inner N each, the chunk recurrence 2 inner N / Q).
         Elementwise work (softplus, exp, gate, norm) is left out, as the transformer leaves out its softmax."""
         q, n, inner = self.chunk_size, self.state_dim, self.inner
-        proj = self.in_proj.weight.numel() + self.out_proj.weight.numel()
+        proj = self.head_proj.weight.numel() + self.bc_proj.weight.numel() + self.out_proj.weight.numel()
         scan = 2 * q * n + 2 * inner * q + 4 * inner * n + (2 * inner * n) // q
         return 2 * proj + 2 * self.conv_channels * self.conv_width + scan
 
-    def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return zxbcdt.split([self.inner, self.conv_channels, self.n_heads], dim=-1)  # z, [x, B, C], dt
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
+        """The heads split over ``tp`` processes, B and C replicated (keys relative to this mixer; see the module
+        docstring)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        if self.n_heads % tp:
+            raise ValueError(f"model.recurrent.head_dim: Mamba2's heads, expand x dim / head_dim = {self.inner} / "
+                             f"{self.head_dim} = {self.n_heads}, must divide by parallel.tp={tp} (tensor parallel "
+                             "splits the heads)")
+        return {
+            "": ShardParameters(("dt_bias", "A_log", "D"), gather_input=sequence_parallel),
+            "head_proj": ColwiseParallel(),
+            "x_conv": ShardParameters(("weight", "bias")),
+            "norm": ShardParameters(("weight",)),
+            "out_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+        }
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., dim) -> z, xs (..., h, P), dt (..., h), [B, C] (..., 2N): h = this process's heads (all of them
+        on one process, n_heads / tp under tensor parallel)."""
+        p = self.head_dim
+        z, xs, dt = self.head_proj(x).unflatten(-1, (-1, 2 * p + 1)).split([p, p, 1], dim=-1)
+        return z, xs, dt.squeeze(-1), self.bc_proj(x)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(x.dtype, torch.float32)
 
     def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.norm(y.to(z.dtype) * F.silu(z)))
+        """out_proj(RMSNorm(y * silu(z))) for y, z (..., h, P): under tensor parallel the mean square is over all
+        inner channels, from every process's sum of squares over its own."""
+        g = (y.to(z.dtype) * F.silu(z)).flatten(-2)
+        mesh = tp_mesh(self.norm.weight)
+        if mesh is None:
+            return self.out_proj(self.norm(g))
+        gf = g.float()
+        squares = all_reduce_sum(gf.pow(2).sum(-1, keepdim=True), mesh)
+        normed = (gf * torch.rsqrt(squares / self.inner + self.norm.eps)).to(g.dtype)
+        return self.out_proj(local(self.norm.weight) * normed)
+
+    def _conv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (C, W) and bias (C,) of the convolution over [x, B, C]: this process's x channels, then B and C."""
+        return (torch.cat([local(self.x_conv.weight), self.bc_conv.weight]),
+                torch.cat([local(self.x_conv.bias), self.bc_conv.bias]))
 
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
                 state: State | None = None) -> tuple[torch.Tensor, State]:
-        b, t, _ = x.shape
-        h, p, n = self.n_heads, self.head_dim, self.state_dim
-        z, xbc, dt = self._split(self.in_proj(x))
+        p, n = self.head_dim, self.state_dim
+        z, xs, dt, bc = self._project(x)
+        h = xs.shape[-2]
         scan, conv = _kernels() if self.use_kernels and x.is_cuda else (None, None)
-        xbc, conv_state = self._conv(xbc, resets, None if state is None else state["conv"], conv)
-        xs, B, C = xbc.split([self.inner, n, n], dim=-1)
-        xs = xs.reshape(b, t, h, p)
+        xbc, conv_state = self._conv(torch.cat([xs.flatten(-2), bc], dim=-1), resets,
+                                     None if state is None else state["conv"], conv)
+        xs, bc = xbc.split([h * p, 2 * n], dim=-1)
+        B, C = all_reduce_grad(bc, tp_mesh(self.A_log)).chunk(2, dim=-1)  # (tensor parallel: B, C are shared)
+        xs = xs.unflatten(-1, (h, p))
+        dt_bias, A_log, D = local(self.dt_bias), local(self.A_log), local(self.D)
         ssm0 = None if state is None else state["ssm"]
         if scan is not None and x.dtype != torch.float64 and (ssm0 is None or resets is None):
             # the kernels' seq_idx numbers documents; an initial state belongs to number 0 (before any reset).
             # Both an initial state and resets at once stay on the plain path (a corner left untried with them).
             seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)
-            y, ssm = scan(xs, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2), self.chunk_size,
-                          D=self.D, dt_bias=self.dt_bias, initial_states=None if ssm0 is None else ssm0.float(),
+            y, ssm = scan(xs, dt.contiguous(), -torch.exp(A_log.float()), B.unsqueeze(2), C.unsqueeze(2),
+                          self.chunk_size, D=D, dt_bias=dt_bias, initial_states=None if ssm0 is None else ssm0.float(),
                           seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
         else:
             ct = self._compute_dtype(x)
-            dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
-            y, ssm = ssd_chunked(xs.to(ct), dt, -torch.exp(self.A_log.to(ct)), B.to(ct), C.to(ct), self.chunk_size,
+            dt = F.softplus(dt.to(ct) + dt_bias.to(ct))
+            y, ssm = ssd_chunked(xs.to(ct), dt, -torch.exp(A_log.to(ct)), B.to(ct), C.to(ct), self.chunk_size,
                                  ssm0, resets)
-            y = y + self.D.to(ct)[:, None] * xs.to(ct)
-        return self._out(y.reshape(b, t, self.inner), z), {"ssm": ssm, "conv": conv_state}
+            y = y + D.to(ct)[:, None] * xs.to(ct)
+        return self._out(y, z), {"ssm": ssm, "conv": conv_state}
 
     def _conv(self, xbc: torch.Tensor, resets: torch.Tensor | None, conv_state: torch.Tensor | None,
               kernel) -> tuple[torch.Tensor, torch.Tensor]:
         """silu(causal conv) over [x, B, C] (B, T, C) and the new conv state."""
         w = self.conv_width
-        if kernel is not None and conv_state is None and 2 <= w <= 4 and self.conv_channels % 8 == 0:
+        weight, bias = self._conv_params()
+        if kernel is not None and conv_state is None and 2 <= w <= 4 and xbc.shape[-1] % 8 == 0:
             # channel-last layout (what the kernel's seq_idx needs); the new conv state is the last w-1 inputs,
             # zero before the last document's start: causal_conv1d of the tail alone gives exactly that
             seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)
-            y = kernel(xbc.contiguous().transpose(1, 2), self.conv_weight, self.conv_bias, seq_idx=seq_idx,
+            y = kernel(xbc.contiguous().transpose(1, 2), weight, bias, seq_idx=seq_idx,
                        activation="silu").transpose(1, 2)
             tail = None if resets is None else resets[:, -(w - 1):]
-            return y, causal_conv1d(xbc[:, -(w - 1):], self.conv_weight, None, tail)[1]
-        y, conv_state = causal_conv1d(xbc, self.conv_weight, self.conv_bias, resets, conv_state)
+            return y, causal_conv1d(xbc[:, -(w - 1):], weight, None, tail)[1]
+        y, conv_state = causal_conv1d(xbc, weight, bias, resets, conv_state)
         return F.silu(y), conv_state
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token per sequence: x (B, dim) -> y (B, dim), the sequential recurrence (what decoding runs)."""
-        b = x.shape[0]
-        h, p, n = self.n_heads, self.head_dim, self.state_dim
-        z, xbc, dt = self._split(self.in_proj(x))
-        xbc, conv_state = conv_step(xbc, self.conv_weight, self.conv_bias, state["conv"])
-        xs, B, C = F.silu(xbc).split([self.inner, n, n], dim=-1)
+        p, n = self.head_dim, self.state_dim
+        z, xs, dt, bc = self._project(x)
+        h = xs.shape[-2]
+        xbc, conv_state = conv_step(torch.cat([xs.flatten(-2), bc], dim=-1), *self._conv_params(), state["conv"])
+        xs, B, C = F.silu(xbc).split([h * p, n, n], dim=-1)
         ct = self._compute_dtype(x)
-        xs = xs.reshape(b, h, p).to(ct)
-        dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
-        y, ssm = ssd_step(state["ssm"].to(ct), xs, dt, -torch.exp(self.A_log.to(ct)), B.to(ct), C.to(ct))
-        y = y + self.D.to(ct)[:, None] * xs
-        return self._out(y.reshape(b, self.inner), z), {"ssm": ssm, "conv": conv_state}
+        xs = xs.unflatten(-1, (h, p)).to(ct)
+        dt = F.softplus(dt.to(ct) + local(self.dt_bias).to(ct))
+        y, ssm = ssd_step(state["ssm"].to(ct), xs, dt, -torch.exp(local(self.A_log).to(ct)), B.to(ct), C.to(ct))
+        y = y + local(self.D).to(ct)[:, None] * xs
+        return self._out(y, z), {"ssm": ssm, "conv": conv_state}

@@ -22,6 +22,10 @@ State: ``{"h": (B, inner)}`` plus ``{"conv": (B, dim, conv_width - 1)}`` with a 
 scan runs in float32 whatever the input dtype; the output has the input's dtype; a returned state keeps the dtype
 of the state passed in (the input's when none): ``init_state(..., torch.float32)`` decodes a bf16 model in float32.
 
+Tensor parallel (:meth:`MinRNN.tensor_parallel_plan`, training): the gate projections split by output channels, the
+scan on each process's ``inner / tp`` channels (elementwise: no communication), ``w_out`` split by input channels;
+the short convolution, at model width before the projections, stays replicated.
+
 Usage::
 
     from lmlab.models.mingru import MinGRU
@@ -32,14 +36,12 @@ Usage::
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.models.recurrent import State, causal_conv1d, conv_step
+from lmlab.models.recurrent import ShardParameters, ShortConv, State
 from lmlab.models.scan import log_scan
 
 
@@ -51,29 +53,6 @@ def g(v: torch.Tensor) -> torch.Tensor:
 def log_g(v: torch.Tensor) -> torch.Tensor:
     """``log g(v)``, exact on both sides (relu keeps the unused branch finite)."""
     return torch.where(v >= 0, torch.log(F.relu(v) + 0.5), -F.softplus(-v))
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over time with bias (:func:`lmlab.models.recurrent.causal_conv1d`)."""
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.width = width
-        self.weight = nn.Parameter(torch.empty(channels, width))
-        self.bias = nn.Parameter(torch.empty(channels))
-
-    def reset_parameters(self, generator=None) -> None:
-        # PyTorch's Conv1d default range (fan-in = width), zero bias
-        bound = 1.0 / math.sqrt(self.width)
-        nn.init.uniform_(self.weight, -bound, bound, generator=generator)
-        nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
-                conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_conv1d(x, self.weight, self.bias, resets, conv_state)
-
-    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return conv_step(x, self.weight, self.bias, conv_state)
 
 
 class MinRNN(nn.Module):
@@ -141,6 +120,22 @@ class MinRNN(nn.Module):
 
     def num_state_elements(self) -> int:
         return self.inner + (self.dim * (self.conv.width - 1) if self.conv is not None else 0)
+
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool = False) -> dict[str, object]:
+        """Megatron-style (keys relative to this mixer): the gate projections column-wise (each process computes
+        ``inner / tp`` channels), the scan elementwise on those, ``w_out`` row-wise. The short convolution acts on
+        the replicated model-width input before the projections: it stays replicated (whole on every process)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        if self.inner % tp:
+            raise ValueError(f"model.recurrent.expand: the {type(self).__name__} width expand x dim = {self.inner} "
+                             f"must divide by parallel.tp={tp} (tensor parallel splits its channels)")
+        plan: dict[str, object] = {f"w_{name}": ColwiseParallel() for name in self.GATES}
+        plan["w_out"] = RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate())
+        if sequence_parallel:
+            plan[""] = ShardParameters(gather_input=True)
+        return plan
 
     def flops_per_token(self) -> int:
         """2 x matmul weights (the gate projections and W_out), plus 2 x width per convolved channel, plus

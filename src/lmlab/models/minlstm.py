@@ -15,7 +15,8 @@ reference the scan is tested against.
 
 Short convolution, state and dtypes as in :mod:`lmlab.models.mingru`: a causal depthwise convolution over the
 model-width input whenever ``cfg.recurrent.conv_width > 0`` (0: the paper's minLSTM); state ``{"h": (B, inner)}``
-plus ``{"conv": (B, dim, conv_width - 1)}``.
+plus ``{"conv": (B, dim, conv_width - 1)}``. Tensor parallel as minGRU's (the shared
+:meth:`lmlab.models.mingru.MinRNN.tensor_parallel_plan`: ``w_f``, ``w_i``, ``w_h`` column-wise, ``w_out`` row-wise).
 
 Usage::
 

@@ -24,16 +24,32 @@ The interface (a mixer module, built as ``cls(cfg: ModelConfig, layer_id: int)``
 A state is a ``dict[str, Tensor]`` whose tensors all have the batch as dim 0 (a generation engine keeps one slot
 per sequence and gathers / scatters rows; a prefix cache snapshots rows).
 
+Tensor parallel (training; decoding runs one process): each mixer writes its plan beside itself,
+``tensor_parallel_plan(tp, sequence_parallel=False) -> dict[str, ParallelStyle]`` with keys relative to the mixer
+("" for the mixer itself), which :meth:`lmlab.models.transformer.Transformer.tensor_parallel_plan` merges under
+``layers.<i>.mixer``. Megatron-style: the input projections are split by output channels (``ColwiseParallel``), so
+each of the ``tp`` processes computes ``inner / tp`` channels (whole heads where the mixer has heads); everything
+per channel or per head (convolution over inner channels, gate biases, decays, ...) is split the same way on dim 0
+(:class:`ShardParameters`, read in the forward through :func:`local`); the recurrence runs on the local channels with
+no communication; the output projection is split by input channels (``RowwiseParallel``), its partial sums
+all-reduced. What the heads share stays replicated (Mamba2's B and C: their gradient is summed over the processes
+by :func:`all_reduce_grad`); a norm over all inner channels sums its squares over the processes
+(:func:`all_reduce_sum`). Sizes that do not divide by ``tp`` are refused with a ValueError naming the config key.
+With ``sequence_parallel`` the mixer's input arrives split along the sequence and is gathered first, and its output
+leaves split along the sequence (reduce-scatter), as for attention.
+
 Usage::
 
     from lmlab.models.recurrent import build_mixer, doc_resets
     mixer = build_mixer("mingru", cfg, layer_id=0)
     y, state = mixer(x, resets=doc_resets(doc_ids))
+    plan = mixer.tensor_parallel_plan(tp=2)           # for torch.distributed.tensor.parallel.parallelize_module
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -121,3 +137,133 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def state_bytes(mixer: Any, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one sequence's recurrent state."""
     return int(mixer.num_state_elements()) * torch.tensor([], dtype=dtype).element_size()
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time with bias (:func:`causal_conv1d`). Under tensor parallel its
+    parameters may be split by channels (:class:`ShardParameters`): it convolves the local channels."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+    def reset_parameters(self, generator=None) -> None:
+        # PyTorch's Conv1d default range (fan-in = width), zero bias
+        bound = 1.0 / math.sqrt(self.width)
+        nn.init.uniform_(self.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
+                conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_conv1d(x, local(self.weight), local(self.bias), resets, conv_state)
+
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return conv_step(x, local(self.weight), local(self.bias), conv_state)
+
+
+# ---- tensor parallel (see the module docstring) ------------------------------------------------------------------
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: no parameter is ever a DTensor
+    DTensor = ()
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: the local shard of a DTensor (tensor parallel), else ``p`` itself.
+    Differentiable: the gradient of the shard reaches the DTensor parameter."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def tp_mesh(p: torch.Tensor) -> Any:
+    """The tensor-parallel mesh a parameter is split over (a DTensor's), or None on one process."""
+    return p.device_mesh if isinstance(p, DTensor) else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; the gradient of each process's input is the sum of the processes' gradients (each
+    process's loss reaches the sum only through its own channels)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity; the gradient is summed over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """The sum of ``x`` over the processes of ``mesh`` (each holds a partial sum, e.g. over its channels), with the
+    matching gradient; ``x`` itself when ``mesh`` is None (one process)."""
+    return x if mesh is None else _AllReduceSum.apply(x, mesh.get_group())
+
+
+def all_reduce_grad(x: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """``x`` unchanged, but its gradient summed over the processes of ``mesh``: for an activation computed by every
+    process alike (replicated weights) and consumed by each process's own heads only, so that each process's
+    gradient covers its heads only. After the sum every process holds the whole gradient, and the replicated
+    weights upstream get the one-process gradient. ``x`` itself when ``mesh`` is None."""
+    return x if mesh is None else _AllReduceGrad.apply(x, mesh.get_group())
+
+
+def _parallel_style_base() -> type:
+    try:
+        from torch.distributed.tensor.parallel import ParallelStyle
+    except ImportError:
+        return object
+    return ParallelStyle
+
+
+class ShardParameters(_parallel_style_base()):
+    """A tensor-parallel style for a module's own per-channel / per-head parameters (those that are not an
+    ``nn.Linear``'s): each one named becomes a DTensor split on dim 0 over the tensor-parallel mesh (``Shard(0)``),
+    so each process holds the rows of its channels or heads; the module reads them through :func:`local`. The
+    module's other parameters stay as they are (replicated). With ``gather_input`` (sequence parallel) the module's
+    first positional input arrives split along the sequence (``Shard(1)``) and is all-gathered (to a plain tensor)
+    before the forward."""
+
+    def __init__(self, names: tuple[str, ...] | list[str] = (), gather_input: bool = False):
+        super().__init__()
+        self.names, self.gather_input = tuple(names), gather_input
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+        from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
+
+        for name in self.names:
+            p = module.get_parameter(name)
+            if p.shape[0] % device_mesh.size():
+                raise ValueError(f"{type(module).__name__}.{name}: dim 0 of {tuple(p.shape)} does not split over "
+                                 f"{device_mesh.size()} tensor-parallel processes")
+            d = distribute_tensor(p, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(name, nn.Parameter(d, requires_grad=p.requires_grad))
+        if self.gather_input:
+            parallelize_module(module, device_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+        return module
+
+    def __repr__(self) -> str:
+        return f"ShardParameters(names={self.names}, gather_input={self.gather_input})"

@@ -326,10 +326,12 @@ class Transformer(nn.Module):
         """The DTensor plan of this model for ``parallelize_module`` over a ``tp``-process mesh (Megatron-style):
         q/k/v and the MLP's w1/w3 column-wise (each process computes ``n_heads / tp`` heads and a slice of the
         hidden units), wo and w2 row-wise (their partial sums reduced), the embedding row-wise (split over the
-        vocabulary) and the output head column-wise (logits gathered). With ``sequence_parallel`` the norms and
-        the residual stream between blocks are split along the sequence, gathered before attention and MLP. With
-        ``loss_parallel`` the logits stay split over the vocabulary (a DTensor) for a loss computed on the shards
-        (``torch.distributed.tensor.parallel.loss_parallel``)."""
+        vocabulary) and the output head column-wise (logits gathered). A recurrent mixer's plan is its own
+        (``mixer.tensor_parallel_plan``, see :mod:`lmlab.models.recurrent`), merged under ``layers.<i>.mixer``; the
+        keys are per layer, so hybrid stacks and blocks without an MLP get exactly their own. With
+        ``sequence_parallel`` the norms and the residual stream between blocks are split along the sequence,
+        gathered before attention, mixer and MLP. With ``loss_parallel`` the logits stay split over the vocabulary
+        (a DTensor) for a loss computed on the shards (``torch.distributed.tensor.parallel.loss_parallel``)."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
@@ -339,12 +341,8 @@ class Transformer(nn.Module):
         )
 
         cfg = self.cfg
-        if self.recurrent:
-            mixers = ", ".join(sorted(set(cfg.mixers()) - {"attention"}))
-            raise ValueError(f"model.mixer: the recurrent mixers ({mixers}) have no tensor-parallel plan yet; train "
-                             "them with data parallelism (FSDP2 / DDP)")
         n_kv = cfg.n_kv_heads or cfg.n_heads
-        if cfg.n_heads % tp or n_kv % tp:
+        if any(layer.kind == "attention" for layer in self.layers) and (cfg.n_heads % tp or n_kv % tp):
             raise ValueError(f"tensor parallel over {tp} processes splits the heads: model.n_heads={cfg.n_heads} and "
                              f"model.n_kv_heads={n_kv} must both divide by parallel.tp={tp}")
         if cfg.tie_embeddings:
@@ -360,19 +358,36 @@ class Transformer(nn.Module):
                        if loss_parallel else
                        ColwiseParallel(input_layouts=seq, output_layouts=Replicate(), use_local_output=True)),
         }
-        for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
-            plan[f"layers.*.{name}"] = ColwiseParallel()
-        for name in ("attention.wo", "feed_forward.w2"):
-            plan[f"layers.*.{name}"] = RowwiseParallel(output_layouts=seq)
         if sequence_parallel:
             plan["norm"] = SequenceParallel()
-            for name in ("attention_norm", "ffn_norm"):
-                plan[f"layers.*.{name}"] = SequenceParallel()
-            plan["layers.*.attention"] = PrepareModuleInput(
-                input_layouts=(Shard(1), None, None, None, None), desired_input_layouts=(Replicate(), None, None,
-                                                                                         None, None))
-            plan["layers.*.feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                               desired_input_layouts=(Replicate(),))
+        for i, layer in enumerate(self.layers):
+            pre = f"layers.{i}."
+            if layer.kind == "attention":
+                for name in ("wq", "wk", "wv"):
+                    plan[f"{pre}attention.{name}"] = ColwiseParallel()
+                plan[f"{pre}attention.wo"] = RowwiseParallel(output_layouts=seq)
+                if sequence_parallel:
+                    plan[f"{pre}attention_norm"] = SequenceParallel()
+                    plan[f"{pre}attention"] = PrepareModuleInput(
+                        input_layouts=(Shard(1), None, None, None, None),
+                        desired_input_layouts=(Replicate(), None, None, None, None))
+            else:
+                mixer_plan = getattr(layer.mixer, "tensor_parallel_plan", None)
+                if mixer_plan is None:
+                    raise ValueError(f"model.mixer: {layer.kind} has no tensor-parallel plan; train it with data "
+                                     "parallelism (FSDP2 / DDP)")
+                for key, style in mixer_plan(tp, sequence_parallel=sequence_parallel).items():
+                    plan[f"{pre}mixer" + (f".{key}" if key else "")] = style
+                if sequence_parallel:
+                    plan[f"{pre}mixer_norm"] = SequenceParallel()
+            if layer.feed_forward is not None:
+                plan[f"{pre}feed_forward.w1"] = ColwiseParallel()
+                plan[f"{pre}feed_forward.w3"] = ColwiseParallel()
+                plan[f"{pre}feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
+                if sequence_parallel:
+                    plan[f"{pre}ffn_norm"] = SequenceParallel()
+                    plan[f"{pre}feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                                    desired_input_layouts=(Replicate(),))
         return plan
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -6,7 +6,8 @@ must multiply to the world size). Data-parallel ranks (``dp_replicate`` x ``dp_s
 tensor-parallel ranks of one data-parallel rank read the same rows. What wraps the model:
 
 - ``tp > 1``: ``parallelize_module`` with the plan the model class writes beside itself
-  (:meth:`lmlab.models.transformer.Transformer.tensor_parallel_plan`);
+  (:meth:`lmlab.models.transformer.Transformer.tensor_parallel_plan`; a recurrent mixer's part is the mixer's own
+  ``tensor_parallel_plan``, heads / channels split over the processes, see :mod:`lmlab.models.recurrent`);
 - activation checkpointing per block (``full``, or ``selective``: matmul and attention outputs kept);
 - ``train.compile``: ``torch.compile`` per block;
 - ``dp_shard > 1``: FSDP2 ``fully_shard`` per block and at the root, over ``dp_shard`` (or the 2-D
