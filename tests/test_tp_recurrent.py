@@ -27,7 +27,7 @@ STACKS = [("mingru", {"mixer": "mingru"}), ("minlstm_noconv", {"mixer": "minlstm
 CASES = [(f"{name}{'/sp' if sp else ''}", stack, sp) for name, stack in STACKS for sp in (False, True)]
 
 SCRIPT = """
-import json, os, sys
+import json, os, sys, warnings
 import torch, torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
@@ -59,7 +59,11 @@ for name, stack, sp in json.loads(sys.argv[2]):
         cfg.recurrent.conv_width = conv
     ref = materialize(build_model(cfg, device="meta"), "cpu", seed=0)  # one process: the reference
     tp = materialize(build_model(cfg, device="meta"), "cpu", seed=0)
-    parallelize_module(tp, mesh, tp.tensor_parallel_plan(mesh.size(), sequence_parallel=sp))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallelize_module(tp, mesh, tp.tensor_parallel_plan(mesh.size(), sequence_parallel=sp))
+    unresolved = [str(w.message) for w in caught if "could not be resolved" in str(w.message)]
+    assert not unresolved, unresolved  # every key of the plan names a module of this model
     refs, tps = dict(ref.named_parameters()), dict(tp.named_parameters())
     assert refs.keys() == tps.keys()
     g = torch.Generator().manual_seed(1)
@@ -197,3 +201,11 @@ def test_every_mixer_writes_its_plan_beside_itself():
     for name in RECURRENT_MIXERS:
         model = build_model(tiny(mixer=name), seed=0)
         assert hasattr(model.layers[0].mixer, "tensor_parallel_plan"), name
+    # per-layer keys: a hybrid stack gets attention keys for its attention layer only, and a block without an MLP
+    # (model.recurrent.mlp=false) no MLP keys
+    cfg = tiny(layer_mixers=["mamba2", "attention"])
+    cfg.recurrent.mlp = False
+    plan = build_model(cfg, seed=0).tensor_parallel_plan(2, sequence_parallel=True)
+    assert "layers.1.attention.wq" in plan and not any(k.startswith("layers.0.attention") for k in plan)
+    assert "layers.0.mixer.head_proj" in plan and "layers.0.mixer_norm" in plan and "layers.1.feed_forward.w1" in plan
+    assert not any(k.startswith("layers.0.feed_forward") or k.startswith("layers.0.ffn_norm") for k in plan)

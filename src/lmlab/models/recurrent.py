@@ -20,6 +20,7 @@ The interface (a mixer module, built as ``cls(cfg: ModelConfig, layer_id: int)``
     reset_parameters(in_std, out_std, generator=None)   the one place weights get values (init scheme stds)
     num_state_elements() -> int                     elements of one sequence's state (for state-size plots)
     flops_per_token() -> int                        forward FLOPs per token of this mixer (matmuls + scan)
+    tensor_parallel_plan(tp, sequence_parallel=False) -> dict[str, ParallelStyle]   its tensor-parallel plan (below)
 
 A state is a ``dict[str, Tensor]`` whose tensors all have the batch as dim 0 (a generation engine keeps one slot
 per sequence and gathers / scatters rows; a prefix cache snapshots rows).
