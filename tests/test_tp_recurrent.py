@@ -138,7 +138,8 @@ def test_tp2_equals_one_process(tp_runs, case):
 
 @pytest.mark.parametrize("name,model,parallel", [
     ("tp_mamba2_attention", ("model.layer_mixers=[mamba2,attention]",), ()),
-    ("tp_sp_hawk_minlstm", ("model.layer_mixers=[hawk,minlstm]",), ("parallel.sequence_parallel=true",)),
+    ("tp_sp_lp_hawk_minlstm", ("model.layer_mixers=[hawk,minlstm]",),
+     ("parallel.sequence_parallel=true", "parallel.loss_parallel=true")),
 ])
 def test_trainer_tp2_matches_one_process(tmp_path, name, model, parallel):
     """``lmlab train`` under torchrun with parallel.tp=2 (dp_shard=1), through the trainer's own parallelize,
