@@ -295,9 +295,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from lmlab.hf import hf_tokenizer_files, save_hf_folder
+    from lmlab.models.lora import has_lora, merge_lora
     from lmlab.train.checkpoint import load_run
 
     cfg, model, _ = load_run(args.run, step=args.step)
+    if has_lora(model):  # a LoRA finetune exports as the plain model it computes (updates folded into the weights)
+        merge_lora(model)
     # an hf tokenizer goes along (tokenizer.json, tokenizer_config.json with the chat template): AutoTokenizer loads it
     files, ids = hf_tokenizer_files(cfg.tokenizer) if cfg.tokenizer.kind == "hf" else ({}, {})
     out = save_hf_folder(model, args.out, extra_files=files, extra_config=ids)

@@ -377,7 +377,11 @@ def read_source(src: str | os.PathLike, with_tokenizer: bool = True, revision: s
                                   "train.init_from, export it with lmlab export)")
         return read_hf_folder(p, with_tokenizer)
     if isinstance(src, str) and _REPO_ID.match(src) and not src.startswith((".", "/")):
-        return read_hf_folder(download(src, revision, cache_dir), with_tokenizer)
+        try:
+            folder = download(src, revision, cache_dir)
+        except PretrainedError as e:
+            raise PretrainedError(f"{e} (there is no local file or folder {src} either)") from e.__cause__
+        return read_hf_folder(folder, with_tokenizer)
     raise PretrainedError(f"{src}: no such file or folder (and not a hub repo id of the form org/name)")
 
 
