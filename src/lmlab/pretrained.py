@@ -40,7 +40,7 @@ model weights only (fresh optimizer, step 0), the config's model shape equal to 
 Usage::
 
     lmlab import "$(python -c 'from lmlab.pretrained import smollm2_gguf_path; print(smollm2_gguf_path())')" \\
-        --out runs/smol                                          # ~15 s on 2 cores
+        --out runs/smol                                  # 15-30 s on 2 cores (16 s of CPU)
     lmlab import path/to/hf_llama_folder --out runs/mine         # or a hub id: lmlab import org/name --out ...
     lmlab generate runs/smol --chat "What is the capital of France?"
     lmlab export runs/smol hf_out/                               # transformers loads it back (tokenizer too)
