@@ -142,7 +142,7 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     """One step of the SSM: state (b, H, P, N), x (b, H, P), dt (b, H), A (H,), B, C (b, N) -> y (b, H, P), state."""
     decay = torch.exp(dt * A)[:, :, None, None]
     state = decay * state + (dt[:, :, None] * x).unsqueeze(-1) * B[:, None, None, :]
-    return torch.einsum("bhpn,bn->bhp", state, C), state
+    return torch.matmul(state, C[:, None, :, None]).squeeze(-1), state  # state C: (b, H, P)
 
 
 @functools.cache
