@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
 
-from lmlab.config import ConfigError, exit_on_config_error, load_grid  # noqa: E402
+from lmlab.config import ConfigError, exit_on_config_error  # noqa: E402
 from lmlab.launch import run_grid  # noqa: E402
 from memory.analyze import format_table, make_report  # noqa: E402
 from memory.build_data import FORMAT_VERSION, build_args, build_dataset  # noqa: E402
@@ -74,20 +74,16 @@ def ensure_dataset(args: dict) -> str:
 
 @exit_on_config_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", default=str(HERE / "quickstart.yaml"), help="grid YAML (default: the quickstart)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (threads are split between them)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cpus // jobs)")
-    p.add_argument("--report-only", action="store_true", help="skip data and training; rebuild the report")
+    from lmlab.launch import grid_app_arguments, parse_grid_app
+
+    t0 = time.time()
+    p = grid_app_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+                           str(HERE / "quickstart.yaml"), report_help="skip data and training; rebuild the report")
     p.add_argument("--slurm", action="store_true", help="build the datasets here, then submit the unfinished runs "
                    "to Slurm as one array job (resources: launch.slurm); rerun with --report-only once they are done")
     p.add_argument("--dry-run", action="store_true", help="print the runs and the array job(s) --slurm would submit "
                    "(size, resources), build and submit nothing")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t0 = time.time()
-    configs = load_grid(a.grid, a.overrides)
+    a, configs = parse_grid_app(p, argv)
     root = configs[0].run_dir.parent  # the grid's folder: runs/memory/quick for memory/quick/people=64_mode=tool
     if len({c.run_dir.parent for c in configs}) != 1:
         raise ConfigError(f"{a.grid}: the runs of the grid must share one parent folder")

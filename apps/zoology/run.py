@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmlab.config import Config, ConfigError, config_to_dict, exit_on_config_error, load_grid
+from lmlab.config import Config, ConfigError, config_to_dict, exit_on_config_error
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("zoology")
@@ -169,17 +169,11 @@ def make_report(configs: list[Config], out_dir: Path, threads: int = 1) -> list[
 
 @exit_on_config_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", default=str(HERE / "grid.yaml"), help="grid YAML (default: grid.yaml)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (threads are split between them)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: train.threads if set, "
-                   "else cpus // jobs)")
-    p.add_argument("--report-only", action="store_true", help="train nothing: evaluate finished runs and redraw")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lmlab.launch import grid_app_arguments, parse_grid_app
+
     t0 = time.time()
-    configs = load_grid(a.grid, a.overrides)
+    p = grid_app_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), str(HERE / "grid.yaml"))
+    a, configs = parse_grid_app(p, argv)
     for cfg in configs:
         if cfg.data.kind != "mqar":
             raise ConfigError(f"{cfg.name}: data.kind is {cfg.data.kind!r}; the zoology app trains on data.kind mqar")

@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from typing import Any
 from lmlab.analysis.report import figure_format, log_ticks, save_figure
 from lmlab.analysis.runs import RunRecord, load_runs
 from lmlab.analysis.table import best_mode, metric_names, summarize_run
+from lmlab.commands import run_command
 
 log = logging.getLogger(__name__)
 
@@ -442,18 +442,6 @@ def _run(argv: list[str] | None) -> int:
     print(f"wrote {drawn['path']} ({len(drawn['groups'])} group(s), {n} run(s)"
           + (f"; {skipped} run(s) without {args.y}" if skipped else "") + ")")
     return 0
-
-
-def run_command(run: Any, argv: list[str] | None, errors: type[Exception]) -> int:
-    """An analysis command's exit status: ``run(argv)``'s, or 2 with one line ``error: ...`` on stderr for bad usage
-    (``errors``); --help exits 0."""
-    try:
-        return run(argv)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmlab.analysis.plot import PlotError, _unknown, plot_curves, plot_final, run_command, select_runs
+from lmlab.analysis.plot import PlotError, _unknown, plot_curves, plot_final, select_runs
 from lmlab.analysis.report import Section, log_ticks, save_figure, write_html_report
 from lmlab.analysis.runs import RunRecord, load_runs
 from lmlab.analysis.table import metric_names, runs_table, summarize_run
+from lmlab.commands import run_command
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,6 @@ import difflib
 import json
 import logging
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -398,37 +397,37 @@ def _task_manager(names: list[str], include: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``lmlab lm-eval ...``: 0 on success, 2 on bad usage, 1 when the run's checkpoint cannot be loaded."""
+    from lmlab.commands import run_command
+
+    return run_command(_run, argv, UsageError, CheckpointError, prog="lmlab lm-eval")
+
+
+def _run(argv: list[str] | None) -> int:
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
 
+    args = _parse(argv)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise UsageError("--tasks: give at least one task name")
+    if args.batch_size <= 0:
+        raise UsageError("--batch-size must be >= 1")
+    limit = args.limit
+    if limit is not None:
+        if limit <= 0 or (limit >= 1 and limit != int(limit)):
+            raise UsageError(f"--limit: a number of documents (>= 1) or a fraction in (0, 1), got {limit}")
+        limit = int(limit) if limit >= 1 else limit
+    tm = _task_manager(names, args.include_path)
     try:
-        args = _parse(argv)
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not names:
-            raise UsageError("--tasks: give at least one task name")
-        if args.batch_size <= 0:
-            raise UsageError("--batch-size must be >= 1")
-        limit = args.limit
-        if limit is not None:
-            if limit <= 0 or (limit >= 1 and limit != int(limit)):
-                raise UsageError(f"--limit: a number of documents (>= 1) or a fraction in (0, 1), got {limit}")
-            limit = int(limit) if limit >= 1 else limit
-        tm = _task_manager(names, args.include_path)
-        try:
-            lm = LmlabLM(args.run, step=args.step, batch_size=args.batch_size, max_length=args.max_length,
-                         device=args.device, dtype=args.dtype)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=limit,
-                                          task_manager=tm, log_samples=args.log_samples, random_seed=args.seed,
-                                          numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                          fewshot_random_seed=args.seed)
-    except UsageError as e:
-        print(f"lmlab lm-eval: error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"lmlab lm-eval: error: {e}", file=sys.stderr)
-        return 1
+        lm = LmlabLM(args.run, step=args.step, batch_size=args.batch_size, max_length=args.max_length,
+                     device=args.device, dtype=args.dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=limit,
+                                      task_manager=tm, log_samples=args.log_samples, random_seed=args.seed,
+                                      numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                      fewshot_random_seed=args.seed)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))

@@ -285,3 +285,27 @@ def run_grid(
     failed = sum(o.status == "failed" for o in outcomes.values())
     log(f"grid: {ran} ran, {failed} failed, {len(configs) - total} already done in {_fmt_time(time.time() - t_grid)}")
     return [outcomes[i] for i in range(len(configs))]
+
+
+def grid_app_arguments(parser: Any, default_grid: str, jobs: int = 2, report_help: str = "") -> Any:
+    """The flags every grid app shares (apps/memory, apps/zoology, ...): ``--grid``, ``--jobs``, ``--threads``,
+    ``--report-only``; the app adds its own, then :func:`parse_grid_app` adds the trailing overrides and parses."""
+    parser.add_argument("--grid", default=default_grid, help=f"grid YAML (default: {Path(default_grid).name})")
+    parser.add_argument("--jobs", type=int, default=jobs, help="runs trained at once (threads are split between them)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: train.threads if "
+                        "set, else cpus // jobs)")
+    parser.add_argument("--report-only", action="store_true",
+                        help=report_help or "train nothing: evaluate finished runs and rebuild the report")
+    return parser
+
+
+def parse_grid_app(parser: Any, argv: list[str] | None) -> tuple[Any, list]:
+    """Parse a grid app's command line (overrides last), set up logging, and load the grid: ``(args, configs)``."""
+    import logging
+
+    from lmlab.config import load_grid
+
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args, load_grid(args.grid, args.overrides)

@@ -33,7 +33,6 @@ import glob
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,29 +171,29 @@ def _check_installed(to: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parse(argv)
-        if args.to == "tensorboard" and (args.project or args.mode != "offline"):
-            raise UsageError("--project and --mode are for --to wandb")
-        if args.to == "wandb" and args.out:
-            raise UsageError("--out is for --to tensorboard (wandb writes RUN/wandb)")
-        _check_installed(args.to)
-        runs = resolve_runs(args.runs)
-        outs = tensorboard_dirs(runs, args.out) if args.to == "tensorboard" else [None] * len(runs)
-        todo = [(run, load_rows(run), out) for run, out in zip(runs, outs)]  # all checked before any is written
-        for run, rows, out in todo:
-            if out is not None:
-                dest = sync_tensorboard(run, rows, out)
-            else:
-                dest = sync_wandb(run, rows, args.project, args.mode)
-            steps = f"steps {rows[0]['step']}..{rows[-1]['step']}" if rows else "no steps"
-            print(f"{run}: {len(rows)} rows ({steps}) -> {dest}")
-    except UsageError as e:
-        print(f"lmlab sync: error: {e}", file=sys.stderr)
-        return 2
-    except SyncError as e:
-        print(f"lmlab sync: error: {e}", file=sys.stderr)
-        return 1
+    """``lmlab sync ...``: 0 on success, 2 on bad usage, 1 when a run cannot be synced."""
+    from lmlab.commands import run_command
+
+    return run_command(_run, argv, UsageError, SyncError, prog="lmlab sync")
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    if args.to == "tensorboard" and (args.project or args.mode != "offline"):
+        raise UsageError("--project and --mode are for --to wandb")
+    if args.to == "wandb" and args.out:
+        raise UsageError("--out is for --to tensorboard (wandb writes RUN/wandb)")
+    _check_installed(args.to)
+    runs = resolve_runs(args.runs)
+    outs = tensorboard_dirs(runs, args.out) if args.to == "tensorboard" else [None] * len(runs)
+    todo = [(run, load_rows(run), out) for run, out in zip(runs, outs)]  # all checked before any is written
+    for run, rows, out in todo:
+        if out is not None:
+            dest = sync_tensorboard(run, rows, out)
+        else:
+            dest = sync_wandb(run, rows, args.project, args.mode)
+        steps = f"steps {rows[0]['step']}..{rows[-1]['step']}" if rows else "no steps"
+        print(f"{run}: {len(rows)} rows ({steps}) -> {dest}")
     return 0
 
 
