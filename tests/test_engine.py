@@ -635,6 +635,19 @@ def test_a_tool_call_yields_call_answer_and_continuation(chat_format):
     check_pool_is_whole(engine)
 
 
+@pytest.mark.parametrize("chat_format", ["lmlab", "chatml"])
+def test_a_dialog_generated_past_its_end_keeps_the_dialog_up_to_the_end(chat_format):
+    """With stop tokens off, a dialog request runs on past the end of the assistant's turn: the result's dialog is
+    the dialog up to that end (the tokens after it are in ``tokens`` only)."""
+    engine = tool_engine(lambda sql: "36", chat_format=chat_format)
+    req = Request(dialog=[{"source": "user", "content": "Hi"}],
+                  params=SamplingParams(max_new_tokens=60, temperature=0, stop_token_ids=()))
+    (res,) = engine.generate([req])
+    assert res.finish_reason == "length" and len(res.tokens) == 60
+    assert res.dialog == [{"source": "user", "content": "Hi"},
+                          {"source": "assistant", "content": "Hello there, nice to meet you."}]
+
+
 def test_a_raising_tool_and_a_hanging_tool_give_error_answers_and_the_batch_completes():
     def boom(sql):
         raise RuntimeError("no such table: people")

@@ -808,20 +808,21 @@ class DialogTokenizer:
         tokens.extend(self._header["assistant"])
         return tokens
 
-    def decode_dialog(self, tokens: Iterable[int]) -> list[dict[str, str]]:
+    def decode_dialog(self, tokens: Iterable[int], strict: bool = True) -> list[dict[str, str]]:
         """Turns of a token sequence (inverse of :meth:`encode_dialog`).
 
         The end (lmlab: ``<|end_of_dialog|>``; chatml: the last turn's ``<|im_end|>``) may be missing (a partial
-        generation): the last turn then holds what was generated so far. Tokens before the first turn, or
-        (lmlab) after the end-of-dialog, are errors.
+        generation): the last turn then holds what was generated so far. Tokens before the first turn are errors;
+        so are tokens after the end-of-dialog (lmlab) or between a turn's ``<|im_end|>`` and the next turn (chatml),
+        unless ``strict`` is false: they are then left out (a generation that went on past the end).
         """
         ids = _as_id_list(tokens)
-        turns = self._decode_chatml(ids) if self.format == "chatml" else self._decode_lmlab(ids)
+        turns = self._decode_chatml(ids, strict) if self.format == "chatml" else self._decode_lmlab(ids, strict)
         if self.system_prompt and turns and turns[0] == {"source": "system", "content": self.system_prompt}:
             turns = turns[1:]
         return turns
 
-    def _decode_lmlab(self, ids: list[int]) -> list[dict[str, str]]:
+    def _decode_lmlab(self, ids: list[int], strict: bool = True) -> list[dict[str, str]]:
         turns: list[dict[str, str]] = []
         source: str | None = None
         start = 0
@@ -834,7 +835,7 @@ class DialogTokenizer:
             if source is not None:
                 turns.append({"source": source, "content": self.tokenizer.decode(ids[start:pos])})
             if t == self._end:
-                if pos != len(ids) - 1:
+                if pos != len(ids) - 1 and strict:
                     raise DialogError(f"{len(ids) - pos - 1} tokens follow <|end_of_dialog|> at position {pos}")
                 return turns
             source, start = new_source, pos + 1
@@ -842,7 +843,7 @@ class DialogTokenizer:
             turns.append({"source": source, "content": self.tokenizer.decode(ids[start:])})
         return turns
 
-    def _decode_chatml(self, ids: list[int]) -> list[dict[str, str]]:
+    def _decode_chatml(self, ids: list[int], strict: bool = True) -> list[dict[str, str]]:
         turns: list[dict[str, str]] = []
         starts = [i for i, t in enumerate(ids) if t == self._im_start]
         if ids and (not starts or any(t not in self._newline for t in ids[:starts[0]])):
@@ -853,7 +854,7 @@ class DialogTokenizer:
             if self._im_end in span:
                 end = span.index(self._im_end)
                 rest = span[end + 1:]
-                if any(t not in self._newline for t in rest):
+                if strict and any(t not in self._newline for t in rest):
                     raise DialogError(f"{len(rest)} tokens follow <|im_end|> at position {pos + 1 + end} outside any "
                                       "turn")
                 span = span[:end]

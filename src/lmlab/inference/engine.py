@@ -794,11 +794,11 @@ class Engine:
         (the chatml format: ``<|im_end|>`` ends every assistant turn) is a call only when the turn holds one."""
         call = None
         if tok in self.tools:
-            call = self.tools[tok].extract(self._message(s))
-            if tok in s.stops and call is None:
-                pass  # a final answer, not a call
-            else:
-                call = (call,)
+            found = self.tools[tok].extract(self._message(s))
+            # a trigger that also ends an answer (chatml's <|im_end|>) calls only when the turn holds a call; a
+            # dedicated trigger (lmlab's <|database|>) always calls (no call found: the answer says so)
+            if found is not None or tok not in self.dialog_tokenizer.stop_ids:
+                call = (found,)
         if tok in s.stops and call is None:
             s.finish_reason = "stop"
         elif self._hit_stop_string(s):
@@ -874,6 +874,7 @@ class Engine:
                 cut = min((text.find(x) for x in s.req.stop_strings if x in text), default=len(text))
                 text = text[:cut]
             if s.req.dialog is not None:
-                dialog = self.dialog_tokenizer.decode_dialog(s.tokens)
+                # tokens generated past the dialog's end (stop tokens switched off) are not part of it
+                dialog = self.dialog_tokenizer.decode_dialog(s.tokens, strict=False)
         return Result(s.req.id, s.prompt, new, s.finish_reason or "length", text, dialog,
                       max(s.cached_tokens, 0), s.tool_calls)
