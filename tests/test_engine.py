@@ -824,3 +824,17 @@ def test_a_hung_tool_call_does_not_hold_back_the_next_ones():
     assert [r.tool_calls[0][1] for r in early] == ["36", "36"]
     assert all(r.dialog[3]["content"] == "Ada is 36." for r in early)
     check_pool_is_whole(engine)
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_sampled():
+    """A model whose embedding is padded past its tokenizer (vocab 300 over the byte tokenizer's 264): the rows the
+    tokenizer cannot decode are suppressed for every request that will be decoded, even where the model prefers
+    them."""
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=64, vocab_size=300), seed=0).eval()
+    with torch.no_grad():
+        model.output.weight[264:] = model.output.weight[:264].abs().max() * 50  # the padding rows would win
+    engine = Engine(model, ByteTokenizer(), pool_tokens=256, page_size=8, max_batch=2)
+    res = engine.generate([Request(dialog=[{"source": "user", "content": "hi"}], params=GREEDY),
+                           Request(prompt=[104, 105], params=GREEDY)])
+    for r in res:
+        assert r.tokens and max(r.tokens) < 264 and r.text is not None

@@ -753,6 +753,11 @@ def test_chatml_errors():
         dtok.decode_dialog([104, start, *b"user\nhi"])
     with pytest.raises(DialogError, match="names no known role"):
         dtok.decode_dialog([start, *b"robot\nhi"])
+    # not strict (what the engine reads back from a generation): a slip is text, what follows the end is left out
+    slip = [start, *b"user\nhi", tok.token_id("<|im_end|>"), *b"\n", start, *b"assistant\nab", start, *b"rob"]
+    assert dtok.decode_dialog(slip, strict=False) == [{"source": "user", "content": "hi"},
+                                                      {"source": "assistant", "content": "ab<|im_start|>rob"}]
+    assert dtok.decode_dialog([*slip[:10], *b"after"], strict=False) == [{"source": "user", "content": "hi"}]
     ids, _ = dtok.encode_dialog(TOOL_DIALOG[:1])
     with pytest.raises(DialogError, match="tokens follow <\\|im_end\\|>"):
         dtok.decode_dialog([*ids[:-1], *b"oops"])

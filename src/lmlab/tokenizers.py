@@ -814,7 +814,8 @@ class DialogTokenizer:
         The end (lmlab: ``<|end_of_dialog|>``; chatml: the last turn's ``<|im_end|>``) may be missing (a partial
         generation): the last turn then holds what was generated so far. Tokens before the first turn are errors;
         so are tokens after the end-of-dialog (lmlab) or between a turn's ``<|im_end|>`` and the next turn (chatml),
-        unless ``strict`` is false: they are then left out (a generation that went on past the end).
+        and (chatml) an ``<|im_start|>`` that names no role, unless ``strict`` is false: the former are then left out
+        (a generation that went on past the end), the latter kept as text of the turn before (a model's slip).
         """
         ids = _as_id_list(tokens)
         turns = self._decode_chatml(ids, strict) if self.format == "chatml" else self._decode_lmlab(ids, strict)
@@ -859,6 +860,9 @@ class DialogTokenizer:
                                       "turn")
                 span = span[:end]
             role, newline, content = self.tokenizer.decode(span).partition("\n")
+            if (not newline or role not in self._sources) and not strict and turns:
+                turns[-1]["content"] += self.tokenizer.decode([self._im_start, *span])  # not a turn: text
+                continue
             if not newline or role not in self._sources:
                 raise DialogError(f"token {pos + 1}: the turn at <|im_start|> (position {pos}) names no known role "
                                   f"(roles: {', '.join(self.CHATML_ROLES.values())})")

@@ -344,8 +344,10 @@ class Engine:
         if p.seed is None and not p.greedy:
             p = dataclasses.replace(p, seed=int(torch.randint(0, 2**62, ())))
         seq = _Seq(index, req, prompt, p, set(stops or ()))
-        if p.suppress_token_ids:
-            ids = sorted({t for t in p.suppress_token_ids if 0 <= t < cfg.vocab_size})
+        # ids past the tokenizer's vocabulary (a model whose embedding was padded beyond it) cannot be decoded
+        undecodable = range(self.tokenizer.vocab_size, cfg.vocab_size) if self.tokenizer is not None else ()
+        if p.suppress_token_ids or undecodable:
+            ids = sorted({t for t in p.suppress_token_ids if 0 <= t < cfg.vocab_size} | set(undecodable))
             if len(ids) == cfg.vocab_size:
                 raise ValueError(f"request {index}: suppress_token_ids covers every token id")
             seq.suppress = torch.tensor(ids, dtype=torch.long)
