@@ -1,5 +1,6 @@
 """apps/memory/finetune.py end to end on a tiny pretrained model made here: import, finetunes from it in both modes,
-recall with the tool live, retention against the base, the report; a rerun reuses every cached measurement."""
+recall with the tool live, retention against the base, the report; a rerun reuses every cached measurement; the
+same grid submitted to a real one-node Slurm cluster."""
 
 import csv
 import json
@@ -7,11 +8,14 @@ import sys
 from pathlib import Path
 
 import yaml
+from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the fixture "slurm_cluster")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_finetune_app_end_to_end(tmp_path, capsys):
+def tiny_grid(tmp_path):
+    """A tiny pretrained model imported into a run folder, and smollm.yaml's grid aimed at it (2 people, both modes,
+    2 steps): ``(finetune module, grid path, overrides)``."""
     from test_pretrained import make_hf_folder
 
     from lmlab.pretrained import import_pretrained
@@ -31,6 +35,11 @@ def test_finetune_app_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(grid))
     over = [f"runs_dir={tmp_path / 'runs'}", "train.steps=2", "train.ckpt_every=2", "evals.recall.max_questions=4",
             "evals.recall.max_new_tokens=24", "optim.warmup_steps=1"]
+    return finetune, path, over
+
+
+def test_finetune_app_end_to_end(tmp_path, capsys):
+    finetune, path, over = tiny_grid(tmp_path)
     assert finetune.main(["--grid", str(path), "--threads", "1", *over]) == 0
     report = tmp_path / "runs" / "memory" / "smollm" / "report"
     rows = list(csv.DictReader(open(report / "results.csv")))
@@ -46,4 +55,19 @@ def test_finetune_app_end_to_end(tmp_path, capsys):
     assert len(cached) == 3
     assert finetune.main(["--grid", str(path), "--report-only", *over]) == 0
     assert {p: p.stat().st_mtime_ns for p in cached} == cached  # nothing measured twice
+    assert "2 of 2 runs have results" in capsys.readouterr().out
+
+
+def test_finetune_app_submits_to_slurm(slurm_cluster, tmp_path, capsys):
+    """--slurm: the base and the datasets are made here, the two runs train as one array job on the cluster, and
+    --report-only then measures and reports them."""
+    from test_slurm import summary, wait_for
+
+    finetune, path, over = tiny_grid(tmp_path)
+    with slurm_cluster.environ():
+        assert finetune.main(["--grid", str(path), "--slurm", *over, "train.threads=1"]) == 0
+    runs = sorted((tmp_path / "runs" / "memory" / "smollm").glob("mode=*"))
+    assert [r.name for r in runs] == ["mode=tool", "mode=weight"]
+    wait_for(lambda: all(summary(r).get("status") == "completed" for r in runs), 300, "completed runs", slurm_cluster)
+    assert finetune.main(["--grid", str(path), "--report-only", *over]) == 0
     assert "2 of 2 runs have results" in capsys.readouterr().out

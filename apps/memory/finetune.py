@@ -21,6 +21,7 @@ Usage::
     .venv/bin/python apps/memory/finetune.py                          # apps/memory/smollm.yaml
     .venv/bin/python apps/memory/finetune.py --report-only            # retention + report of finished runs
     .venv/bin/python apps/memory/finetune.py model.lora.rank=16 optim.lr=1e-3 runs_dir=runs/lora   # LoRA variant
+    .venv/bin/python apps/memory/finetune.py --slurm launch.slurm.gpus_per_node=1   # on a GPU cluster (device auto)
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     p = grid_app_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), str(HERE / "smollm.yaml"),
                            jobs=1)
+    p.add_argument("--slurm", action="store_true", help="import the base and build the datasets here, then submit "
+                   "the unfinished runs to Slurm as one array job (launch.slurm: e.g. launch.slurm.gpus_per_node=1; "
+                   "train.device auto picks the GPU); rerun with --report-only once they are done")
     a, configs = parse_grid_app(p, argv)
     root = configs[0].run_dir.parent
     bases = {str(c.tags["base"]) for c in configs}
@@ -178,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("base %s: %s", base_dir, ensure_base(base_dir))
         for args in {dataset_args(c.tags)["out"]: dataset_args(c.tags) for c in configs}.values():
             log.info("dataset %s: %s", args["out"], ensure_dataset(args))
+        if a.slurm:
+            from lmlab.launch.slurm import submit_grid
+
+            submit_grid(configs)
+            print(f"submitted; `{sys.argv[0]} --grid {a.grid} --report-only` measures retention once they are done")
+            return 0
         from lmlab.launch import run_grid
 
         failed = [o.name for o in run_grid(configs, jobs=a.jobs, threads=a.threads) if o.status == "failed"]
