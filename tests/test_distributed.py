@@ -149,6 +149,12 @@ def test_world_size_must_match_the_mesh(tmp_path):
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
 
 
+def test_lora_under_tensor_parallel_is_refused(tmp_path):
+    p = train(tmp_path, "lora_tp", 2, "parallel.tp=2", "parallel.dp_shard=1", "model.lora.rank=2", check=False)
+    assert p.returncode != 0 and "parallel.tp=2: model.lora: LoRA adapters have no tensor-parallel plan" in p.stderr
+    assert not (tmp_path / "runs" / "lora_tp" / "checkpoints").exists()
+
+
 def test_recall_evaluation_is_split_across_processes_and_equals_one_process(tmp_path):
     """A run under FSDP2 evaluates recall with the SQL tool live, each process answering its share of the
     questions on a full replica; the gathered verdicts equal one process evaluating the same checkpoint."""

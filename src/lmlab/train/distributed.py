@@ -198,6 +198,12 @@ class Parallel:
     def _apply_tp(self, model: nn.Module) -> None:
         from torch.distributed.tensor.parallel import parallelize_module
 
+        from lmlab.models.lora import has_lora
+
+        if has_lora(model):
+            raise ConfigError(f"parallel.tp={self.sizes.tp}: model.lora: LoRA adapters have no tensor-parallel plan "
+                              "(their low-rank factors would need splitting with the layers they adapt); finetune "
+                              "with data parallelism (FSDP2 / DDP)")
         plan_of = getattr(model, "tensor_parallel_plan", None)
         if plan_of is None:
             raise ConfigError(f"parallel.tp={self.sizes.tp}: {type(model).__name__} has no tensor-parallel plan")
