@@ -762,20 +762,10 @@ def reference_dialog(model, dtok, prompt, req, tool, limit):
 STOPS = (ByteTokenizer().special_id("<|end_of_dialog|>"), ByteTokenizer().special_id("<|eos|>"))
 
 
-def test_real_model_with_tools_stop_strings_preemption_and_prefix_cache_equals_full_recompute():
-    """Two turns of six dialogs (the second fed as tokens: history + the model's own answer + a new user turn,
-    since random bytes do not survive a text round trip) with a tool, stop strings, stop tokens, a pool small
-    enough to preempt and the prefix cache, against the slow reference."""
-    dtok = DialogTokenizer(ByteTokenizer())
+def two_turns_equal_the_reference(model, dtok, engine, tool, questions):
+    """Each question as a dialog, then a second user turn on every result (prefix-cached): every result equals the
+    full-recompute reference (tokens, finish reason, tool calls). Odd requests stop at the string "|"."""
     tok = dtok.tokenizer
-    model = small_model(vocab_size=tok.vocab_size, seed=5, max_seq_len=256)
-    with torch.no_grad():  # the model now emits the tool's trigger where it would have written 'u' (a frequent id)
-        w = model.output.weight
-        trig = tok.special_id(EchoTool.trigger)
-        w[[ord("u"), trig]] = w[[trig, ord("u")]]
-    tool = EchoTool()
-    engine = Engine(model, dtok, pool_tokens=320, page_size=8, max_batch=6, tools=[tool])
-    questions = ["How old is Ada?", "Where does Bob live?", "Hi", "What does Carol do?", "Who is Dan?", "Eve?"]
 
     def request(i, budget, dialog=None, prompt=None):
         n = len(dtok.encode_prompt(dialog) if dialog else prompt)
@@ -791,6 +781,24 @@ def test_real_model_with_tools_stop_strings_preemption_and_prefix_cache_equals_f
         prompt = dtok.encode_prompt(req.dialog) if req.dialog else req.prompt
         tokens, reason, calls = reference_dialog(model, dtok, prompt, req, tool, engine.context_limit)
         assert (res.tokens, res.finish_reason, res.tool_calls) == (tokens, reason, calls)
+    return res1, res2
+
+
+def test_real_model_with_tools_stop_strings_preemption_and_prefix_cache_equals_full_recompute():
+    """Two turns of six dialogs (the second fed as tokens: history + the model's own answer + a new user turn,
+    since random bytes do not survive a text round trip) with a tool, stop strings, stop tokens, a pool small
+    enough to preempt and the prefix cache, against the slow reference."""
+    dtok = DialogTokenizer(ByteTokenizer())
+    tok = dtok.tokenizer
+    model = small_model(vocab_size=tok.vocab_size, seed=5, max_seq_len=256)
+    with torch.no_grad():  # the model now emits the tool's trigger where it would have written 'u' (a frequent id)
+        w = model.output.weight
+        trig = tok.special_id(EchoTool.trigger)
+        w[[ord("u"), trig]] = w[[trig, ord("u")]]
+    tool = EchoTool()
+    engine = Engine(model, dtok, pool_tokens=320, page_size=8, max_batch=6, tools=[tool])
+    questions = ["How old is Ada?", "Where does Bob live?", "Hi", "What does Carol do?", "Who is Dan?", "Eve?"]
+    res1, res2 = two_turns_equal_the_reference(model, dtok, engine, tool, questions)
     reasons = [r.finish_reason for r in res1 + res2]
     assert {"stop_string", "length", "stop"} <= set(reasons), reasons  # every way to end was taken
     assert sum(len(r.tool_calls) for r in res1 + res2) >= 3

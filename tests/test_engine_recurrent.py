@@ -9,7 +9,7 @@ mixers that import; each alone and in a hybrid with attention."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import STOPS, EchoTool, ask, reference_dialog
+from test_engine import EchoTool, ask, two_turns_equal_the_reference
 from torch import nn
 
 from lmlab.config import InitConfig, ModelConfig, RecurrentConfig
@@ -348,20 +348,7 @@ def test_real_model_with_tools_stop_strings_and_prefix_cache_equals_full_recompu
     tool = EchoTool()
     engine = Engine(model, dtok, pool_tokens=480, page_size=8, max_batch=4, prefill_chunk=32, tools=[tool])
 
-    def request(i, budget, dialog=None, prompt=None):
-        n = len(dtok.encode_prompt(dialog) if dialog else prompt)
-        params = SamplingParams(max_new_tokens=min(budget, 192 - n), temperature=0, stop_token_ids=STOPS)
-        return Request(dialog=dialog, prompt=prompt, params=params, stop_strings=("|",) if i % 2 else ())
-
-    turn1 = [request(i, 40, dialog=[{"source": "user", "content": q}]) for i, q in enumerate(questions)]
-    res1 = engine.generate(turn1)
-    user = [dtok.begin_id("user")] + tok.encode("And then?") + [dtok.begin_id("assistant")]
-    turn2 = [request(i, 30, prompt=r.prompt + r.tokens + user) for i, r in enumerate(res1)]
-    res2 = engine.generate(turn2)
-    for req, res in zip(turn1 + turn2, res1 + res2):
-        prompt = dtok.encode_prompt(req.dialog) if req.dialog else req.prompt
-        tokens, reason, calls = reference_dialog(model, dtok, prompt, req, tool, engine.context_limit)
-        assert (res.tokens, res.finish_reason, res.tool_calls) == (tokens, reason, calls)
+    res1, res2 = two_turns_equal_the_reference(model, dtok, engine, tool, questions)
     assert sum(len(r.tool_calls) for r in res1 + res2) >= 2
     assert sum(r2.cached_tokens >= len(r1.prompt) for r1, r2 in zip(res1, res2)) >= 3
     check_whole(engine)
