@@ -102,11 +102,11 @@ def _slurm_failed(run_dir: str | os.PathLike) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.train import Trainer
+    from lmlab.train import build_trainer
 
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = Trainer(cfg).fit()
+        summary = build_trainer(cfg).fit()
     finally:
         distributed = _leave_process_group()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -476,6 +476,9 @@ class TrainConfig:
                        "RUN@STEP), a Hugging Face Llama folder or a .gguf file (lmlab.pretrained); weights only "
                        "(fresh optimizer, step 0), the model section equal to the source's; a run resumed from its "
                        "own checkpoint ignores it; empty: random init")
+    objective: Literal["lm", "grpo"] = F(
+        "lm", "lm: next-token cross-entropy on the data section; grpo: reinforcement learning on the rl section "
+        "(rollouts through the generation engine, lmlab.train.grpo); a step is one batch of rollouts")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -703,6 +706,60 @@ class RecallEvalConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """Weights of the reward terms of a rollout (lmlab.train.grpo.rollout_rewards); the reward is their sum. Each
+    term is judged as the recall evaluation judges an answer (lmlab.evals.recall.judge)."""
+
+    correct: float = F(1.0, "the final answer's parsed value equals the expected value (exact match)")
+    tool_call: float = F(0.0, "the answer made a well-formed tool call (a ```sql block before the trigger)")
+    valid_sql: float = F(0.0, "its first tool call ran without error (parsed, allowed and executed)")
+    format: float = F(0.0, "the final answer full-matches one of the question's answer templates")
+    length: float = F(0.0, "times the fraction of rl.max_new_tokens the model sampled (negative: a length penalty)")
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning with GRPO (train.objective: grpo; lmlab.train.grpo). Each step samples rl.group_size
+    answers to each of rl.prompts_per_step questions through the generation engine (the tool live), scores them,
+    normalises the rewards within each question's group and takes rl.epochs x rl.minibatches optimizer steps on
+    the clipped objective, the loss on the model's own tokens only."""
+
+    prompts: list[str] = F([], "JSONL files of questions (the recall-set format of lmlab.evals.recall) to roll out")
+    db: str = F("", "SQLite database the model queries during rollouts (lmlab.tools.sql); empty: no tool")
+    prompts_per_step: int = F(16, "questions per step (all processes together)")
+    group_size: int = F(8, "answers sampled per question (the group its advantages are normalised in)")
+    temperature: float = F(1.0, "sampling temperature of the rollouts (the log-probabilities use the same)")
+    max_new_tokens: int = F(160, "tokens sampled per answer at most (tool answers not counted)")
+    epochs: int = F(1, "passes over each batch of rollouts (1: on-policy, the ratio is 1)")
+    minibatches: int = F(1, "optimizer steps per pass (the rollouts split into this many parts)")
+    clip_low: float = F(0.2, "the ratio is clipped below at 1 - clip_low")
+    clip_high: float = F(0.2, "the ratio is clipped above at 1 + clip_high (DAPO raises it, e.g. 0.28)")
+    kl_coef: float = F(0.0, "weight of the KL divergence to the frozen reference model (k3 estimator); 0: none")
+    ref: str = F("", "the reference model's weights (as train.init_from); empty: train.init_from")
+    loss_norm: Literal["token", "sequence"] = F(
+        "token", "token: the sum over every trained token divided by their count in the step (DAPO); sequence: "
+        "each answer's mean over its tokens, averaged over answers (the original GRPO)")
+    scale_rewards: bool = F(True, "divide advantages by the group's standard deviation (false: Dr. GRPO)")
+    rewards: RewardsConfig = F(RewardsConfig(), "reward terms and their weights")
+    seed: int | None = F(None, "seed of the question order and the sampling; null: the run seed")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        for key in ("prompts_per_step", "max_new_tokens", "epochs", "minibatches"):
+            if getattr(self, key) <= 0:
+                errs.append((key, "must be positive"))
+        if self.group_size < 2:
+            errs.append(("group_size", f"GRPO compares answers within a group: needs >= 2, got {self.group_size}"))
+        if self.temperature <= 0:
+            errs.append(("temperature", "must be positive (rollouts are sampled; 0 would be greedy)"))
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            errs.append(("clip_low", "clip_low must be in [0, 1) and clip_high >= 0"))
+        if self.kl_coef < 0:
+            errs.append(("kl_coef", "must be >= 0"))
+        return errs
+
+
+@dataclass
 class EvalsConfig:
     """Evaluations run during training and by `lmlab eval`."""
 
@@ -730,6 +787,7 @@ class Config:
     sample: SampleConfig = F(SampleConfig(), "sampling defaults")
     engine: EngineConfig = F(EngineConfig(), "generation engine")
     evals: EvalsConfig = F(EvalsConfig(), "evaluations")
+    rl: RLConfig = F(RLConfig(), "reinforcement learning (train.objective: grpo)")
     tags: dict[str, Any] = F({}, "free labels of the run for analysis and ${tags.x} references (e.g. mode, people)")
 
     @property
@@ -752,6 +810,16 @@ class Config:
         if es.metric.startswith("val_") and not self.train.eval_every:
             errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic validation: set "
                          "train.eval_every"))
+        if self.train.objective == "grpo":
+            rl = self.rl
+            if not rl.prompts:
+                errs.append(("rl.prompts", "train.objective grpo needs question files to roll out"))
+            if rl.kl_coef > 0 and not (rl.ref or self.train.init_from):
+                errs.append(("rl.kl_coef", "a KL penalty needs a reference model: set rl.ref or train.init_from"))
+            n = rl.prompts_per_step * rl.group_size
+            if n % rl.minibatches:
+                errs.append(("rl.minibatches", f"{rl.prompts_per_step} x {rl.group_size} = {n} answers per step do "
+                             f"not split into {rl.minibatches} minibatches"))
         if not _DEVICE.fullmatch(self.train.device):
             errs.append(("train.device", f"{self.train.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"))
         return errs

@@ -103,7 +103,8 @@ class Result:
     text (without a final stop token, cut before a stop string); ``finish_reason``: ``"stop"`` (stop token),
     ``"stop_string"``, ``"length"`` (max_new_tokens, the model's max_seq_len or the pool's size);
     ``dialog``: the whole dialog for dialog requests; ``cached_tokens``: prompt tokens taken from the prefix
-    cache; ``tool_calls``: (call, answer) pairs."""
+    cache; ``tool_calls``: (call, answer) pairs; ``inserted``: ``(start, length)`` spans of ``tokens`` that the
+    engine inserted (tool answers and the header after them), not sampled by the model."""
 
     id: Any
     prompt: list[int]
@@ -113,6 +114,15 @@ class Result:
     dialog: list[dict[str, str]] | None = None
     cached_tokens: int = 0
     tool_calls: list[tuple[str | None, str]] = field(default_factory=list)
+    inserted: list[tuple[int, int]] = field(default_factory=list)
+
+    def sampled_mask(self) -> list[bool]:
+        """One flag per token of ``tokens``: True where the model sampled it (False inside inserted spans): the
+        tokens a policy-gradient loss may train on."""
+        mask = [True] * len(self.tokens)
+        for start, length in self.inserted:
+            mask[start:start + length] = [False] * len(mask[start:start + length])
+        return mask
 
 
 @dataclass
@@ -222,6 +232,7 @@ class _Seq:
         self.sample_params = params  # what the Sampler sees: suppression is applied by the engine
         self.tool: _ToolCall | None = None
         self.tool_calls: list[tuple[str | None, str]] = []
+        self.inserted: list[tuple[int, int]] = []  # (start after the prompt, length) of each tool answer
         self.finish_reason: str | None = None
         self.running = False  # in Engine.active
         self.row = -1  # its row in the decode batch (-1: none)
@@ -381,6 +392,12 @@ class Engine:
                 yield from self._step()
         finally:  # a stream left early (or a failed forward) must not leave sequences holding pages
             self.abort()
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix: call it after the model's weights changed (e.g. between the rollouts of two
+        reinforcement-learning steps), since cached keys, values and states were computed with the old ones."""
+        if self.prefix is not None:
+            self.prefix.clear()
 
     def abort(self) -> None:
         """Drop every waiting and running request, giving their pages back (running tools are abandoned)."""
@@ -850,6 +867,8 @@ class Engine:
             s.tool = None
             added = self.dialog_tokenizer.tool_answer_ids(answer)
             room = min(self.runner.cfg.max_seq_len, self.pool.n_tokens) - len(s.tokens)
+            if added[:max(room, 0)]:
+                s.inserted.append((len(s.tokens) - len(s.prompt), len(added[:max(room, 0)])))
             s.tokens.extend(added[:max(room, 0)])
             events.append(StreamEvent(s.index, added[:max(room, 0)]))
             if len(added) >= room:  # no room left to continue after the answer
@@ -879,4 +898,4 @@ class Engine:
                 # tokens generated past the dialog's end (stop tokens switched off) are not part of it
                 dialog = self.dialog_tokenizer.decode_dialog(s.tokens, strict=False)
         return Result(s.req.id, s.prompt, new, s.finish_reason or "length", text, dialog,
-                      max(s.cached_tokens, 0), s.tool_calls)
+                      max(s.cached_tokens, 0), s.tool_calls, list(s.inserted))

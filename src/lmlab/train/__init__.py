@@ -1,4 +1,5 @@
-"""Training: the loop (trainer.py), optimizers and schedules (optim.py), checkpoints (checkpoint.py).
+"""Training: the loop (trainer.py), optimizers and schedules (optim.py), checkpoints (checkpoint.py), GRPO
+reinforcement learning (grpo.py; ``train.objective: grpo``).
 
 Usage::
 
@@ -6,6 +7,7 @@ Usage::
     python -m lmlab.train CONFIG.yaml [dotted.key=value ...]
 """
 
+from lmlab.train.grpo import GRPOTrainer, build_trainer
 from lmlab.train.trainer import Trainer, TrainingError
 
-__all__ = ["Trainer", "TrainingError"]
+__all__ = ["GRPOTrainer", "Trainer", "TrainingError", "build_trainer"]

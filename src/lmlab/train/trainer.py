@@ -145,16 +145,8 @@ class Trainer:
             optim_cfg = dataclasses.replace(optim_cfg, impl="loop")
         self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
 
-        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-        # data.batch_size is the global batch: each data-parallel rank reads its share (tensor-parallel ranks of
-        # one data-parallel rank read the same rows)
-        rank_data = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // dp_size)
-        self.train_loader = build_loader(rank_data, self.tokenizer, "train", dp_rank, dp_size, data_seed)
         self.val_loader = None
-        if cfg.data.val_files or cfg.data.val_fraction > 0:
-            val_cfg = dataclasses.replace(rank_data, prefetch="none")
-            self.val_loader = build_loader(val_cfg, self.tokenizer, "val", dp_rank, dp_size, data_seed)
-            self._val_start = self.val_loader.state_dict()
+        self.build_loaders(dp_rank, dp_size)
         self.token_bytes = token_byte_lengths(self.tokenizer, self.model_cfg.vocab_size).to(self.device)
 
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
@@ -177,6 +169,24 @@ class Trainer:
         self._timed_out = False
         self._stopping = False  # a stop signal, as every process agreed after the last step
         self._recall_at: tuple[int, dict[str, Any]] = (-1, {})  # the step and row of the last periodic recall
+
+    def build_loaders(self, dp_rank: int, dp_size: int) -> None:
+        """``self.train_loader`` (and ``self.val_loader`` when the config holds validation data) for this rank; a
+        trainer of another objective (lmlab.train.grpo) overrides it. The train loader is what checkpoints save as
+        the data position (``state_dict`` / ``load_state_dict``)."""
+        cfg = self.cfg
+        if cfg.train.objective != "lm":
+            raise ConfigError(f"train.objective={cfg.train.objective!r} is not trained by Trainer: build the trainer "
+                              "with lmlab.train.build_trainer(cfg) (lmlab train does)")
+        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+        # data.batch_size is the global batch: each data-parallel rank reads its share (tensor-parallel ranks of
+        # one data-parallel rank read the same rows)
+        rank_data = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // dp_size)
+        self.train_loader = build_loader(rank_data, self.tokenizer, "train", dp_rank, dp_size, data_seed)
+        if cfg.data.val_files or cfg.data.val_fraction > 0:
+            val_cfg = dataclasses.replace(rank_data, prefetch="none")
+            self.val_loader = build_loader(val_cfg, self.tokenizer, "val", dp_rank, dp_size, data_seed)
+            self._val_start = self.val_loader.state_dict()
 
     # ---------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -236,21 +246,10 @@ class Trainer:
         if probes is not None:
             probes.after_backward(step)
         with timer.phase("optim"):
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
-                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-            elif cfg.optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = self._clip_gradients()
             total = par.all_reduce_dp(total)
             loss, gnorm = torch.stack([total / max(n_targets, 1), grad_norm.float()]).tolist()
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            last = self.ckpt.latest()
-            raise TrainingError(
-                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
-                f"(loss={loss}, grad_norm={gnorm}); the weights were not updated. Last good checkpoint: "
-                f"{last or 'none'}. Lower optim.lr or check the data.")
+        self._check_finite(loss, gnorm)
         with timer.phase("optim"):
             self.optimizer.step()
         if probes is not None:
@@ -258,6 +257,24 @@ class Trainer:
         self.step += 1
         self.tokens_seen += positions  # every data-parallel rank's
         return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to ``optim.grad_clip`` (when > 0); return the norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.env.distributed:  # DTensor gradients (FSDP2, tensor parallel), possibly beside plain ones
+            return clip_grad_norm(params, self.cfg.optim.grad_clip)
+        if self.cfg.optim.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def _check_finite(self, loss: float, gnorm: float) -> None:
+        """TrainingError (before the optimizer step: the weights stay as they were) on a non-finite loss or norm."""
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            last = self.ckpt.latest()
+            raise TrainingError(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {self.step + 1} "
+                f"(loss={loss}, grad_norm={gnorm}); the weights were not updated. Last good checkpoint: "
+                f"{last or 'none'}. Lower optim.lr or check the data.")
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> dict[str, float]:
@@ -604,7 +621,7 @@ class Trainer:
                                        "loss_tokens_per_s": window_targets / dt, "tokens": self.tokens_seen,
                                        "time": time.time() - t_start, "peak_mem_mb": peak_memory_mb(self.device),
                                        "time/step_ms": 1000.0 * dt / max(window_steps, 1),
-                                       **self.timer.window(window_steps)}
+                                       **self.timer.window(window_steps), **m.get("log", {})}
                                 if self.peak_flops:  # the job's tokens over every process's device
                                     row["mfu"] = (self.flops_per_token * row["tokens_per_s"]
                                                   / (self.peak_flops * self.world_size))
