@@ -337,11 +337,13 @@ class GRPOTrainer(Trainer):
                               float((reward.std(dim=1) == 0).sum()), float(len(groups)), sums["clipped"],
                               sums["ratio"], sums["kl"], sums["nll"], sums["tokens"],
                               float(sum(len(r.tool_calls) for r in results)),
-                              float(sum(r.finish_reason == "length" for r in results))], dtype=torch.float64)
+                              float(sum(r.finish_reason == "length" for r in results)), sums["loss"]],
+                             dtype=torch.float64)
         tot = par.all_reduce_dp(local.to(self.device)).tolist()
         s, s2, n = tot[0], tot[1], max(tot[2], 1.0)
         term = dict(zip(REWARD_TERMS, tot[3:3 + len(REWARD_TERMS)]))
-        (sampled, flat_groups, n_groups, clipped, ratio, kl, nll, toks, calls, truncated) = tot[3 + len(REWARD_TERMS):]
+        (sampled, flat_groups, n_groups, clipped, ratio, kl, nll, toks, calls, truncated,
+         loss_sum) = tot[3 + len(REWARD_TERMS):]
         toks = max(toks, 1.0)
         logged = {"rl/reward": s / n, "rl/reward_std": max(s2 / n - (s / n) ** 2, 0.0) ** 0.5,
                   **{f"rl/{k}": v / n for k, v in term.items()},
@@ -355,7 +357,7 @@ class GRPOTrainer(Trainer):
                                                        device=self.device)).item())
         self.step += 1
         self.tokens_seen += positions
-        return {"loss": sums["loss"] / updates, "grad_norm": sums["gnorm"] / updates, "lr": lr,
+        return {"loss": loss_sum / updates, "grad_norm": sums["gnorm"] / updates, "lr": lr,
                 "positions": positions, "targets": int(toks), "log": logged}
 
 
