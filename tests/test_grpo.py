@@ -352,3 +352,13 @@ def test_grpo_under_torchrun_matches_one_process(tmp_path, layout):
             # magnifies in near-zero gradient entries: its gradient norm agrees to ~0.2% (measured 0.15%)
             rel = 1e-2 if (i == 1 and key == "grad_norm") else 1e-4
             assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-6), (i, key, x[key], y[key])
+
+
+def test_each_answer_has_its_own_seed():
+    """Seeds differ across steps, questions and samples (a question met again in a later epoch is sampled anew),
+    and do not depend on anything else."""
+    import itertools
+
+    seeds = {rollout_seed(7, s, q, g) for s, q, g in itertools.product(range(4), range(4), range(4))}
+    assert len(seeds) == 64 and all(0 <= x < 2**62 for x in seeds)
+    assert rollout_seed(7, 1, 2, 3) == rollout_seed(7, 1, 2, 3) != rollout_seed(8, 1, 2, 3)
