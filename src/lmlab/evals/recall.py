@@ -52,6 +52,7 @@ from lmlab.config import EngineConfig, RecallEvalConfig
 from lmlab.data.errors import DataError
 from lmlab.inference import Engine, Request, Result, SamplingParams
 from lmlab.jsonl import iter_jsonl
+from lmlab.models import eval_mode
 from lmlab.tokenizers import DialogError, DialogTokenizer, Tokenizer
 
 __all__ = ["RecallQuestion", "evaluate_recall", "judge", "load_questions", "parse_answer", "recall_metrics",
@@ -174,12 +175,8 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
         except DialogError as e:
             raise DataError(f"question {i} ({q.person!r}, {q.attribute!r}): {e}") from None
         requests.append(Request(dialog=q.dialog, params=params, id=i))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         results = engine.generate(requests)
-    finally:
-        model.train(was_training)
     records = [judge(q, r, tool_live=tool is not None) for q, r in zip(questions, results)]
     return recall_metrics(records), records
 

@@ -10,7 +10,9 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -73,4 +75,15 @@ def build_model(
     return materialize(model, device, seed)
 
 
-__all__ = ["MODELS", "Transformer", "build_model", "materialize", "resolve_vocab"]
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block (generation, evaluation), then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["MODELS", "Transformer", "build_model", "eval_mode", "materialize", "resolve_vocab"]

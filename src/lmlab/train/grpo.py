@@ -47,6 +47,7 @@ from lmlab.config import Config, ConfigError, RewardsConfig
 from lmlab.data.errors import DataError
 from lmlab.evals.recall import RecallQuestion, build_tool, judge, load_questions
 from lmlab.inference import Engine, Request, Result, SamplingParams
+from lmlab.models import eval_mode
 from lmlab.tokenizers import DialogError, DialogTokenizer
 from lmlab.train.optim import set_lr
 from lmlab.train.trainer import Trainer, autocast
@@ -229,13 +230,8 @@ class GRPOTrainer(Trainer):
                 requests.append(Request(dialog=q.dialog, params=params, id=(gi, g)))
         engine = self._rollout_engine()
         engine.clear_cache()  # the weights changed since the last step's rollouts
-        model = engine.runner.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(engine.runner.model):
             results = engine.generate(requests)
-        finally:
-            model.train(was_training)
         g = rl.group_size
         return [results[i * g:(i + 1) * g] for i in range(len(batch))]
 
