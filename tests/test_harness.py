@@ -391,3 +391,56 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, monkeypatch):
     assert "no such folder" in capsys.readouterr().err
     assert main(["lm-eval", str(run), *base, "--max-length", "999"]) == 2
     assert "more than the model's max_seq_len=128" in capsys.readouterr().err
+
+
+def test_chat_template_equals_hflm(tmp_path, one_thread):
+    """`--apply_chat_template`: on a ChatML model imported from a transformers folder (its template adds a default
+    system message), the adapter renders each conversation as transformers' template does, reads the control tokens
+    back, and scores as HFLM does; generation requests get the same rendered prompts."""
+    from lm_eval.models.huggingface import HFLM
+    from test_pretrained import make_hf_folder
+
+    from lmlab.evals.harness import LmlabLM
+    from lmlab.pretrained import import_pretrained
+
+    folder, _, hf_tok = make_hf_folder(tmp_path / "hf")
+    run = import_pretrained(folder, tmp_path / "runs" / "chat")
+    ours = LmlabLM(pretrained=str(run), batch_size=2, device="cpu")
+    theirs = HFLM(pretrained=str(folder), batch_size=2, device="cpu", dtype="float32")
+    history = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps over"},
+               {"role": "user", "content": "Paris is in"}]
+    text = ours.apply_chat_template(history)
+    assert text == theirs.apply_chat_template(history)
+    assert ours.tok_encode(text) == theirs.tok_encode(text)
+    assert ours.tok_encode(text).count(hf_tok.convert_tokens_to_ids("<|im_start|>")) == 5  # system, 3 turns, header
+    data, tasks, cache = tmp_path / "data", tmp_path / "tasks", tmp_path / "cache"
+    data.mkdir()
+    tasks.mkdir()
+    _write_jsonl(data / "mc.jsonl", [{"ctx": c, "endings": e, "label": i % 2} for i, (c, e) in enumerate([
+        ("the quick brown", [" fox", " dog"]), ("Paris is in", [" France", " the world"]),
+        ("hello", [" world", " assistant"]), ("the lazy", [" dog jumps", " fox"])])])
+    _write_jsonl(data / "gen.jsonl", [{"question": q, "answer": a} for q, a in [("the quick", " brown"),
+                                                                               ("Paris", " is")]])
+    specs = [_task("mc_chat", data / "mc.jsonl", cache, output_type="multiple_choice", doc_to_text="{{ctx}}",
+                   doc_to_target="{{label}}", doc_to_choice="{{endings}}", metric_list=[{"metric": "acc"}]),
+             _task("gen_chat", data / "gen.jsonl", cache, output_type="generate_until", doc_to_text="{{question}}",
+                   doc_to_target="{{answer}}", target_delimiter="",
+                   generation_kwargs={"until": ["\n\n"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 8},
+                   metric_list=[{"metric": "exact_match"}])]
+    for spec in specs:
+        (tasks / f"{spec['task']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    tm = TaskManager(include_path=str(tasks), include_defaults=False)
+    results = [lm_eval.simple_evaluate(model=lm, tasks=["mc_chat", "gen_chat"], task_manager=tm, log_samples=True,
+                                       bootstrap_iters=0, apply_chat_template=True) for lm in (ours, theirs)]
+    for task in ("mc_chat", "gen_chat"):
+        a, b = ({x["doc_id"]: x for x in r["samples"][task]} for r in results)
+        assert sorted(a) == sorted(b) and a
+        for doc in a:
+            assert a[doc]["arguments"] == b[doc]["arguments"]  # the rendered prompts and continuations
+            for x, y in zip(a[doc]["resps"], b[doc]["resps"]):
+                # multiple choice: [log-likelihood, is_greedy]. Generations are compared by their prompts only: this
+                # random model writes invalid UTF-8, which the two decoders render differently
+                if task == "mc_chat":
+                    assert x[0][0] == pytest.approx(y[0][0], rel=1e-5, abs=1e-5) and x[0][1] == y[0][1]
+    first = results[0]["samples"]["mc_chat"][0]["arguments"]
+    assert "<|im_start|>system" in json.dumps(first)

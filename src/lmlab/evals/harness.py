@@ -45,6 +45,9 @@ Usage::
     results = lm_eval.simple_evaluate(model=lm, tasks=["my_mc"], task_manager=TaskManager(include_path="tasks/"))
     lm_eval.simple_evaluate(model="lmlab", model_args="pretrained=runs/NAME,batch_size=8", tasks=[...])
 
+With ``--apply-chat-template`` (lm_eval's ``apply_chat_template=True``) each document becomes a conversation written
+in the run's dialog format (:meth:`LmlabLM.apply_chat_template`; ChatML runs as transformers' template writes them).
+
 Exit status of ``lmlab lm-eval``: 0 done; 1 a bad run folder or checkpoint; 2 bad usage (an unknown task, a bad
 option value). Without ``--include-path``, or when a task is not found there, lm_eval's own task index is read
 (several seconds); tasks that fetch their data from the Hugging Face hub need network access.
@@ -57,6 +60,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,7 +74,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmlab.tokenizers import BOS, EOS, Tokenizer
+from lmlab.tokenizers import BOS, EOS, DialogTokenizer, Tokenizer
 from lmlab.train.checkpoint import CheckpointError, load_run, step_of
 
 __all__ = ["LmlabLM", "control_tokens", "main"]
@@ -158,6 +162,7 @@ class LmlabLM(TemplateLM):
         # skip_special_tokens)
         self._skip = set(self.tokenizer.special_tokens.values()) | {self._eot, self._prefix}
         self._engine = None
+        self._chat: re.Pattern[str] | None = None  # set once a chat template was applied: control tokens in text
 
     # ---- what lm_eval reads ------------------------------------------------------------------------------
     @property
@@ -190,9 +195,40 @@ class LmlabLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
-        """lmlab's encoding (never a BOS token, whatever ``add_special_tokens`` says), optionally left-truncated."""
-        ids = self.tokenizer.encode(string)
+        """lmlab's encoding (never a BOS token, whatever ``add_special_tokens`` says), optionally left-truncated.
+        Once a chat template is applied (``--apply_chat_template``), the vocabulary's control tokens spelled in the
+        text are read as those tokens, as transformers' tokenizers (and so HFLM) read them."""
+        if self._chat is None:
+            ids = self.tokenizer.encode(string)
+        else:
+            ids = []
+            for i, piece in enumerate(self._chat.split(string)):
+                if i % 2:
+                    ids.append(self._controls[piece])
+                elif piece:
+                    ids.extend(self.tokenizer.encode(piece))
         return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the run's dialog format writes it (:class:`~lmlab.tokenizers.DialogTokenizer`:
+        lmlab's turns or ChatML, with the run's default system message), as text that :meth:`tok_encode` reads back
+        to the same ids. ``add_generation_prompt`` false continues the last (assistant) message: no end after it."""
+        dialogs = DialogTokenizer(self.tokenizer)
+        turns = [{"source": m["role"], "content": m["content"]} for m in chat_history]
+        if add_generation_prompt or not turns or turns[-1]["source"] != "assistant":
+            ids = dialogs.encode_prompt(turns)
+        else:
+            ids = dialogs.encode_prompt(turns[:-1]) + self.tokenizer.encode(turns[-1]["content"])
+        if self._chat is None:
+            own = self.tokenizer._own_tokens()  # the vocabulary's added tokens (e.g. <|im_start|>), by text
+            self._controls = {**self.tokenizer.special_tokens, **own}
+            literals = sorted(self._controls, key=len, reverse=True)
+            self._chat = re.compile("(" + "|".join(re.escape(x) for x in literals) + ")")
+        return self.tokenizer.decode(ids)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The run's dialog format, for lm_eval's records (the rendering is :meth:`apply_chat_template`)."""
+        return f"lmlab dialog format: {DialogTokenizer(self.tokenizer).format}" if chat_template else None
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self._skip])
@@ -374,6 +410,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="weights' dtype (float32)")
     p.add_argument("--log-samples", action="store_true", help="also write each document's requests and answers")
     p.add_argument("--seed", type=int, default=0, help="seed of lm_eval's sampling and few-shot draws (0)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each document as a conversation in the run's dialog format (lmlab or ChatML)")
     return p.parse_args(argv)
 
 
@@ -427,7 +465,7 @@ def _run(argv: list[str] | None) -> int:
     results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=limit,
                                       task_manager=tm, log_samples=args.log_samples, random_seed=args.seed,
                                       numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                      fewshot_random_seed=args.seed)
+                                      fewshot_random_seed=args.seed, apply_chat_template=args.apply_chat_template)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
