@@ -308,6 +308,13 @@ def test_rl_app_end_to_end(tmp_path):
     assert json.loads((tmp_path / "rl/sft/summary.json").read_text())["step"] == 4
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stderr
+    # `lmlab train` on the same preset runs the GRPO stage alone: here one more step, resumed from step 2
+    grpo_only = [a for a in args[4:] if not a.startswith("sft.")]
+    more = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", "apps/rl/configs/r1.yaml", *grpo_only,
+                           "train.steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    summary = json.loads((tmp_path / "rl/r1/summary.json").read_text())
+    assert summary["step"] == 3 and summary["resumed"] and summary["status"] == "completed"
 
 
 def test_bare_answers_keep_a_seeded_share_of_sentences():
