@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 import time
 from collections.abc import Sequence
@@ -55,7 +54,6 @@ from lmlab.train.trainer import Trainer, autocast
 __all__ = ["GRPOTrainer", "PromptLoader", "group_advantages", "grpo_token_loss", "rollout_reward", "rollout_seed",
            "token_logprobs"]
 
-log = logging.getLogger(__name__)
 
 
 # ---- the objective, as plain functions (tests compare them with a hand computation) ----------------------------
