@@ -321,4 +321,20 @@ MUTANTS = [
          find='    digest = hashlib.blake2b(f"{seed}/{step}/{question}/{sample}".encode(), digest_size=8).digest()\n',
          replace='    digest = hashlib.blake2b(f"{seed}/{question}/{sample}".encode(), digest_size=8).digest()\n',
          tests=["tests/test_grpo.py"]),
+    # ---- optional recurrent kernels (lmlab.models.recurrent: kernel_scan, kernel_conv) ------------------------------
+    # a document reset does not cut the recurrence on the kernel path
+    dict(id="kernels-scan-ignores-resets", module="rec-kernels", file="src/lmlab/models/recurrent.py",
+         find="    if resets is not None:\n        g = g.masked_fill(",
+         replace="    if False:\n        g = g.masked_fill(",
+         tests=["tests/test_recurrent_kernels.py"]),
+    # the conv state after the kernel keeps inputs from before the last document's start
+    dict(id="kernels-conv-state-crosses-reset", module="rec-kernels", file="src/lmlab/models/recurrent.py",
+         find="    tail = None if resets is None else resets[:, -(w - 1):]",
+         replace="    tail = None",
+         tests=["tests/test_recurrent_kernels.py"]),
+    # the conv kernel is not told the documents: inputs of one document reach the next one's first outputs
+    dict(id="kernels-conv-no-seq-idx", module="rec-kernels", file="src/lmlab/models/recurrent.py",
+         find="    seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)",
+         replace="    seq_idx = None",
+         tests=["tests/test_recurrent_kernels.py"]),
 ]

@@ -124,8 +124,9 @@ class RecurrentConfig:
     chunk_size: int = F(64, "Mamba2: chunk length of the chunked (SSD) scan in training and prefill")
     mlp: bool = F(True, "keep the SwiGLU MLP after the mixer in each block (Griffin style); false: mixer only "
                   "(Mamba style)")
-    kernels: bool = F(False, "Mamba2: use the mamba_ssm / causal_conv1d CUDA kernels when installed and on CUDA "
-                      "(plain PyTorch is the reference)")
+    kernels: bool = F(False, "use optional CUDA kernels when installed and on CUDA (plain PyTorch is the reference): "
+                      "mamba_ssm's SSD scan (Mamba2), flash-linear-attention's fused_recurrent_hgrn (the recurrence "
+                      "of Hawk, minGRU, minLSTM), causal_conv1d (every mixer's short convolution)")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []

@@ -20,6 +20,8 @@ The parallel path runs :func:`lmlab.models.scan.linear_scan` (a doubling scan, a
 the recurrence above, the reference the scan is tested against. State: ``{"h": (B, inner), "conv": (B, inner,
 conv_width - 1)}`` (no "conv" when conv_width = 0). Gates and scan run in float32 whatever the input dtype; the
 output has the input's dtype; a returned state keeps the dtype of the state passed in (the input's when none).
+With ``model.recurrent.kernels`` on CUDA, the scan and the convolution go to flash-linear-attention's and
+causal_conv1d's kernels where installed (:func:`lmlab.models.recurrent.kernels_for`; this path is the reference).
 
 Tensor parallel (:meth:`Hawk.tensor_parallel_plan`, training): ``W_gate`` and ``W_in`` split by output channels, so
 each process computes ``heads / tp`` whole heads (``head_dim`` channels each); the convolution, the blocks of
@@ -43,7 +45,7 @@ from torch import nn
 
 from lmlab.config import ModelConfig
 from lmlab.models.mingru import _cast_state, upcast
-from lmlab.models.recurrent import ShardParameters, ShortConv, State, local
+from lmlab.models.recurrent import ShardParameters, ShortConv, State, kernel_scan, kernels_for, local
 from lmlab.models.scan import linear_scan
 
 C = 8.0  # the RG-LRU's fixed exponent c
@@ -80,6 +82,7 @@ class Hawk(nn.Module):
         self.w_gate = nn.Linear(cfg.dim, self.inner, bias=False)
         self.w_in = nn.Linear(cfg.dim, self.inner, bias=False)
         self.conv = ShortConv(self.inner, cfg.recurrent.conv_width) if cfg.recurrent.conv_width > 0 else None
+        self.use_kernels = cfg.recurrent.kernels  # optional CUDA kernels (lmlab.models.recurrent: kernels_for)
         self.w_a = nn.Parameter(torch.empty(heads, self.head_dim, self.head_dim))  # block-diagonal, (in, out)
         self.b_a = nn.Parameter(torch.empty(self.inner))
         self.w_x = nn.Parameter(torch.empty(heads, self.head_dim, self.head_dim))
@@ -107,7 +110,7 @@ class Hawk(nn.Module):
         return state
 
     def _gates(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 u (..., inner) -> the RG-LRU's a_t and its input sqrt(1 - a_t^2) i_t u_t."""
+        """float32 u (..., inner) -> the RG-LRU's log a_t and its input sqrt(1 - a_t^2) i_t u_t."""
         heads = u.unflatten(-1, (-1, self.head_dim))  # (..., heads, head_dim): this process's heads under TP
         w_a, b_a, w_x, b_x, a_param = (upcast(local(p)) for p in (self.w_a, self.b_a, self.w_x, self.b_x,
                                                                    self.a_param))
@@ -115,17 +118,22 @@ class Hawk(nn.Module):
         i = torch.sigmoid(torch.einsum("...hi,hij->...hj", heads, w_x).flatten(-2) + b_x)
         log_a = -C * F.softplus(-a_param) * r
         mult = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a))
-        return torch.exp(log_a), mult * (i * u)
+        return log_a, mult * (i * u)
 
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
                 state: State | None = None) -> tuple[torch.Tensor, State]:
         new_state = {}
         gate = F.gelu(self.w_gate(x), approximate="tanh")
         u = self.w_in(x)
+        kernels = kernels_for(x, self.use_kernels)
         if self.conv is not None:
-            u, new_state["conv"] = self.conv(u, resets, None if state is None else state["conv"])
-        a, b = self._gates(upcast(u))
-        h = linear_scan(a, b, None if state is None else state["h"], resets)
+            u, new_state["conv"] = self.conv(u, resets, None if state is None else state["conv"], kernels.conv)
+        log_a, b = self._gates(upcast(u))
+        h0 = None if state is None else state["h"]
+        if kernels.scan is not None:
+            h = kernel_scan(kernels.scan, log_a, b, h0, resets)
+        else:
+            h = linear_scan(torch.exp(log_a), b, h0, resets)
         new_state["h"] = h[:, -1]
         return self.w_out(gate * h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
 
@@ -135,8 +143,8 @@ class Hawk(nn.Module):
         u = self.w_in(x)
         if self.conv is not None:
             u, new_state["conv"] = self.conv.step(u, state["conv"])
-        a, b = self._gates(upcast(u))
-        h = a * upcast(state["h"]) + b
+        log_a, b = self._gates(upcast(u))
+        h = torch.exp(log_a) * upcast(state["h"]) + b
         new_state["h"] = h
         return self.w_out(gate * h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
 

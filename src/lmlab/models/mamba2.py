@@ -39,8 +39,9 @@ the squares of its channels and the sums are all-reduced (:func:`lmlab.models.re
 
 Optional CUDA kernels: with ``use_kernels`` (``cfg.recurrent.kernels`` if the config has it, else False; or set
 the attribute), ``mamba_ssm``'s ``mamba_chunk_scan_combined`` and ``causal_conv1d``'s ``causal_conv1d_fn`` replace
-the scan and the convolution when they import and x is on CUDA. They are not installed or tested here (no GPU in
-the test suite); the plain path is the reference and what runs everywhere else.
+the scan and the convolution when they import and x is on CUDA (:func:`lmlab.models.recurrent.kernels_for`). The
+plain path is the reference and what runs everywhere else; the convolution's mapping onto its kernel is tested on CPU
+(``tests/test_recurrent_kernels.py``), the SSD kernel only where CUDA and mamba_ssm are present.
 
 Usage::
 
@@ -54,7 +55,6 @@ Usage::
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -71,6 +71,8 @@ from lmlab.models.recurrent import (
     all_reduce_sum,
     causal_conv1d,
     conv_step,
+    kernel_conv,
+    kernels_for,
     local,
     tp_mesh,
 )
@@ -144,19 +146,6 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     state = decay * state + (dt[:, :, None] * x).unsqueeze(-1) * B[:, None, None, :]
     return torch.matmul(state, C[:, None, :, None]).squeeze(-1), state  # state C: (b, H, P)
 
-
-@functools.cache
-def _kernels() -> tuple:
-    """(mamba_chunk_scan_combined or None, causal_conv1d_fn or None): imported on first use only."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
-    except Exception:  # not installed, or installed without a working CUDA / Triton
-        scan = None
-    try:
-        from causal_conv1d import causal_conv1d_fn as conv
-    except Exception:
-        conv = None
-    return scan, conv
 
 
 class Mamba2(nn.Module):
@@ -271,9 +260,10 @@ class Mamba2(nn.Module):
         p, n = self.head_dim, self.state_dim
         z, xs, dt, bc = self._project(x)
         h = xs.shape[-2]
-        scan, conv = _kernels() if self.use_kernels and x.is_cuda else (None, None)
+        kernels = kernels_for(x, self.use_kernels)
+        scan = kernels.ssd
         xbc, conv_state = self._conv(torch.cat([xs.flatten(-2), bc], dim=-1), resets,
-                                     None if state is None else state["conv"], conv)
+                                     None if state is None else state["conv"], kernels.conv)
         xs, bc = xbc.split([h * p, 2 * n], dim=-1)
         B, C = all_reduce_grad(bc, tp_mesh(self.A_log)).chunk(2, dim=-1)  # (tensor parallel: B, C are shared)
         xs = xs.unflatten(-1, (h, p))
@@ -297,16 +287,10 @@ class Mamba2(nn.Module):
     def _conv(self, xbc: torch.Tensor, resets: torch.Tensor | None, conv_state: torch.Tensor | None,
               kernel) -> tuple[torch.Tensor, torch.Tensor]:
         """silu(causal conv) over [x, B, C] (B, T, C) and the new conv state."""
-        w = self.conv_width
         weight, bias = self._conv_params()
-        if kernel is not None and conv_state is None and 2 <= w <= 4 and xbc.shape[-1] % 8 == 0:
-            # channel-last layout (what the kernel's seq_idx needs); the new conv state is the last w-1 inputs,
-            # zero before the last document's start: causal_conv1d of the tail alone gives exactly that
-            seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)
-            y = kernel(xbc.contiguous().transpose(1, 2), weight, bias, seq_idx=seq_idx,
-                       activation="silu").transpose(1, 2)
-            tail = None if resets is None else resets[:, -(w - 1):]
-            return y, causal_conv1d(xbc[:, -(w - 1):], weight, None, tail)[1]
+        out = kernel_conv(kernel, xbc, weight, bias, resets, conv_state, activation="silu")
+        if out is not None:
+            return out
         y, conv_state = causal_conv1d(xbc, weight, bias, resets, conv_state)
         return F.silu(y), conv_state
 

@@ -10,7 +10,9 @@ With ``inner = expand * dim`` channels and ``x`` the (normalised) block input::
 The gates depend on ``x_t`` only, so the recurrence is linear in h and the parallel path runs it as one scan. Every
 term is positive (g > 0), so the scan runs in log space (:func:`lmlab.models.scan.log_scan`) with
 ``log(1 - z) = -softplus(k)``, ``log z = -softplus(-k)`` and ``log g`` exact: gates near 0 or 1 lose nothing.
-:meth:`MinGRU.step` is the plain recurrence above in linear space, the reference the scan is tested against.
+:meth:`MinGRU.step` is the plain recurrence above in linear space, the reference the scan is tested against. With
+``model.recurrent.kernels`` on CUDA the recurrence goes to flash-linear-attention's ``fused_recurrent_hgrn`` (in
+linear space) and the convolution to causal_conv1d where installed (:func:`lmlab.models.recurrent.kernels_for`).
 
 Short convolution: the paper's minGRU has none; here a causal depthwise convolution of width
 ``cfg.recurrent.conv_width`` (with bias) runs over the model-width input ``x`` before the projections whenever
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.models.recurrent import ShardParameters, ShortConv, State
+from lmlab.models.recurrent import ShardParameters, ShortConv, State, kernel_scan, kernels_for
 from lmlab.models.scan import log_scan
 
 
@@ -70,6 +72,7 @@ class MinRNN(nn.Module):
         self.dim = cfg.dim
         self.inner = cfg.recurrent.expand * cfg.dim
         self.conv = ShortConv(cfg.dim, cfg.recurrent.conv_width) if cfg.recurrent.conv_width > 0 else None
+        self.use_kernels = cfg.recurrent.kernels  # optional CUDA kernels (lmlab.models.recurrent: kernels_for)
         for name in self.GATES:
             setattr(self, f"w_{name}", nn.Linear(cfg.dim, self.inner, bias=False))
         self.w_out = nn.Linear(self.inner, cfg.dim, bias=False)
@@ -102,10 +105,15 @@ class MinRNN(nn.Module):
     def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
                 state: State | None = None) -> tuple[torch.Tensor, State]:
         new_state = {}
+        kernels = kernels_for(x, self.use_kernels)
         if self.conv is not None:
-            x, new_state["conv"] = self.conv(x, resets, None if state is None else state["conv"])
+            x, new_state["conv"] = self.conv(x, resets, None if state is None else state["conv"], kernels.conv)
         log_a, log_b = self.log_coefficients(*self._projections(x))
-        h = log_scan(log_a, log_b, None if state is None else state["h"], resets).exp()
+        h0 = None if state is None else state["h"]
+        if kernels.scan is not None:  # the kernel runs the recurrence in linear space (b_t > 0 is representable)
+            h = kernel_scan(kernels.scan, log_a, log_b.exp(), h0, resets)
+        else:
+            h = log_scan(log_a, log_b, h0, resets).exp()
         new_state["h"] = h[:, -1]
         return self.w_out(h.to(x.dtype)), _cast_state(new_state, state, x.dtype)
 

@@ -45,13 +45,24 @@ Usage::
     mixer = build_mixer("mingru", cfg, layer_id=0)
     y, state = mixer(x, resets=doc_resets(doc_ids))
     plan = mixer.tensor_parallel_plan(tp=2)           # for torch.distributed.tensor.parallel.parallelize_module
+
+Optional CUDA kernels (``model.recurrent.kernels: true``; the plain PyTorch path is the reference and what runs on
+CPU): :func:`kernels_for` returns the kernels that import for a tensor on CUDA, else none. The elementwise linear
+recurrence of Hawk, minGRU and minLSTM goes to flash-linear-attention's ``fused_recurrent_hgrn``
+(``h_t = exp(g_t) h_{t-1} + x_t``; :func:`kernel_scan` maps a scan onto it, a document reset being ``g = -inf``), and
+the short convolution of every mixer to ``causal_conv1d``'s ``causal_conv1d_fn`` (:func:`kernel_conv`, resets as
+its ``seq_idx``). Mamba2's chunked SSD scan goes to ``mamba_ssm`` (:mod:`lmlab.models.mamba2`). The mapping onto
+each kernel's calling convention is tested on CPU with sequential implementations of those conventions
+(``tests/test_recurrent.py``), and against the real kernels where CUDA and the packages are present.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -135,6 +146,79 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y, window[:, :, 1:]
 
 
+class Kernels(NamedTuple):
+    """Optional fast kernels for one forward (None: not available, use the plain path).
+
+    scan: ``fla.ops.hgrn.fused_recurrent_hgrn(x, g, initial_state=, output_final_state=) -> (o, final)``, the
+        recurrence ``o_t = exp(g_t) o_{t-1} + x_t`` over (B, T, D).
+    conv: ``causal_conv1d.causal_conv1d_fn(x, weight, bias, seq_idx=, activation=) -> y``, x (B, C, T) channel-last
+        in memory, weight (C, W), seq_idx (B, T) int32 document numbers.
+    ssd: ``mamba_ssm``'s ``mamba_chunk_scan_combined`` (Mamba2 only).
+    """
+
+    scan: Callable | None = None
+    conv: Callable | None = None
+    ssd: Callable | None = None
+
+
+NO_KERNELS = Kernels()
+
+
+@functools.cache
+def _import_kernels() -> Kernels:
+    """The kernels whose packages import (each None when missing or broken); imported on first use only."""
+    def load(module: str, name: str) -> Callable | None:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except Exception:  # not installed, or installed without a working CUDA / Triton
+            return None
+    return Kernels(scan=load("fla.ops.hgrn", "fused_recurrent_hgrn"),
+                   conv=load("causal_conv1d", "causal_conv1d_fn"),
+                   ssd=load("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"))
+
+
+def kernels_for(x: torch.Tensor, enabled: bool) -> Kernels:
+    """The kernels a forward over ``x`` may use: none unless ``enabled`` and ``x`` is on CUDA."""
+    if not enabled or not x.is_cuda:
+        return NO_KERNELS
+    return _import_kernels()
+
+
+def kernel_scan(scan: Callable, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                resets: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`lmlab.models.scan.linear_scan` (``h_t = a_t h_{t-1} + b_t``, with ``log a`` given) through a kernel of
+    the ``fused_recurrent_hgrn`` convention (:class:`Kernels`): log_a, b (B, T, ...), h0 (B, ...) or None, resets
+    (B, T) or None (``log a = -inf`` there: the previous state is multiplied by 0). Returns h (B, T, ...) in float32 (float64 stays)."""
+    shape = b.shape
+    dtype = torch.promote_types(torch.float32, b.dtype)  # float32 (float64 stays: the kernel computes in float32)
+    g = log_a.to(dtype)
+    if resets is not None:
+        g = g.masked_fill(resets.bool().reshape(*resets.shape, *([1] * (g.dim() - 2))), float("-inf"))
+    g = g.reshape(shape[0], shape[1], -1).contiguous()
+    x = b.to(dtype).reshape(shape[0], shape[1], -1).contiguous()
+    init = None if h0 is None else h0.to(dtype).reshape(shape[0], -1).contiguous()
+    h, _ = scan(x, g, initial_state=init, output_final_state=False)
+    return h.reshape(shape)
+
+
+def kernel_conv(conv: Callable | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                resets: torch.Tensor | None = None, conv_state: torch.Tensor | None = None,
+                activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`causal_conv1d` (then ``activation``: None or "silu") through a kernel of the ``causal_conv1d_fn``
+    convention, or None where that kernel does not apply (none given, a carried conv state, a width outside 2-4, or
+    channels not a multiple of 8): the caller then runs the plain path."""
+    w = weight.shape[1]
+    if conv is None or conv_state is not None or not 2 <= w <= 4 or x.shape[-1] % 8:
+        return None
+    # channel-last memory (what seq_idx needs); documents numbered from the resets
+    seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)
+    y = conv(x.contiguous().transpose(1, 2), weight, bias, seq_idx=seq_idx, activation=activation).transpose(1, 2)
+    # the new conv state is the last w-1 inputs, zero before the last document's start: causal_conv1d of the tail
+    # alone (with its resets) gives exactly that
+    tail = None if resets is None else resets[:, -(w - 1):]
+    return y, causal_conv1d(x[:, -(w - 1):], weight, None, tail)[1]
+
+
 def state_bytes(mixer: Any, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one sequence's recurrent state."""
     return int(mixer.num_state_elements()) * torch.tensor([], dtype=dtype).element_size()
@@ -156,9 +240,12 @@ class ShortConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound, generator=generator)
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None,
-                conv_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_conv1d(x, local(self.weight), local(self.bias), resets, conv_state)
+    def forward(self, x: torch.Tensor, resets: torch.Tensor | None = None, conv_state: torch.Tensor | None = None,
+                kernel: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, new conv state); ``kernel``: a ``causal_conv1d_fn`` to use where it applies (:func:`kernel_conv`)."""
+        weight, bias = local(self.weight), local(self.bias)
+        out = kernel_conv(kernel, x, weight, bias, resets, conv_state)
+        return out if out is not None else causal_conv1d(x, weight, bias, resets, conv_state)
 
     def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return conv_step(x, local(self.weight), local(self.bias), conv_state)
