@@ -188,7 +188,8 @@ def kernel_scan(scan: Callable, log_a: torch.Tensor, b: torch.Tensor, h0: torch.
                 resets: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`lmlab.models.scan.linear_scan` (``h_t = a_t h_{t-1} + b_t``, with ``log a`` given) through a kernel of
     the ``fused_recurrent_hgrn`` convention (:class:`Kernels`): log_a, b (B, T, ...), h0 (B, ...) or None, resets
-    (B, T) or None (``log a = -inf`` there: the previous state is multiplied by 0). Returns h (B, T, ...) in float32 (float64 stays)."""
+    (B, T) or None (``log a = -inf`` there: the previous state is multiplied by 0). Returns h (B, T, ...) in float32
+    (float64 stays)."""
     shape = b.shape
     dtype = torch.promote_types(torch.float32, b.dtype)  # float32 (float64 stays: the kernel computes in float32)
     g = log_a.to(dtype)
