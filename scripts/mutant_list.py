@@ -337,4 +337,16 @@ MUTANTS = [
          find="    seq_idx = None if resets is None else torch.cumsum(resets, dim=1, dtype=torch.int32)",
          replace="    seq_idx = None",
          tests=["tests/test_recurrent_kernels.py"]),
+    # ---- Mamba2 checkpoints in the layout before the by-heads one (Mamba2.from_old_layout, checkpoint.py) ---------
+    dict(id="old-layout-z-x-swapped", module="old-layout", file="src/lmlab/models/mamba2.py",
+         find="        head = torch.cat([z.unflatten(0, (h, p)), x.unflatten(0, (h, p)),",
+         replace="        head = torch.cat([x.unflatten(0, (h, p)), z.unflatten(0, (h, p)),",
+         tests=["tests/test_mamba2_old_layout.py"]),
+    # the optimizer's moments of the re-laid-out parameters are left at the fresh optimizer's
+    dict(id="old-layout-moments-dropped", module="old-layout", file="src/lmlab/train/checkpoint.py",
+         find="            if all(torch.is_tensor(v) and v.shape == weights[o].shape for o, v in vals.items()):\n"
+              "                new = m.from_old_layout(vals)",
+         replace="            if all(torch.is_tensor(v) and v.shape == weights[o].shape for o, v in vals.items()):\n"
+                 "                continue",
+         tests=["tests/test_mamba2_old_layout.py"]),
 ]

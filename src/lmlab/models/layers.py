@@ -214,7 +214,23 @@ def old_parameter_names(model: nn.Module) -> dict[str, str]:
 
 def load_old_parameter_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """A ``load_state_dict`` pre-hook for a model: renames, in place, the parameters a state dict holds under an old
-    name only (see :func:`old_parameter_names`), so that state dicts saved before a renaming still load."""
+    name only (see :func:`old_parameter_names`), and converts parameters held in a module's old layout only (see
+    :func:`old_layouts`), so that state dicts saved before a renaming or a re-layout still load."""
     for new, old in old_parameter_names(module).items():
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
+    for name, sub in old_layouts(module).items():  # a module's re-laid-out parameters, from its old layout
+        pre = prefix + name
+        olds = {o: pre + o for o in sub.OLD_LAYOUT}
+        news = [pre + n for group in sub.OLD_LAYOUT.values() for n in group]
+        if all(k in state_dict for k in olds.values()) and not any(k in state_dict for k in news):
+            converted = sub.from_old_layout({o: state_dict.pop(k) for o, k in olds.items()})
+            state_dict.update({pre + k: v for k, v in converted.items()})
+
+
+def old_layouts(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name prefix ("layers.0.mixer."): module}`` of the modules that changed the layout of some parameters: a
+    class attribute ``OLD_LAYOUT`` (``{old parameter: the new parameters its rows went to}``, names relative to the
+    module) and a method ``from_old_layout({old name: tensor}) -> {new name: tensor}`` (e.g.
+    :class:`lmlab.models.mamba2.Mamba2`)."""
+    return {(f"{name}." if name else ""): m for name, m in model.named_modules() if getattr(m, "OLD_LAYOUT", None)}

@@ -151,6 +151,13 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 class Mamba2(nn.Module):
     """Mamba2 (SSD) mixer with the :mod:`lmlab.models.recurrent` interface (see the module docstring)."""
 
+    # The layout before the projection was laid out by heads (one ``in_proj`` over [z, x, B, C, dt], one convolution
+    # over [x, B, C]): old parameter -> the parameters its rows went to. Checkpoints and state dicts saved in it still
+    # load (:meth:`from_old_layout`; lmlab.train.checkpoint, lmlab.models.layers.load_old_parameter_names).
+    OLD_LAYOUT = {"in_proj.weight": ("head_proj.weight", "bc_proj.weight"),
+                  "conv_weight": ("x_conv.weight", "bc_conv.weight"),
+                  "conv_bias": ("x_conv.bias", "bc_conv.bias")}
+
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         r = cfg.recurrent
@@ -249,6 +256,26 @@ class Mamba2(nn.Module):
         squares = all_reduce_sum(gf.pow(2).sum(-1, keepdim=True), mesh)
         normed = (gf * torch.rsqrt(squares / self.inner + self.norm.eps)).to(g.dtype)
         return self.out_proj(local(self.norm.weight) * normed)
+
+    def from_old_layout(self, old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This mixer's parameters (names relative to it) from tensors of the :attr:`OLD_LAYOUT` parameters' shapes
+        (their weights, or an optimizer's moments of them; full tensors): ``in_proj`` rows [z, x, B, C, dt] ->
+        ``head_proj`` rows per head [z_h (P), x_h (P), dt_h] and ``bc_proj`` rows [B, C]; convolution rows [x, B, C]
+        -> ``x_conv`` [x] and ``bc_conv`` [B, C]. A ValueError names a tensor whose rows do not fit this mixer."""
+        h, p, n, inner = self.n_heads, self.head_dim, self.state_dim, self.inner
+        rows = {"in_proj.weight": 2 * inner + 2 * n + h, "conv_weight": inner + 2 * n, "conv_bias": inner + 2 * n}
+        for name, want in rows.items():
+            if name not in old:
+                raise ValueError(f"old-layout Mamba2 parameters: {name} is missing")
+            if old[name].shape[0] != want:
+                raise ValueError(f"old-layout Mamba2 parameter {name} has shape {tuple(old[name].shape)}: this mixer "
+                                 f"(inner {inner}, {h} heads, state {n}) needs {want} rows")
+        z, x, bc, dt = old["in_proj.weight"].split([inner, inner, 2 * n, h])
+        head = torch.cat([z.unflatten(0, (h, p)), x.unflatten(0, (h, p)), dt.unflatten(0, (h, 1))], dim=1)
+        cw, cb = old["conv_weight"], old["conv_bias"]
+        return {"head_proj.weight": head.flatten(0, 1), "bc_proj.weight": bc,
+                "x_conv.weight": cw[:inner], "bc_conv.weight": cw[inner:],
+                "x_conv.bias": cb[:inner], "bc_conv.bias": cb[inner:]}
 
     def _conv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight (C, W) and bias (C,) of the convolution over [x, B, C]: this process's x channels, then B and C."""

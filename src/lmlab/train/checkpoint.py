@@ -28,7 +28,10 @@ newest checkpoint that loads, and says which ones it skipped.
 A checkpoint saved before a module renamed its parameters (``OLD_NAMES``, see
 :func:`lmlab.models.layers.old_parameter_names`: e.g. ``layers.N.attention.smear`` and ``query_smear``, now
 ``layers.N.attention.smear.keys`` and ``.queries``) loads too, model and optimizer state alike: DCP reads each
-tensor by name, so the names the checkpoint lacks are read under their old ones.
+tensor by name, so the names the checkpoint lacks are read under their old ones. A checkpoint saved before a module
+changed the layout of some parameters (``OLD_LAYOUT``, see :func:`lmlab.models.layers.old_layouts`: Mamba2's
+projection and convolution before they were laid out by heads) loads too: the old tensors, weights and optimizer
+moments, are read whole and converted by the module (``from_old_layout``), then sharded like the model's own.
 """
 
 from __future__ import annotations
@@ -57,8 +60,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-from lmlab.models.layers import old_parameter_names
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without torch.distributed
+    DTensor = distribute_tensor = None
+
+from lmlab.models.layers import old_layouts, old_parameter_names
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +275,74 @@ def _saved_under_old_names(path: Path, model: nn.Module) -> dict[str, str]:
     return {new: old for new, old in renamed.items() if f"model.{new}" not in saved and f"model.{old}" in saved}
 
 
+def _saved_in_old_layout(path: Path, model: nn.Module) -> dict[str, nn.Module]:
+    """``{prefix: module}`` of the modules whose parameters the checkpoint holds in the module's old layout only."""
+    modules = old_layouts(model)
+    if not modules:
+        return {}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {}
+    for pre, m in modules.items():
+        olds = [f"model.{pre}{o}" for o in m.OLD_LAYOUT]
+        news = [f"model.{pre}{n}" for group in m.OLD_LAYOUT.values() for n in group]
+        if all(k in saved for k in olds) and not any(k in saved for k in news):
+            out[pre] = m
+    return out
+
+
+def _new_names(layouts: dict[str, nn.Module]) -> list[str]:
+    return [pre + n for pre, m in layouts.items() for group in m.OLD_LAYOUT.values() for n in group]
+
+
+def _like(full: torch.Tensor, template: Any) -> Any:
+    """``full`` written into ``template`` in place (what get_state_dict gave under that name: under FSDP2 a view of the
+    module's own sharded storage, so a new object would not reach it), this process's shard of it for a DTensor; a
+    tensor of its own when there is no template."""
+    if DTensor is not None and isinstance(template, DTensor):
+        # every process read the whole tensor: each takes its own shard of it, no communication
+        shard = distribute_tensor(full.to(template.dtype).contiguous(), template.device_mesh, template.placements,
+                                  src_data_rank=None)
+        template.to_local().copy_(shard.to_local())
+        return template
+    if isinstance(template, torch.Tensor):
+        return template.copy_(full)
+    return full.clone(memory_format=torch.contiguous_format)
+
+
+def _load_old_layout(path: Path, state: dict[str, Any], layouts: dict[str, nn.Module],
+                     templates: dict[str, Any]) -> None:
+    """Read the old-layout tensors of ``layouts`` from the checkpoint whole, convert them and put them into
+    ``state`` under the new names, shaped like ``templates`` (what get_state_dict gave under those names)."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = {k for k in saved for pre, m in layouts.items() for o in m.OLD_LAYOUT
+            if k == f"model.{pre}{o}" or ("optim" in state and k.startswith(f"optim.state.{pre}{o}."))}
+    with warnings.catch_warnings():  # one process without a process group: reading alone is what is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        old = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(path))
+    for pre, m in layouts.items():
+        weights = {o: old["model"][pre + o] for o in m.OLD_LAYOUT}
+        try:
+            converted = m.from_old_layout(weights)
+        except ValueError as e:
+            raise ValueError(f"{pre.rstrip('.')}: {e}") from None
+        for name, t in converted.items():
+            state["model"][pre + name] = _like(t, templates["model"][pre + name])
+        if "optim" not in state:
+            continue
+        moments = {o: old.get("optim", {}).get("state", {}).get(pre + o, {}) for o in m.OLD_LAYOUT}
+        for key in set.intersection(*(set(v) for v in moments.values())):
+            vals = {o: moments[o][key] for o in m.OLD_LAYOUT}
+            if all(torch.is_tensor(v) and v.shape == weights[o].shape for o, v in vals.items()):
+                new = m.from_old_layout(vals)  # a per-element moment: laid out like the weights
+            else:  # a per-parameter scalar (e.g. the step count): the same for every new parameter
+                first = next(iter(vals.values()))
+                new = {n: first for group in m.OLD_LAYOUT.values() for n in group}
+            for name, t in new.items():
+                slot = state["optim"]["state"].setdefault(pre + name, {})
+                tmpl = templates["optim"].get(pre + name, {}).get(key)
+                slot[key] = _like(t, tmpl) if torch.is_tensor(t) else t
+
+
 def _rename(state: dict[str, Any], names: dict[str, str]) -> None:
     """Rename, in place, the parameters of ``state`` (``{"model": ..., "optim": ...}`` as get_state_dict makes
     them, keyed by parameter name) that ``names`` maps."""
@@ -296,9 +373,18 @@ def load_checkpoint(
         else:
             state = {"model": get_model_state_dict(model)}
         old = _saved_under_old_names(path, model)
+        layouts = _saved_in_old_layout(path, model)
+        groups = [list(g["params"]) for g in state["optim"]["param_groups"]] if "optim" in state else []
+        templates = {"model": {n: state["model"].pop(n) for n in _new_names(layouts)},  # read below, converted
+                     "optim": {n: state["optim"]["state"].pop(n, {}) for n in _new_names(layouts)}
+                     if "optim" in state else {}}
         _rename(state, old)  # read what the checkpoint holds under old names by those names...
         dcp.load(state, checkpoint_id=str(path))
         _rename(state, {o: n for n, o in old.items()})  # ...and give it to the model under the current ones
+        if layouts:
+            _load_old_layout(path, state, layouts, templates)
+            for g, params in zip(state["optim"]["param_groups"] if "optim" in state else [], groups):
+                g["params"] = params  # the saved groups list the old parameters: the model's own lists
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
