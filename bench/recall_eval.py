@@ -15,6 +15,11 @@ counted), recall, and the fraction of questions whose tokens equal the first var
 reference). The last line of stdout is one
 JSON object. Target (issue 14): >= 100k generated tokens/s on 2 cores.
 
+The ceiling beside them (``kv_ceiling``): every decoded token's attention reads the keys and values of its whole
+context in every attention layer, so keys/values bytes per generated token (from the answers' own context lengths)
+against this machine's memory read bandwidth (a large float32 sum at the same threads, measured in the same run)
+bounds the generated tokens/s of any decoder that keeps a float32 KV cache, before any other work is counted.
+
 Usage::
 
     .venv/bin/python bench/recall_eval.py --run runs/memory/quick/mode=tool_people=256 --run runs/plain256
@@ -139,6 +144,37 @@ def engine_answers(model, dtok: DialogTokenizer, questions, tool, max_batch: int
     return engine.generate([Request(dialog=q.dialog, params=params, id=i) for i, q in enumerate(questions)])
 
 
+def read_bandwidth_gbps(mib: int = 512, rounds: int = 5) -> float:
+    """Memory read bandwidth: the best of ``rounds`` sums over a float32 buffer far larger than the caches."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def kv_ceiling(model, results: list[Result], gbps: float) -> dict:
+    """Keys/values bytes the decode steps read per sampled token (float32, every attention layer, the context each
+    sampled token was decoded from: its prompt plus the tokens before it), and the tokens/s that ``gbps`` of reads
+    allows at that rate."""
+    cfg = model.cfg
+    layers = sum(m == "attention" for m in cfg.mixers())
+    kv_heads = cfg.n_kv_heads or cfg.n_heads
+    per_position = layers * 2 * kv_heads * (cfg.dim // cfg.n_heads) * 4  # bytes of one cached token's keys + values
+    contexts, sampled = 0, 0
+    for r in results:
+        for i, keep in enumerate(r.sampled_mask()):
+            if keep:
+                contexts += len(r.prompt) + i
+                sampled += 1
+    per_token = per_position * contexts / max(sampled, 1)
+    return {"mean_context": round(contexts / max(sampled, 1), 1), "kv_bytes_per_token": round(per_token),
+            "read_gbps": round(gbps, 2), "tokens_per_s": round(gbps * 1e9 / per_token)}
+
+
 def summarise(name, questions, results, seconds, tok, reference) -> dict:
     recall = sum(judge(q, r, tool_live=True)["correct"] for q, r in zip(questions, results)) / len(questions)
     same = sum(x.tokens == y.tokens for x, y in zip(results, reference)) / len(results)
@@ -187,6 +223,10 @@ def main(argv=None) -> dict:
                 times.append(time.perf_counter() - t0)
             reference = reference or results
             row[name] = summarise(name, questions, results, statistics.median(times), tokenizer, reference)
+        row["kv_ceiling"] = kv_ceiling(model, reference, read_bandwidth_gbps())
+        log(f"  ceiling: {row['kv_ceiling']['kv_bytes_per_token']:,} bytes of keys/values read per generated token "
+            f"(mean context {row['kv_ceiling']['mean_context']}) at {row['kv_ceiling']['read_gbps']} GB/s of reads: "
+            f"<= {row['kv_ceiling']['tokens_per_s']:,} generated tokens/s")
         result["runs"][Path(run).name] = row
     result["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(result), flush=True)
