@@ -334,9 +334,12 @@ def _load_old_layout(path: Path, state: dict[str, Any], layouts: dict[str, nn.Mo
             vals = {o: moments[o][key] for o in m.OLD_LAYOUT}
             if all(torch.is_tensor(v) and v.shape == weights[o].shape for o, v in vals.items()):
                 new = m.from_old_layout(vals)  # a per-element moment: laid out like the weights
-            else:  # a per-parameter scalar (e.g. the step count): the same for every new parameter
-                first = next(iter(vals.values()))
+            elif all(not torch.is_tensor(v) or v.dim() == 0 for v in vals.values()):
+                first = next(iter(vals.values()))  # a per-parameter scalar (the step count): the same for all
                 new = {n: first for group in m.OLD_LAYOUT.values() for n in group}
+            else:
+                raise ValueError(f"{pre.rstrip('.')}: optimizer state {key!r} is neither per element nor a scalar: "
+                                 "it cannot follow the parameters' new layout")
             for name, t in new.items():
                 slot = state["optim"]["state"].setdefault(pre + name, {})
                 tmpl = templates["optim"].get(pre + name, {}).get(key)
