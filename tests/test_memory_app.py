@@ -115,9 +115,11 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
 
 @pytest.mark.parametrize("preset, runs, modes", [("quickstart.yaml", 6, {"weight", "tool"}),
                                                  ("reproduce.yaml", 18, {"tool"}), ("capacity.yaml", 18, {"weight"}),
-                                                 ("alpha.yaml", 28, {"weight"}),
+                                                 ("alpha.yaml", 36, {"weight"}),
                                                  ("observe.yaml", 8, {"weight", "tool"}),
                                                  ("recurrent.yaml", 8, {"weight", "tool"}),
+                                                 ("recurrent_sizes.yaml", 16, {"weight", "tool"}),
+                                                 ("recurrent_hybrid.yaml", 4, {"tool"}),
                                                  ("paper.yaml", 960, {"weight", "tool"})])
 def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, runs, modes):
     """`make run` and the reproduce command start from these files: every grid point validates, the datasets its
@@ -136,6 +138,9 @@ def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, r
         if cfg.tags["mode"] == "tool":  # in-weight runs answer without the database
             assert cfg.evals.recall.db == f"{args['out']}/people.sqlite"
     assert {c.tags["mode"] for c in configs} == modes
+    if preset == "recurrent_hybrid.yaml":  # the grid's mixer in layer 0 (an interpolation), attention in layer 1
+        assert {c.model.mixer for c in configs} == {"mingru", "minlstm", "hawk", "mamba2"}
+        assert all(c.model.mixers() == [c.model.mixer, "attention"] for c in configs)
     if preset not in ("quickstart.yaml", "observe.yaml"):  # the quickstart's recipe keeps smeared keys; the faithful
         # presets use the paper's plain Llama, smeared keys only as an ablation
         plain = [c for c in configs if c.model.smear_keys == 0 and not c.model.smear_queries]
