@@ -53,7 +53,7 @@ recurrence of Hawk, minGRU and minLSTM goes to flash-linear-attention's ``fused_
 the short convolution of every mixer to ``causal_conv1d``'s ``causal_conv1d_fn`` (:func:`kernel_conv`, resets as
 its ``seq_idx``). Mamba2's chunked SSD scan goes to ``mamba_ssm`` (:mod:`lmlab.models.mamba2`). The mapping onto
 each kernel's calling convention is tested on CPU with sequential implementations of those conventions
-(``tests/test_recurrent.py``), and against the real kernels where CUDA and the packages are present.
+(``tests/test_recurrent_kernels.py``), and against the real kernels where CUDA and the packages are present.
 """
 
 from __future__ import annotations
