@@ -124,8 +124,13 @@ def test_grid_cartesian_product_and_names(tmp_path):
     # CLI overrides apply to every point and win over the grid
     fixed = load_grid(p, ["seed=9"])
     assert {r.seed for r in fixed} == {9}
-    with pytest.raises(ConfigError, match="same run name"):
-        load_grid(p, ["name=x", "seed=9"])  # an explicit name collapses distinct points onto one folder
+    # ... and the axis they fix is gone: one run per remaining point, named without it
+    assert [r.name for r in fixed] == ["sweep/n_layers=1_packing=true", "sweep/n_layers=1_packing=false",
+                                       "sweep/n_layers=2_packing=true", "sweep/n_layers=2_packing=false"]
+    # an explicit name renames the grid's folder; the points keep their suffixes
+    renamed = load_grid(p, ["name=x", "seed=9"])
+    assert [r.name for r in renamed] == ["x/" + r.name.split("/", 1)[1] for r in fixed]
+    assert load_grid(p, ["model.n_layers=3", "seed=1", "data.packing=false"])[0].name == "sweep"
 
 
 def test_grid_labels_disambiguate_and_errors(tmp_path):
@@ -216,6 +221,12 @@ def test_grid_bundle_axis(tmp_path):
     assert [c.name for c in cfgs] == ["g/size=dim64+n_layers2_seed=0", "g/size=dim64+n_layers2_seed=1",
                                       "g/size=dim128+n_layers4_seed=0", "g/size=dim128+n_layers4_seed=1"]
     assert [(c.model.dim, c.model.n_layers, c.seed) for c in cfgs] == [(64, 2, 0), (64, 2, 1), (128, 4, 0), (128, 4, 1)]
+    # a bundle whose keys the command line all sets is one run; one it sets only partly still separates points
+    assert [c.name for c in load_grid(path, ["model.dim=96", "model.n_layers=3"])] == ["g/seed=0", "g/seed=1"]
+    part = load_grid(path, ["model.dim=96"])
+    assert [c.name for c in part] == ["g/size=n_layers2_seed=0", "g/size=n_layers2_seed=1",
+                                      "g/size=n_layers4_seed=0", "g/size=n_layers4_seed=1"]
+    assert {c.model.dim for c in part} == {96}
     path.write_text("grid:\n  size: [{model.dimm: 64}]\n")
     with pytest.raises(ConfigError, match="model.dimm"):
         load_grid(path)

@@ -1157,8 +1157,19 @@ def _fmt_value(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+\-]+", "_", s)
 
 
-def expand_grid(base: dict, grid: dict, schema: type[T] = Config) -> list[tuple[str, dict]]:
+def _has_path(data: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | None = None) -> list[tuple[str, dict]]:
     """Cartesian product of the grid's lists applied to ``base``: a list of (suffix, mapping).
+
+    An axis whose key ``fixed`` sets (the command line's overrides, which win over the grid) is dropped: the points
+    it would separate are one run (from a bundle axis, the keys ``fixed`` sets are dropped; the axis, once they all are).
 
     A grid key that is not a config key and whose values are mappings is a *bundle* axis: each value sets
     several keys together (``size: [{model.dim: 64, model.n_layers: 2}, {model.dim: 128, model.n_layers: 4}]``),
@@ -1167,7 +1178,7 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config) -> list[tuple[
     The suffix names the point from its varying values, e.g. ``dim=64_seed=1``: the last part of each
     key, or the whole dotted key where two grid keys end the same way. Order follows the grid.
     """
-    axes = _flatten_grid(grid)
+    axes = [(k, v) for k, v in _flatten_grid(grid) if not (fixed and _has_path(fixed, k))]
     bundles = set()
     for key, values in axes:
         try:
@@ -1179,6 +1190,10 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config) -> list[tuple[
             for v in values:
                 for k in v:
                     _field_type(schema, str(k))
+    if fixed:  # a bundle keeps the keys the command line leaves to it, and goes when it sets them all
+        axes = [(k, [{x: y for x, y in b.items() if not _has_path(fixed, str(x))} for b in v]) if k in bundles
+                else (k, v) for k, v in axes]
+        axes = [(k, v) for k, v in axes if k not in bundles or all(v)]
     last = [k.split(".")[-1] for k, _ in axes]
     labels = [k if last.count(k.split(".")[-1]) > 1 else k.split(".")[-1] for k, _ in axes]
 
@@ -1202,7 +1217,8 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), sch
     """Resolve a YAML file (possibly with a ``grid:`` section) into one validated config per grid point.
 
     Without a grid the list has one config. Each grid run is named ``<name>/<suffix>`` so that a grid's
-    runs share one parent folder. CLI overrides apply to every point and win over the grid.
+    runs share one parent folder (``name=`` on the command line renames that folder). CLI overrides apply to every
+    point and win over the grid.
     """
     data = _read_yaml(path) if path is not None else {}
     grid = data.pop("grid", None)
@@ -1211,10 +1227,10 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), sch
         return [config_from_dict(_deep_update(data, cli), schema)]
     base_name = _deep_update(copy.deepcopy(data), cli).get("name", getattr(schema(), "name", "run"))
     configs = []
-    for suffix, point in expand_grid(data, grid, schema):
+    for suffix, point in expand_grid(data, grid, schema, fixed=cli):
         point = _deep_update(point, cli)
-        if "name" in schema.__dataclass_fields__ and "name" not in cli:
-            point["name"] = f"{base_name}/{suffix}"
+        if "name" in schema.__dataclass_fields__:
+            point["name"] = f"{base_name}/{suffix}" if suffix else base_name
         try:
             configs.append(config_from_dict(point, schema))
         except ConfigError as e:
