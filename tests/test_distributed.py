@@ -266,7 +266,7 @@ def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(single, tmp_
     config = tmp_path / "base.yaml"
     config.write_text("name: base\n")
     args = [str(config), *base(tmp_path, "r", f"train.steps={steps}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "lmlab.cli", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -275,7 +275,13 @@ def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(single, tmp_
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=20)  # torchrun kills its workers 30 s after its SIGTERM
+    except subprocess.TimeoutExpired:  # a hang (seen once under load): every thread's stack, through faulthandler
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in workers:
+            os.kill(int(pid), signal.SIGABRT)
+        out, err = proc.communicate(timeout=120)
     assert (tmp_path / "runs" / "r" / "summary.json").exists(), f"{proc.returncode}\n{out[-2000:]}\n{err[-5000:]}"
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["status"] == "interrupted by SIGTERM" and 5 <= summary["step"] < steps, summary
