@@ -52,12 +52,18 @@ def test_kl_to_base_equals_one_sequence_reference_and_is_zero_for_the_base(model
     seqs = [(list(range(10, 40)), 12), (list(range(50, 60)), 3), (list(range(100, 105)), 5)]  # the last scores none
     got = kl_to_base(other, base, seqs, batch_size=2)
     total = count = 0
+    firsts, rests = [], []
     for toks, start in seqs:
         lb, lm = one_seq_log_probs(base, toks), one_seq_log_probs(other, toks)
         kl = F.kl_div(lm, lb, log_target=True, reduction="none").sum(-1)[start - 1:len(toks) - 1]
         total, count = total + kl.sum().item(), count + kl.numel()
+        if kl.numel():
+            firsts.append(kl[0].item())
+            rests += kl[1:].tolist()
     assert got["kl_tokens"] == count == 18 + 7
     assert got["kl"] == pytest.approx(total / count, rel=1e-5) and got["kl"] > 1e-4
+    assert got["kl_first"] == pytest.approx(sum(firsts) / 2, rel=1e-5)
+    assert got["kl_rest"] == pytest.approx(sum(rests) / (18 + 7 - 2), rel=1e-5)
     assert kl_to_base(base, base, seqs)["kl"] == pytest.approx(0.0, abs=1e-7)
 
 

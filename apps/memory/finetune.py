@@ -44,6 +44,7 @@ from memory.run import dataset_args, ensure_dataset  # noqa: E402
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("memory.finetune")
 RETENTION = "retention.json"
+METRICS_VERSION = 2  # raised when the retention measures change: cached results are measured again (2: kl_first/rest)
 
 
 def ensure_base(path: Path) -> str:
@@ -108,7 +109,7 @@ def evaluate_run(run_dir: Path, base: Any, ref: dict[str, Any], text: str, items
     from lmlab.train.checkpoint import load_run
 
     _, model, tok, ckpt = load_run(run_dir, with_path=True)
-    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, ref["key"])
+    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, ref["key"], METRICS_VERSION)
     out = run_dir / RETENTION
     if out.is_file():
         cached = json.loads(out.read_text())

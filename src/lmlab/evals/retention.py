@@ -89,8 +89,11 @@ def base_answers(base: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any],
 def kl_to_base(model: nn.Module, base: nn.Module, sequences: Sequence[tuple[Sequence[int], int]],
                batch_size: int = 8) -> dict[str, float]:
     """Mean ``KL(p_base || p_model)`` (nats) over the scored tokens: for each ``(tokens, start)`` the predictions of
-    tokens ``start .. len - 1`` (the answer). Also the largest per-sequence mean and the count."""
+    tokens ``start .. len - 1`` (the answer). Also the largest per-sequence mean, the count, and the mean split into
+    the answers' first token (``kl_first``: how the model starts an answer, e.g. a finetune that now opens with a
+    tool call) and the tokens after it (``kl_rest``: what it says once started)."""
     total, count, worst = 0.0, 0, 0.0
+    first, n_first = 0.0, 0
     for idx in _batches(len(sequences), batch_size):
         seqs = [list(sequences[i][0]) for i in idx]
         lp_model, lp_base = _log_probs(model, seqs), _log_probs(base, seqs)
@@ -103,7 +106,12 @@ def kl_to_base(model: nn.Module, base: nn.Module, sequences: Sequence[tuple[Sequ
             total += per.sum().item()
             count += per.numel()
             worst = max(worst, per.mean().item())
-    return {"kl": total / count if count else float("nan"), "kl_max_seq": worst, "kl_tokens": count}
+            first += per[0].item()
+            n_first += 1
+    nan = float("nan")
+    return {"kl": total / count if count else nan, "kl_max_seq": worst, "kl_tokens": count,
+            "kl_first": first / n_first if n_first else nan,
+            "kl_rest": (total - first) / (count - n_first) if count > n_first else nan}
 
 
 @torch.no_grad()
