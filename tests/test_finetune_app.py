@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the fixture "slurm_cluster")
 
@@ -47,6 +48,9 @@ def test_finetune_app_end_to_end(tmp_path, capsys):
     for r in rows:
         assert float(r["kl"]) > 0 and float(r["bpb_base"]) > 0 and 0 < float(r["bpb_rel"]) < 2
         assert 0 <= float(r["mc/acc_norm"]) <= 1 and r["mc/n"] == "60" and r["recall/train/n"] == "4"
+        assert 0 <= float(r["general_tool_call_rate"]) <= 1 and float(r["kl_first"]) >= 0
+        assert float(r["kl"]) == pytest.approx((float(r["kl_first"]) * 48 + float(r["kl_rest"])
+                                                * (int(r["kl_tokens"]) - 48)) / int(r["kl_tokens"]), rel=1e-6)
     assert (report / "retention.png").stat().st_size > 0
     ref = json.loads((report / "base_retention.json").read_text())
     assert len(ref["answers"]) == 48 and set(ref["scores"]) == {"bpb", "mc/acc", "mc/acc_norm"}

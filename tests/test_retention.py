@@ -14,6 +14,7 @@ from lmlab.evals.retention import (
     kl_to_base,
     multiple_choice,
     retention,
+    tool_use,
 )
 from lmlab.models import build_model
 from lmlab.tokenizers import ByteTokenizer, DialogTokenizer
@@ -129,3 +130,40 @@ def test_retention_report_and_base_answers(models):
     moved = retention(other, base, tok, answers, TEXT, items, seq_len=64,
                       base_scores={"bpb": same["bpb"], "mc/acc": same["mc/acc"], "mc/acc_norm": same["mc/acc_norm"]})
     assert moved["kl"] > 0 and moved["bpb_base"] == same["bpb"] and moved["bpb_rel"] == same["bpb"] / moved["bpb"]
+
+
+def test_tool_use_counts_the_general_prompts_answered_with_a_live_tool_call(tmp_path):
+    """A model trained only on tool dialogs calls the tool for every question, general ones included (what an
+    in-tool finetune that never saw a question without a call learns); the untrained one never does."""
+    import sqlite3
+
+    from lmlab.tools.sql import SqlTool
+
+    db = tmp_path / "t.sqlite"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE people (name TEXT, city TEXT)")
+        c.execute("INSERT INTO people VALUES ('Ada', 'Paris')")
+    dtok = DialogTokenizer(ByteTokenizer())
+    names = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo"]
+    dialogs = [[{"source": "user", "content": f"Where does {n} live?"},
+                {"source": "assistant", "content": f"```sql\nSELECT city FROM people WHERE name = '{n}'\n```"},
+                {"source": "database", "content": "Paris"},
+                {"source": "assistant", "content": f"{n} lives in Paris."}] for n in names]
+    model = tiny(0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    enc = [dtok.encode_dialog(d) for d in dialogs]
+    width = max(len(t) for t, _ in enc)
+    toks = torch.tensor([t + [0] * (width - len(t)) for t, _ in enc])
+    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in enc], dtype=torch.bool)
+    targets = torch.where(mask[:, 1:], toks[:, 1:], -100)
+    for _ in range(150):
+        loss = F.cross_entropy(model(toks[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    general = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
+    rate, texts = tool_use(model, dtok, general, SqlTool(db), max_new_tokens=40)
+    assert rate == {"general_tool_call_rate": 1.0}
+    assert len(texts) == 3 and all("<|database|>" in t for t in texts), texts
+    assert tool_use(tiny(0), dtok, general, SqlTool(db), max_new_tokens=40)[0] == {"general_tool_call_rate": 0.0}

@@ -12,7 +12,9 @@ Steps (each resumes or is skipped when already done):
    template, default system message included), bits per byte of held-out English text, and HellaSwag-format
    multiple choice built from other held-out text (both from Python's own documentation, ``pydoc_data.topics``,
    which ships with every Python: no download). Written to ``RUN/retention.json``, redone only when the run's
-   checkpoint changed; the base's own answers and scores are computed once (``report/base_retention.json``);
+   checkpoint changed; the base's own answers and scores are computed once (``report/base_retention.json``); and
+   how often the finetuned model calls its SQL tool (live) when answering those general prompts, which need none
+   (``general_tool_call_rate``; its answers are kept in ``retention.json``);
 5. ``report/results.csv`` (one row per run: mode, people, facts, steps, recall, retention) and
    ``report/retention.png`` (retention and recall against the number of facts, in-weight vs in-tool).
 
@@ -44,7 +46,8 @@ from memory.run import dataset_args, ensure_dataset  # noqa: E402
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("memory.finetune")
 RETENTION = "retention.json"
-METRICS_VERSION = 2  # raised when the retention measures change: cached results are measured again (2: kl_first/rest)
+METRICS_VERSION = 2  # raised when the retention measures change: cached results are measured again (2: kl_first /
+#                       kl_rest, general_tool_call_rate)
 
 
 def ensure_base(path: Path) -> str:
@@ -103,12 +106,17 @@ def base_reference(base_dir: Path, out: Path, prompts: list, text: str, items: l
     return ref
 
 
-def evaluate_run(run_dir: Path, base: Any, ref: dict[str, Any], text: str, items: list) -> dict[str, float]:
-    """Retention of a finished run against the base (``RUN/retention.json``; redone when its checkpoint changed)."""
-    from lmlab.evals.retention import retention
+def evaluate_run(run_dir: Path, base: Any, ref: dict[str, Any], text: str, items: list,
+                 prompts: list, base_tok: Any) -> dict[str, float]:
+    """Retention of a finished run against the base (``RUN/retention.json``; redone when its checkpoint changed),
+    and how often it calls its SQL tool (live, the run's database) on the general prompts, which need none,
+    rendered as for the KL (``base_tok``'s chat template; the answers' texts are kept in the file)."""
+    from lmlab.evals.retention import retention, tool_use
+    from lmlab.tokenizers import DialogTokenizer
+    from lmlab.tools.sql import SqlTool
     from lmlab.train.checkpoint import load_run
 
-    _, model, tok, ckpt = load_run(run_dir, with_path=True)
+    cfg, model, tok, ckpt = load_run(run_dir, with_path=True)
     key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, ref["key"], METRICS_VERSION)
     out = run_dir / RETENTION
     if out.is_file():
@@ -118,8 +126,12 @@ def evaluate_run(run_dir: Path, base: Any, ref: dict[str, Any], text: str, items
     t0 = time.time()
     answers = [(list(a), int(n)) for a, n in ref["answers"]]
     metrics = retention(model, base, tok, answers, text, items, base_scores=ref["scores"])
+    texts: list[str] = []
+    if cfg.evals.recall.db:
+        use, texts = tool_use(model, DialogTokenizer(base_tok), prompts, SqlTool(cfg.evals.recall.db))
+        metrics.update(use)
     metrics["retention_s"] = round(time.time() - t0, 1)
-    out.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
+    out.write_text(json.dumps({"key": key, "metrics": metrics, "general_answers": texts}, indent=1))
     return metrics
 
 
@@ -145,7 +157,8 @@ def write_report(root: Path, rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("recall/train/correct", "recall (training people)"), ("kl", "KL to base (nats/token)"),
-              ("bpb_rel", "bits per byte, base / model"), ("mc/acc_norm_rel", "multiple choice, model / base")]
+              ("bpb_rel", "bits per byte, base / model"), ("mc/acc_norm_rel", "multiple choice, model / base"),
+              ("general_tool_call_rate", "general prompts answered with a tool call")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
         for mode, style in (("weight", "o-"), ("tool", "s--")):
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = base_reference(base_dir, root / "report" / "base_retention.json", prompts, text, items)
     from lmlab.train.checkpoint import load_run
 
-    _, base, _ = load_run(base_dir)
+    _, base, base_tok = load_run(base_dir)
     rows = []
     for cfg in configs:
         summary = cfg.run_dir / "summary.json"
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                "facts": 5 * int(cfg.tags["people"]), "steps": s.get("step"), "lora_rank": cfg.model.lora.rank,
                "train_time_s": s.get("train_time_s")}
         row.update(final_recall(cfg.run_dir))
-        row.update(evaluate_run(cfg.run_dir, base, ref, text, items))
+        row.update(evaluate_run(cfg.run_dir, base, ref, text, items, prompts, base_tok))
         rows.append(row)
         log.info("%s: recall %.2f, KL %.4f, bpb rel %.3f, mc rel %.3f", cfg.name,
                  row.get("recall/train/correct", float("nan")), row["kl"], row["bpb_rel"], row["mc/acc_norm_rel"])
@@ -222,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
           f"results: {root / 'report' / 'results.csv'}")
     for r in rows:
         print(f"  {r['mode']:6s} facts {r['facts']:4d}  recall {r.get('recall/train/correct', float('nan')):.2f}  "
-              f"ood {r.get('recall/ood/correct', float('nan')):.2f}  KL {r['kl']:.4f}  bpb rel {r['bpb_rel']:.3f}  "
-              f"mc rel {r['mc/acc_norm_rel']:.3f}")
+              f"ood {r.get('recall/ood/correct', float('nan')):.2f}  KL {r['kl']:.4f} (first token "
+              f"{r['kl_first']:.3f}, rest {r['kl_rest']:.4f})  bpb rel {r['bpb_rel']:.3f}  "
+              f"mc rel {r['mc/acc_norm_rel']:.3f}  general prompts with a tool call "
+              f"{r.get('general_tool_call_rate', float('nan')):.2f}")
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)} (see their train.log)")
         return 1

@@ -1169,7 +1169,8 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | 
     """Cartesian product of the grid's lists applied to ``base``: a list of (suffix, mapping).
 
     An axis whose key ``fixed`` sets (the command line's overrides, which win over the grid) is dropped: the points
-    it would separate are one run (from a bundle axis, the keys ``fixed`` sets are dropped; the axis, once they all are).
+    it would separate are one run (from a bundle axis, the keys ``fixed`` sets are dropped; the axis once they all
+    are).
 
     A grid key that is not a config key and whose values are mappings is a *bundle* axis: each value sets
     several keys together (``size: [{model.dim: 64, model.n_layers: 2}, {model.dim: 128, model.n_layers: 4}]``),

@@ -14,6 +14,10 @@ weights the finetune started from), on data that the finetune never saw:
   log-likelihood after the context; ``acc`` takes the best sum, ``acc_norm`` the best sum per byte of the ending
   (lm-evaluation-harness's acc_norm).
 
+And for a model finetuned to use a tool, :func:`tool_use`: the share of the general prompts it answers by calling
+the tool (live) instead of answering; the KL's split into the answers' first token (``kl_first``) and the rest
+(``kl_rest``) says whether a finetune changed how answers start or what they say.
+
 :func:`build_cloze_items` makes such items from any plain text (a passage's last sentence completes its first
 ones; the other endings are last sentences of other passages), for machines where no benchmark data is at hand.
 :func:`retention` runs the three measures for a model and its base and reports each with the ratio to the base.
@@ -40,7 +44,8 @@ from torch import nn
 
 from lmlab.tokenizers import DialogTokenizer, Tokenizer
 
-__all__ = ["base_answers", "bits_per_byte", "build_cloze_items", "kl_to_base", "multiple_choice", "retention"]
+__all__ = ["base_answers", "bits_per_byte", "build_cloze_items", "greedy_answers", "kl_to_base", "multiple_choice",
+           "retention", "tool_use"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -67,22 +72,39 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 @torch.no_grad()
-def base_answers(base: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any], max_new_tokens: int = 64,
-                 ) -> list[tuple[list[int], int]]:
-    """The base model's greedy answer to each prompt (a dialog, or a plain string taken as one user turn), through
-    the engine: ``(prompt + answer tokens, prompt length)`` pairs, what :func:`kl_to_base` scores."""
+def greedy_answers(model: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any], max_new_tokens: int = 64,
+                   tools: Sequence[Any] = ()) -> list[Any]:
+    """The model's greedy answer to each prompt (a dialog, or a plain string taken as one user turn) through the
+    engine, with ``tools`` live: the engine's results (``tool_calls`` lists the calls the model made)."""
     from lmlab.inference import Engine, Request, SamplingParams
 
     dialogs = [[{"source": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    engine = Engine(base, dtok, pool_tokens=min(base.cfg.max_seq_len, 4096) * 8, max_batch=8)
+    engine = Engine(model, dtok, pool_tokens=min(model.cfg.max_seq_len, 4096) * 8, max_batch=8, tools=tools)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    was = base.training
-    base.eval()
+    was = model.training
+    model.eval()
     try:
-        results = engine.generate([Request(dialog=d, params=params) for d in dialogs])
+        return engine.generate([Request(dialog=d, params=params) for d in dialogs])
     finally:
-        base.train(was)
-    return [(list(r.prompt) + list(r.tokens), len(r.prompt)) for r in results]
+        model.train(was)
+
+
+def base_answers(base: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any], max_new_tokens: int = 64,
+                 ) -> list[tuple[list[int], int]]:
+    """The base model's greedy answer to each prompt: ``(prompt + answer tokens, prompt length)`` pairs, what
+    :func:`kl_to_base` scores."""
+    return [(list(r.prompt) + list(r.tokens), len(r.prompt))
+            for r in greedy_answers(base, dtok, prompts, max_new_tokens)]
+
+
+def tool_use(model: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any], tool: Any,
+             max_new_tokens: int = 48) -> tuple[dict[str, float], list[str]]:
+    """How often the model calls ``tool`` when answering prompts that need none (general questions): a finetune on
+    tool dialogs that learned *how* to call the tool but not *when* calls it for everything. Returns
+    ``{"general_tool_call_rate": share of prompts answered with a call}`` and the answers' texts."""
+    results = greedy_answers(model, dtok, prompts, max_new_tokens, tools=[tool])
+    rate = sum(bool(r.tool_calls) for r in results) / max(len(results), 1)
+    return {"general_tool_call_rate": rate}, [r.text or "" for r in results]
 
 
 @torch.no_grad()
