@@ -73,13 +73,15 @@ def _batches(n: int, size: int) -> list[range]:
 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, dtok: DialogTokenizer, prompts: Sequence[Any], max_new_tokens: int = 64,
-                   tools: Sequence[Any] = ()) -> list[Any]:
+                   tools: Sequence[Any] = (), max_batch: int = 32) -> list[Any]:
     """The model's greedy answer to each prompt (a dialog, or a plain string taken as one user turn) through the
-    engine, with ``tools`` live: the engine's results (``tool_calls`` lists the calls the model made)."""
+    engine, with ``tools`` live: the engine's results (``tool_calls`` lists the calls the model made). Up to
+    ``max_batch`` answers are decoded together (a decode step reads every weight once, whatever the batch)."""
     from lmlab.inference import Engine, Request, SamplingParams
 
     dialogs = [[{"source": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    engine = Engine(model, dtok, pool_tokens=min(model.cfg.max_seq_len, 4096) * 8, max_batch=8, tools=tools)
+    engine = Engine(model, dtok, pool_tokens=max(min(model.cfg.max_seq_len, 4096) * 8, max_batch * 512),
+                    max_batch=max_batch, tools=tools)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     was = model.training
     model.eval()
