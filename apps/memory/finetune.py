@@ -50,6 +50,7 @@ from memory.run import dataset_args, ensure_dataset  # noqa: E402
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("memory.finetune")
 RETENTION = "retention.json"
+REPLAY_CHUNK = 32  # replay answers decoded together
 METRICS_VERSION = 2  # raised when the retention measures change: cached results are measured again (2: kl_first /
 #                       kl_rest, general_tool_call_rate)
 
@@ -81,7 +82,11 @@ def ensure_replay(base_dir: Path, out: Path, prompts_path: Path, max_new_tokens:
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return "reused"
     t0 = time.time()
-    results = greedy_answers(base, DialogTokenizer(tok), prompts, max_new_tokens)
+    results: list = []
+    for i in range(0, len(prompts), REPLAY_CHUNK):  # in chunks, to say how far it got (minutes on one CPU core)
+        results += greedy_answers(base, DialogTokenizer(tok), prompts[i:i + REPLAY_CHUNK], max_new_tokens,
+                                  max_batch=REPLAY_CHUNK)
+        log.info("replay: %d of %d answers (%.0f s)", len(results), len(prompts), time.time() - t0)
     system = [{"source": "system", "content": tok.system_prompt}] if tok.system_prompt else []
     lines = [json.dumps({"dialog": [*system, *p, {"source": "assistant", "content": r.text}]})
              for p, r in zip(prompts, results) if r.finish_reason == "stop" and r.text]
