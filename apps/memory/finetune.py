@@ -211,10 +211,16 @@ def write_report(root: Path, rows: list[dict[str, Any]]) -> None:
               ("general_tool_call_rate", "general prompts answered with a tool call")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, label) in zip(axes, panels):
-        for mode, style in (("weight", "o-"), ("tool", "s--")):
+        for mode, style, color in (("weight", "o-", "C0"), ("tool", "s--", "C1")):
             pts = sorted((r["facts"], r[key]) for r in rows if r["mode"] == mode and r.get(key) is not None)
             if pts:
-                ax.plot(*zip(*pts), style, label=f"in-{mode}")
+                ax.plot(*zip(*pts), style, color=color, label=f"in-{mode}")
+            rest = sorted((r["facts"], r["kl_rest"]) for r in rows
+                          if r["mode"] == mode and r.get("kl_rest") is not None)
+            if key == "kl" and rest:  # the KL without the answers' first token (how they start)
+                ax.plot(*zip(*rest), style[0] + ":", color=color, alpha=0.6, label=f"in-{mode}, after token 1")
+        if key == "kl":
+            ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("facts")
         ax.set_title(label, fontsize=10)
