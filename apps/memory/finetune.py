@@ -77,7 +77,7 @@ def ensure_replay(base_dir: Path, out: Path, prompts_path: Path, max_new_tokens:
 
     prompts = load_prompts(prompts_path)
     cfg, base, tok, ckpt = load_run(base_dir, with_path=True)
-    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, prompts, max_new_tokens)
+    key = _fingerprint(str(ckpt.resolve()), (ckpt / "meta.json").stat().st_mtime_ns, prompts, max_new_tokens)
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return "reused"
@@ -140,7 +140,7 @@ def base_reference(base_dir: Path, out: Path, prompts: list, text: str, items: l
     from lmlab.train.checkpoint import load_run
 
     cfg, base, tok, ckpt = load_run(base_dir, with_path=True)
-    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, prompts, text, items)
+    key = _fingerprint(str(ckpt.resolve()), (ckpt / "meta.json").stat().st_mtime_ns, prompts, text, items)
     if out.is_file():
         cached = json.loads(out.read_text())
         if cached.get("key") == key:
@@ -167,7 +167,7 @@ def evaluate_run(run_dir: Path, base: Any, ref: dict[str, Any], text: str, items
     from lmlab.train.checkpoint import load_run
 
     cfg, model, tok, ckpt = load_run(run_dir, with_path=True)
-    key = _fingerprint(str(ckpt), (ckpt / "meta.json").stat().st_mtime_ns, ref["key"], METRICS_VERSION)
+    key = _fingerprint(str(ckpt.resolve()), (ckpt / "meta.json").stat().st_mtime_ns, ref["key"], METRICS_VERSION)
     out = run_dir / RETENTION
     if out.is_file():
         cached = json.loads(out.read_text())
