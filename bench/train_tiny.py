@@ -64,7 +64,11 @@ POINTS = {
         "today": ["data.batch_size=16", "optim.lr=5e-3", "train.steps=2750"],
         # measured at 256 people (one seed, 100 questions every 100 steps): lr 1e-2 fails at batch 16 (no copying by
         # step 1,400) but copies at batch 24-32; 800 steps of 32 reach 0.97 (1,100 of 24: 0.99; today's 2,750 of 16:
-        # 0.98 at step 2,400)
+        # 0.98 at step 2,400). Shorter runs are held back by when copying sets in (recall 0 until then), at step
+        # ~450-500 of 32 whatever the schedule: 650 steps of 32 end at 0.81 (decay over the last 25%: 0.82; weight
+        # decay 0: 0.67; warmup 100: 0.74; lr 7e-3, 1.2e-2 and 1.5e-2, beta2 0.99, init "small", batch 48 x 450: no
+        # copying yet); init "width" copies from step ~450 and ends at 0.88 (700 steps: 0.94), but with seed 1 the
+        # same 700-step recipe had not started copying at all (0.01): at these lengths the recipe is fragile
         "fast": ["data.batch_size=32", "optim.lr=1e-2", "train.steps=800"],
     },
     "weight": {
