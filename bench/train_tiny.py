@@ -68,8 +68,11 @@ POINTS = {
         # ~450-500 of 32 whatever the schedule: 650 steps of 32 end at 0.81 (decay over the last 25%: 0.82; weight
         # decay 0: 0.67; warmup 100: 0.74; lr 7e-3, 1.2e-2 and 1.5e-2, beta2 0.99, init "small", batch 48 x 450: no
         # copying yet); init "width" copies from step ~450 and ends at 0.88 (700 steps: 0.94), but with seed 1 the
-        # same 700-step recipe had not started copying at all (0.01): at these lengths the recipe is fragile
-        "fast": ["data.batch_size=32", "optim.lr=1e-2", "train.steps=800"],
+        # same 700-step recipe had not started copying at all (0.01): at these lengths the recipe is fragile.
+        # With seed 1, 800 steps of 32 end at 0.87 (copying from step ~620) and 1,100 of 24 never copy; 1,000 steps of
+        # 32 reach 0.99 (0.93 at step 900) and today's preset 0.97 at step 1,950. The default is the recipe that
+        # reached the target with both seeds (seed 0, this benchmark: 0.95 at step 950, 1.33x; 800 steps: 1.72x)
+        "fast": ["data.batch_size=32", "optim.lr=1e-2", "train.steps=1000"],
     },
     "weight": {
         "data": {"people": 256, "ood": 0},
