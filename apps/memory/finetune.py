@@ -215,10 +215,11 @@ def write_report(root: Path, rows: list[dict[str, Any]]) -> None:
             pts = sorted((r["facts"], r[key]) for r in rows if r["mode"] == mode and r.get(key) is not None)
             if pts:
                 ax.plot(*zip(*pts), style, color=color, label=f"in-{mode}")
-            rest = sorted((r["facts"], r["kl_rest"]) for r in rows
-                          if r["mode"] == mode and r.get("kl_rest") is not None)
-            if key == "kl" and rest:  # the KL without the answers' first token (how they start)
-                ax.plot(*zip(*rest), style[0] + ":", color=color, alpha=0.6, label=f"in-{mode}, after token 1")
+            if key == "kl":  # also the KL without the answers' first token (how they start)
+                rest = sorted((r["facts"], r["kl_rest"]) for r in rows
+                              if r["mode"] == mode and r.get("kl_rest") is not None)
+                if rest:
+                    ax.plot(*zip(*rest), style[0] + ":", color=color, alpha=0.6, label=f"in-{mode}, after token 1")
         if key == "kl":
             ax.legend(fontsize=7)
         ax.set_xscale("log")
