@@ -32,7 +32,8 @@ def make_dataset(root, people):
     if people == 400:  # the layout memory.build_data writes: counts nested, the data seed at the top
         manifest = {"seed": 3, "bits_per_person": ATTRS * BITS_PER_FACT, "bits_per_fact": BITS_PER_FACT,
                     "paraphrases": 2, "counts": {"people": people, "facts": people * ATTRS, "ood": 10,
-                                                 "lines": {"weight_train.jsonl": people * ATTRS * 2}}}
+                                                 "lines": {"weight_train.jsonl": people * ATTRS * 2}},
+                    "build_args": {"practice": 64, "practice_style": "varied"}}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return d
 
@@ -84,6 +85,8 @@ def test_results_rows(tmp_path):
     assert w["status"] == "completed" and w["train_time_s"] == 12.5 and w["tool_call_rate_train"] == 0.0
     t = by[("tool", 400, 16)]
     assert t["facts"] == 1600 and t["data_seed"] == 3  # from a nested manifest; no tags.data_seed
+    assert t["practice"] == 64 and t["practice_style"] == "varied"  # as the dataset was built
+    assert w["practice"] is None and w["smear_queries"] is False
     assert t["recall_train_final"] == pytest.approx(0.99) and t["step_recall_95"] == 50
     assert t["tool_call_rate_ood"] == 1.0 and t["valid_sql_rate_train"] == 0.98
     assert by[("weight", 100, 32)]["step_recall_95"] == 50  # recall 1.0 reached only at the last row

@@ -506,6 +506,34 @@ def test_novel_people_are_made_of_held_out_names_and_values_and_change_no_traini
     assert not (tmp_path / "novel" / "eval_novel.jsonl").exists()
 
 
+def test_varied_practice_spells_made_up_names_variously_and_changes_only_their_half(tmp_path):
+    mixed = build_dataset(tmp_path / "mixed", 20, 4, seed=3, paraphrases=1, practice=400, practice_style="mixed")
+    varied = build_dataset(tmp_path / "varied", 20, 4, seed=3, paraphrases=1, practice=400, practice_style="varied")
+    for f in FILES:
+        if f != "tool_train.jsonl":
+            assert varied["sha256"][f] == mixed["sha256"][f], f
+    a = _jsonl(tmp_path / "mixed" / "practice_people.jsonl")
+    b = _jsonl(tmp_path / "varied" / "practice_people.jsonl")
+    assert a[:200] == b[:200]  # the list-drawn half is the same people
+    made_up = b[200:]
+    others = {p["name"] for p in _jsonl(tmp_path / "varied" / "people.jsonl") + b[:200]}
+    assert made_up == people.make_pseudo_practice(200, 3, others, varied=True)
+    words = {*names.FIRST_NAMES, *names.LAST_NAMES, *people.NOVEL_FIRST_NAMES, *people.NOVEL_LAST_NAMES}
+    inner = shared = 0
+    for p in made_up:
+        first, last = p["name"].split(" ")
+        assert NAME_RE.fullmatch(first) and NAME_RE.fullmatch(last) and first not in words and last not in words
+        inner += any(re.search(r"[a-z][A-Z]", w) for w in (first, last))
+        shared += first.lower() in last.lower()
+    # about a third of the names carry an inner capital, one in ten a last name that starts with the first
+    assert 0.2 * len(made_up) < inner < 0.5 * len(made_up), inner
+    assert shared > 0.03 * len(made_up), shared
+    plain_inner = sum(bool(re.search(r"[a-z][A-Z]", p["name"])) for p in a[200:])
+    assert plain_inner == 0  # mixed's made-up names are plain capitalised words
+    with closing(sqlite3.connect(tmp_path / "varied" / "practice.sqlite")) as pc:
+        assert pc.execute("SELECT count(*) FROM people").fetchone()[0] == 400
+
+
 def test_pseudo_practice_people_are_made_up_words_and_change_nothing_else(tmp_path):
     lists = build_dataset(tmp_path / "lists", 20, 4, seed=1, paraphrases=1, practice=50)
     pseudo = build_dataset(tmp_path / "pseudo", 20, 4, seed=1, paraphrases=1, practice=50, practice_style="pseudo")

@@ -50,7 +50,8 @@ MODES = ("weight", "tool")
 MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "alpha", "bits_per_fact", "seed", "data_seed", "dim", "n_layers",
-           "params", "smear_keys", "batch_size", "lr", "steps", "status", "recall_train_final", "recall_train_best",
+           "params", "smear_keys", "smear_queries", "practice", "practice_style", "batch_size", "lr", "steps",
+           "status", "recall_train_final", "recall_train_best",
            "step_recall_95", "exposures_95", "exposures_final", "budget_exposures", "bits_per_param",
            "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train",
            "tool_call_rate_ood", "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
@@ -122,6 +123,10 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "n_layers": r.get("model.n_layers"),
             "params": params,
             "smear_keys": r.get("model.smear_keys", 0),
+            "smear_queries": bool(r.get("model.smear_queries", False)),
+            # the in-tool file's practice people and how they were drawn (lists / pseudo / mixed / varied)
+            "practice": (manifest.get("build_args") or {}).get("practice", r.get("tags.practice")),
+            "practice_style": (manifest.get("build_args") or {}).get("practice_style", r.get("tags.practice_style")),
             "batch_size": r.get("data.batch_size"),
             "lr": r.get("optim.lr"),
             "steps": steps,

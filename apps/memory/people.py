@@ -625,19 +625,40 @@ def _pseudo_values(rng: random.Random) -> dict[str, str]:
     }
 
 
-def make_pseudo_practice(n: int, seed: int, exclude: set[str]) -> list[dict[str, str]]:
+#: Prefixes that put a capital inside a made-up name ("McKorra", "DeShai", "VanTrull"), as "McAllister" or
+#: "MacLeod" have one (``make_pseudo_practice(varied=True)``).
+_INNER_CAPITAL_PREFIXES = ("Mc", "Mac", "De", "Di", "Da", "Van", "La", "Le", "Fitz", "Ja")
+
+
+def _vary_spelling(rng: random.Random, first: str, last: str) -> tuple[str, str]:
+    """Spellings that plain capitalised pseudo-words lack, each drawn independently: an inner capital in the last
+    name (one in four) or in the first (one in ten), and a last name that begins with the first name ("Tara
+    Tarakoff", one in ten: the copy must follow the right one of two similar strings)."""
+    if rng.random() < 0.1:
+        last = first + pseudo_word(rng, 2, 8)
+    if rng.random() < 0.25:
+        last = rng.choice(_INNER_CAPITAL_PREFIXES) + last.capitalize()
+    if rng.random() < 0.1:
+        first = rng.choice(_INNER_CAPITAL_PREFIXES) + first.capitalize()
+    return first, last
+
+
+def make_pseudo_practice(n: int, seed: int, exclude: set[str], *, varied: bool = False) -> list[dict[str, str]]:
     """``n`` practice people made of pseudo-words: first names of 2-12 letters, last names of 2-16 (one in ten
     hyphenated), values as :func:`_pseudo_values`. Like :func:`make_practice`'s people they live in a database of
     their own and are asked about once; made-up strings give the copying a tool user learns no vocabulary to lean
     on. Names or values that are real words of the app's lists (training or held-out ``memory.novel``) are
-    redrawn. Their own seeded stream."""
+    redrawn. Their own seeded stream. ``varied`` adds the spellings of :func:`_vary_spelling` (inner capitals,
+    a last name that starts with the first name; its own stream, so the plain people do not change)."""
     taken = set(exclude) | set(FIRST_NAMES) | set(LAST_NAMES) | set(NOVEL_FIRST_NAMES) | set(NOVEL_LAST_NAMES)
     known = {v for vals in list(VALUES.values()) + list(NOVEL_VALUES.values()) for v in vals}
-    rng = rng_stream(seed, "practice", "pseudo")
+    rng = rng_stream(seed, "practice", "pseudo-varied" if varied else "pseudo")
     out: list[dict[str, str]] = []
     while len(out) < n:
         first = pseudo_word(rng, 2, 12).capitalize()
         last = pseudo_word(rng, 2, 16).capitalize()
+        if varied:
+            first, last = _vary_spelling(rng, first, last)
         if rng.random() < 0.1:
             last = f"{last}-{pseudo_word(rng, 2, 9).capitalize()}"
         values = _pseudo_values(rng)
