@@ -13,10 +13,10 @@ hiding each row's slots past its own length. Variants, one ``F.scaled_dot_produc
 Timed interleaved, the median of ``--rounds`` rounds; every variant's output is checked against ``tight``'s. Last
 line: one JSON object.
 
-What it showed (2026-12-02, bench/README.md): a strided view over an up-front buffer costs 1.2-2.4x a contiguous read of the same keys; an engine whose
-buffer capacity follows the longest row (grown by copying, 32 slots at a time) and reads it whole saves ~25% of its
-decode attention, but end to end on 1,024 recall questions the regrowth copies cost as much as that saved, and the engine
-keeps its up-front capacity and strided reads.
+What it showed (2026-12-02, bench/README.md): a strided view over an up-front buffer costs 1.2-2.4x a contiguous
+read of the same keys; an engine whose buffer capacity follows the longest row (grown by copying, 32 slots at a time)
+and reads it whole saved ~25% of its decode attention, but end to end on 1,024 recall questions the regrowth copies
+cost as much as that saved, and the engine keeps its up-front capacity and strided reads.
 
     .venv/bin/python bench/sdpa_layout.py                     # ~1 min
     .venv/bin/python bench/sdpa_layout.py --batch 1024 --threads 2
