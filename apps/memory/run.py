@@ -8,7 +8,7 @@ SQL tool live (during training and at the end, see ``evals.recall``), then write
 
 Usage::
 
-    .venv/bin/python apps/memory/run.py                                   # the quickstart (~12 min on 2 cores)
+    .venv/bin/python apps/memory/run.py                                   # the quickstart (12-14 min on 2 cores)
     .venv/bin/python apps/memory/run.py --grid apps/memory/reproduce.yaml --jobs 2  # in-tool, plain + smear
     .venv/bin/python apps/memory/run.py --grid apps/memory/capacity.yaml --jobs 2    # in-weight capacity
     .venv/bin/python apps/memory/run.py --jobs 1 train.steps=100           # overrides apply to every run
