@@ -90,6 +90,25 @@ def test_replay_adds_the_file_to_every_run_and_refuses_a_base_whose_answers_neve
     assert finetune.ensure_replay(base, out, prompts, max_new_tokens=12) == "reused"
 
 
+def test_distill_learns_the_bases_distributions_on_the_replay_dialogs(tmp_path, capsys):
+    """--replay --distill: the replay file is also each run's data.distill_files (the base, train.init_from, is the
+    teacher); both runs train and are measured; --distill alone is refused."""
+    finetune, path, over = tiny_grid(tmp_path)
+    with pytest.raises(SystemExit):
+        finetune.main(["--grid", str(path), "--distill", *over])
+    assert "--distill distils on the replay dialogs: add --replay" in capsys.readouterr().err
+    over = [*over, "name=memory/distill", f"tags.replay={tmp_path / 'replay.jsonl'}", "data.seq_len=512"]
+    assert finetune.main(["--grid", str(path), "--replay", "--distill", "--threads", "1", *over]) == 0
+    runs = sorted((tmp_path / "runs" / "memory" / "distill").glob("mode=*"))
+    assert len(runs) == 2
+    for run in runs:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["data"]["distill_files"] == [str(tmp_path / "replay.jsonl")]
+        assert saved["data"]["train_files"][-1] == str(tmp_path / "replay.jsonl")
+        assert "train.distill: teacher run" in (run / "train.log").read_text()
+    assert "2 of 2 runs have results" in capsys.readouterr().out
+
+
 def test_finetune_app_submits_to_slurm(slurm_cluster, tmp_path, capsys):
     """--slurm: the base and the datasets are made here, the two runs train as one array job on the cluster, and
     --report-only then measures and reports them."""

@@ -8,7 +8,9 @@ Steps (each resumes or is skipped when already done):
 2. the datasets of the grid's points (apps/memory/build_data.py, as apps/memory/run.py builds them), and with
    ``--replay`` the file ``tags.replay``, added to every run's ``data.train_files``: general dialogs, the base's own
    answers to ``replay_prompts.jsonl`` (none of them an evaluation prompt), mixed into both modes' training data so
-   that the finetune also sees questions answered without a tool (:func:`ensure_replay`);
+   that the finetune also sees questions answered without a tool (:func:`ensure_replay`); with ``--distill`` it
+   learns the base's whole next-token distributions there (a KL term, ``data.distill_files``), not only its
+   greedy tokens;
 3. the finetunes (``lmlab.launch.run_grid``: ``train.init_from`` the base, recall with the SQL tool live at the end);
 4. retention of each finished run against the base (:mod:`lmlab.evals.retention`): KL divergence to the base on
    the base's own answers to 48 general prompts (``general_prompts.jsonl``, rendered with the base's chat
@@ -27,6 +29,8 @@ Usage::
     .venv/bin/python apps/memory/finetune.py --report-only            # retention + report of finished runs
     .venv/bin/python apps/memory/finetune.py name=memory/smollm_lora model.lora.rank=16 optim.lr=1e-3  # LoRA
     .venv/bin/python apps/memory/finetune.py --replay name=memory/smollm_replay   # general dialogs mixed in
+    .venv/bin/python apps/memory/finetune.py --replay --distill name=memory/smollm_distill  # ... learning the
+                                                                 # base's distributions there (KL to the base)
     .venv/bin/python apps/memory/finetune.py --slurm launch.slurm.gpus_per_node=1   # on a GPU cluster (device auto)
 """
 
@@ -102,13 +106,21 @@ def ensure_replay(base_dir: Path, out: Path, prompts_path: Path, max_new_tokens:
     return f"{len(lines)} of {len(prompts)} answers complete in {max_new_tokens} tokens ({time.time() - t0:.0f} s)"
 
 
-def add_replay(configs: list) -> None:
-    """``--replay``: every run also trains on its ``tags.replay`` file."""
+def add_replay(configs: list, distill: bool = False) -> None:
+    """``--replay``: every run also trains on its ``tags.replay`` file; ``--distill``: on the base's next-token
+    distributions there (``data.distill_files``, a KL term to the base, the teacher being ``train.init_from``)
+    instead of the base's greedy tokens."""
     for c in configs:
         if not c.tags.get("replay"):
             raise ConfigError(f"{c.name}: --replay needs tags.replay (the replay file's path)")
-        if str(c.tags["replay"]) not in map(str, c.data.train_files):
-            c.data.train_files = [*c.data.train_files, str(c.tags["replay"])]
+        replay = str(c.tags["replay"])
+        if replay not in map(str, c.data.train_files):
+            c.data.train_files = [*c.data.train_files, replay]
+        if distill:
+            if not (c.train.init_from or c.train.distill.teacher):
+                raise ConfigError(f"{c.name}: --distill needs train.init_from (the base, the teacher)")
+            if replay not in map(str, c.data.distill_files):
+                c.data.distill_files = [*c.data.distill_files, replay]
 
 
 def held_out(n_text_chars: int = 16_000, n_items: int = 60) -> tuple[str, list[dict[str, Any]]]:
@@ -244,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                    "train.device auto picks the GPU); rerun with --report-only once they are done")
     p.add_argument("--replay", action="store_true", help="add tags.replay (general dialogs: the base's own answers "
                    "to replay_prompts.jsonl, built when missing) to every run's training files")
+    p.add_argument("--distill", action="store_true", help="with --replay: learn the base's next-token distributions "
+                   "on the replay dialogs (KL to the base, data.distill_files) instead of its greedy answers' tokens")
     a, configs = parse_grid_app(p, argv)
+    if a.distill and not a.replay:
+        p.error("--distill distils on the replay dialogs: add --replay")
     if a.replay:
-        add_replay(configs)
+        add_replay(configs, distill=a.distill)
     root = configs[0].run_dir.parent
     bases = {str(c.tags["base"]) for c in configs}
     if len(bases) != 1:

@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "EarlyStopConfig",
     "EngineConfig",
     "F",
@@ -353,6 +354,9 @@ class DataConfig:
     packing: bool = F(True, "dialog: pack several dialogs per row with a document mask; false: one per padded row")
     truncate: bool = F(False, "dialog: cut a dialog longer than seq_len+1 tokens; false: such a dialog is an error")
     shuffle: bool = F(True, "shuffle rows each epoch (seeded)")
+    distill_files: list[str] = F([], "dialog: training files (among train_files) whose assistant tokens learn "
+                                 "train.distill's teacher's next-token distribution (a KL term) instead of the "
+                                 "file's own tokens; empty: none")
     length_grouping: int = F(0, "dialog, packing false: within each window of this many batches of the shuffled "
                              "order, batch dialogs of similar length together (less padding), then shuffle the "
                              "batches; 0: off")
@@ -378,6 +382,8 @@ class DataConfig:
             errs.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction}"))
         if self.prefetch_depth <= 0:
             errs.append(("prefetch_depth", "must be positive"))
+        if self.distill_files and self.kind != "dialog":
+            errs.append(("distill_files", "marks dialogs to distill: needs kind: dialog"))
         if self.length_grouping < 0:
             errs.append(("length_grouping", "must be >= 0"))
         elif self.length_grouping and (self.kind != "dialog" or self.packing):
@@ -449,6 +455,21 @@ class EarlyStopConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher on the dialogs of ``data.distill_files``: at their assistant tokens the
+    loss is ``weight * KL(p_teacher || p_model)`` of the next-token distributions instead of the cross-entropy of
+    the file's tokens (e.g. a finetune that keeps its base's answers to general questions: self-distillation on
+    replay data). Other tokens keep the cross-entropy; both sums share the step's target count."""
+
+    teacher: str = F("", "the teacher's weights (as train.init_from: a run folder, RUN@STEP, a Hugging Face Llama "
+                     "folder or a .gguf file) with the model section's shape; empty: train.init_from")
+    weight: float = F(1.0, "weight of the KL term against the cross-entropy of the other tokens")
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("weight", "must be positive")] if self.weight <= 0 else []
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -477,6 +498,7 @@ class TrainConfig:
                        "RUN@STEP), a Hugging Face Llama folder or a .gguf file (lmlab.pretrained); weights only "
                        "(fresh optimizer, step 0), the model section equal to the source's; a run resumed from its "
                        "own checkpoint ignores it; empty: random init")
+    distill: DistillConfig = F(DistillConfig(), "a frozen teacher's distributions on data.distill_files' dialogs")
     objective: Literal["lm", "grpo"] = F(
         "lm", "lm: next-token cross-entropy on the data section; grpo: reinforcement learning on the rl section "
         "(rollouts through the generation engine, lmlab.train.grpo); a step is one batch of rollouts")
@@ -811,6 +833,15 @@ class Config:
         if es.metric.startswith("val_") and not self.train.eval_every:
             errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic validation: set "
                          "train.eval_every"))
+        if self.data.distill_files:
+            if not (self.train.distill.teacher or self.train.init_from):
+                errs.append(("data.distill_files", "distillation needs a teacher: set train.distill.teacher or "
+                             "train.init_from"))
+            if self.train.objective != "lm":
+                errs.append(("data.distill_files", f"distills in the lm objective, not {self.train.objective}"))
+            if self.parallel.tp > 1:
+                errs.append(("data.distill_files", "distillation runs without tensor parallelism (parallel.tp 1): "
+                             "the teacher is a plain replica on each process"))
         if self.train.objective == "grpo":
             rl = self.rl
             if not rl.prompts:

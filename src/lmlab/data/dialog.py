@@ -18,7 +18,9 @@ dialog (the last token of a dialog has target -100).
   causal attention this needs (no document mask), padded rows of short dialogs train faster than packed ones:
   e.g. 1.9x the real tokens/s for dialogs of ~170 tokens on one CPU core (apps/memory).
 
-A dialog longer than ``seq_len + 1`` tokens is an error unless ``truncate=True`` cuts it.
+A dialog longer than ``seq_len + 1`` tokens is an error unless ``truncate=True`` cuts it. Dialogs of the files
+named in ``load_dialogs(..., distill=...)`` are flagged, and their batches carry ``distill``: True at the targets
+of flagged dialogs (the trainer's distillation, ``data.distill_files``).
 :func:`packing_efficiency` measures the fraction of input positions that hold a real token.
 
 Usage::
@@ -94,6 +96,7 @@ class DialogCorpus:
     mask: np.ndarray
     offsets: np.ndarray
     where: list[str]
+    distill: np.ndarray | None = None  # (dialogs,) bool: flagged for distillation; None: none is
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -111,7 +114,7 @@ class DialogCorpus:
         a, b = self.offsets[start], self.offsets[stop]
         return DialogCorpus(
             self.tokens[a:b].copy(), self.mask[a:b].copy(), self.offsets[start : stop + 1] - a,
-            self.where[start:stop],
+            self.where[start:stop], None if self.distill is None else self.distill[start:stop].copy(),
         )
 
 
@@ -121,15 +124,25 @@ def load_dialogs(
     seq_len: int,
     truncate: bool = False,
     what: str = "data.train_files",
+    distill: Sequence[str | os.PathLike] = (),
 ) -> DialogCorpus:
-    """Read and tokenize every dialog of the files; a dialog over ``seq_len + 1`` tokens is an error or cut."""
+    """Read and tokenize every dialog of the files; a dialog over ``seq_len + 1`` tokens is an error or cut.
+    ``distill``: files (paths or patterns, each among ``patterns``' files) whose dialogs are flagged."""
     if not hasattr(tokenizer, "encode_dialog"):
         raise DataError(f"dialog data needs a tokenizer with encode_dialog (a DialogTokenizer), got {tokenizer!r}")
     toks: list[list[int]] = []
     masks: list[list[int]] = []
     where: list[str] = []
+    flags: list[bool] = []
     cap = seq_len + 1
-    for path in expand_files(patterns, what):
+    paths = expand_files(patterns, what)
+    flagged = {p.resolve() for p in expand_files(distill, "data.distill_files")} if distill else set()
+    stray = flagged - {p.resolve() for p in paths}
+    if stray:
+        raise DataError(f"data.distill_files: {', '.join(sorted(map(str, stray)))} not among the files of {what} "
+                        f"({', '.join(map(str, paths))}): only training dialogs can be distilled")
+    for path in paths:
+        flag = path.resolve() in flagged
         for lineno, dialog in read_dialog_file(path):
             loc = f"{path}:{lineno}"
             try:
@@ -151,6 +164,7 @@ def load_dialogs(
             toks.append(t)
             masks.append(m)
             where.append(loc)
+            flags.append(flag)
     lengths = np.array([len(t) for t in toks], dtype=np.int64)
     offsets = np.zeros(len(toks) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -161,6 +175,7 @@ def load_dialogs(
         np.fromiter(itertools.chain.from_iterable(masks), dtype=np.bool_, count=n),
         offsets,
         where,
+        np.array(flags, dtype=np.bool_) if distill else None,
     )
 
 
@@ -257,6 +272,8 @@ class DialogRows:
                             "has an assistant turn, and the loss covers only what the assistant says")
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._checksum = zlib.crc32(corpus.offsets.tobytes()) ^ sample_checksum(corpus.tokens)
+        if corpus.distill is not None:  # which dialogs distil is part of the data a resumed run must find again
+            self._checksum ^= zlib.crc32(np.packbits(corpus.distill).tobytes(), 1)
         if train and self.num_batches(0) == 0:
             n_rows = len(self.plan(0)[1]) - 1
             raise DataError(
@@ -324,6 +341,8 @@ class DialogRows:
         msk = np.zeros((len(ids), slots), dtype=np.bool_)
         doc = np.zeros((len(ids), slots), dtype=np.int64)
         pos = np.zeros((len(ids), slots), dtype=np.int64)
+        flags = self.corpus.distill
+        dis = np.zeros((len(ids), slots), dtype=np.bool_) if flags is not None else None
         longest = 1
         for b, r in enumerate(ids.tolist()):
             c = 0
@@ -335,12 +354,16 @@ class DialogRows:
                 msk[b, c : c + n] = m
                 doc[b, c : c + n] = j
                 pos[b, c : c + n] = np.arange(n)
+                if dis is not None:
+                    dis[b, c : c + n] = flags[d]
                 c += n
             longest = max(longest, c)
             doc[b, c:] = len(dialogs)  # trailing padding is a document of its own
             pos[b, c:] = np.arange(slots - c)
         same_doc = doc[:, 1:] == doc[:, :-1]
         out = {"inputs": tok[:, :-1], "targets": np.where(same_doc & msk[:, 1:], tok[:, 1:], IGNORE)}
+        if dis is not None:
+            out["distill"] = dis[:, 1:] & (out["targets"] != IGNORE)
         if self.packing:
             out["doc_ids"] = doc[:, :-1]
             out["positions"] = pos[:, :-1]

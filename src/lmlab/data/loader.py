@@ -6,7 +6,8 @@ batches as dicts of int64 torch tensors of shape (batch_size, seq_len):
 * ``inputs``: token ids fed to the model;
 * ``targets``: next-token ids, -100 where no loss is taken (loss mask 0, padding, document boundaries);
 * ``doc_ids`` and ``positions`` (packed dialog rows only): document of each position within its row
-  (0, 1, ...; trailing padding gets the next id) and position inside that document (restarts at 0).
+  (0, 1, ...; trailing padding gets the next id) and position inside that document (restarts at 0);
+* ``distill`` (dialog data with ``data.distill_files``; bool): the targets of dialogs to distill.
 
 Training loaders iterate forever (epoch after epoch); evaluation loaders cover the split once per
 ``for`` loop. The order depends only on (seed, epoch): ``state_dict()`` is the position of the next batch
@@ -113,7 +114,8 @@ class DataLoader:
             raise StopIteration
         epoch, index, batch = item
         self._epoch, self._index = epoch, index + 1
-        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
+        return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.bool_ if v.dtype == np.bool_ else np.int64))
+                for k, v in batch.items()}
 
     def __len__(self) -> int:
         """Batches in the current epoch (for this rank)."""
@@ -278,8 +280,9 @@ def build_source(
         dtok = _dialog_tokenizer(tokenizer)
 
         def load(files: Sequence[str], what: str) -> DialogCorpus:
-            return _cached("dialog", files, tokenizer, (cfg.seq_len, truncate), what,
-                           lambda paths: load_dialogs(paths, dtok, cfg.seq_len, truncate, what))
+            distill = tuple(getattr(cfg, "distill_files", ()) or ()) if what == "data.train_files" else ()
+            return _cached("dialog", files, tokenizer, (cfg.seq_len, truncate, distill), what,
+                           lambda paths: load_dialogs(paths, dtok, cfg.seq_len, truncate, what, distill))
 
         if cfg.val_files:
             corpus = load(cfg.train_files, "data.train_files") if train else load(cfg.val_files, "data.val_files")

@@ -12,6 +12,9 @@ The step is written so that parallelism wraps the model and the data sharding wi
 loss is a sum over target tokens divided by the step's total target count, so any split of a step across
 micro-batches (or, later, ranks) gives the same gradient.
 
+With ``data.distill_files`` the dialogs of those files learn a frozen teacher's next-token distributions
+(``train.distill``: a KL term at their assistant tokens, :meth:`Trainer._loss_sum`) instead of their own tokens.
+
 Usage::
 
     lmlab train apps/shakespeare/quick.yaml train.steps=2000 model.dim=256
@@ -136,6 +139,8 @@ class Trainer:
 
             log.info("train.init_from: weights of %s", load_init_weights(self.model, self.model_cfg,
                                                                          cfg.train.init_from))
+        self.teacher = self._build_teacher() if cfg.data.distill_files else None
+        self._distill_acc = torch.zeros(2, dtype=torch.float64, device=self.device)  # a step's KL sum, targets
         # the same weights on every rank (one seed), then tensor parallel / FSDP2 / DDP as cfg.parallel says
         self.step_model = self.par.parallelize(self.model, compile=cfg.train.compile)
         optim_cfg = cfg.optim
@@ -170,6 +175,17 @@ class Trainer:
         self._stopping = False  # a stop signal, as every process agreed after the last step
         self._recall_at: tuple[int, dict[str, Any]] = (-1, {})  # the step and row of the last periodic recall
 
+    def _build_teacher(self) -> torch.nn.Module:
+        """The frozen teacher of ``data.distill_files`` (``train.distill.teacher``, else ``train.init_from``): the
+        model section's shape without LoRA adapters, a plain replica on every process, in eval mode."""
+        from lmlab.pretrained import load_init_weights
+
+        spec = self.cfg.train.distill.teacher or self.cfg.train.init_from
+        teacher_cfg = dataclasses.replace(self.model_cfg, lora=dataclasses.replace(self.model_cfg.lora, rank=0))
+        teacher = materialize(build_model(teacher_cfg, device="meta"), self.device, seed=0)
+        log.info("train.distill: teacher %s", load_init_weights(teacher, teacher_cfg, spec))
+        return teacher.eval().requires_grad_(False)
+
     def build_loaders(self, dp_rank: int, dp_size: int) -> None:
         """``self.train_loader`` (and ``self.val_loader`` when the config holds validation data) for this rank; a
         trainer of another objective (lmlab.train.grpo) overrides it. The train loader is what checkpoints save as
@@ -194,7 +210,10 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the batch's target tokens (float32)."""
+        """Sum of next-token cross-entropy over the batch's target tokens (float32); with a teacher, the targets
+        that ``batch["distill"]`` marks count ``weight * KL(p_teacher || p_model)`` instead (:meth:`_distill_sum`)."""
+        if self.teacher is not None and "distill" in batch:
+            return self._distill_sum(model, batch)
         targets = batch["targets"]
         kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
         # the full-logits path under compile (a data-dependent shape breaks a graph) and sequence parallel (each
@@ -207,6 +226,31 @@ class Trainer:
         with autocast(self.device, self.cfg.train.dtype):
             logits = model(batch["inputs"], logits_at=keep, **kw)
         return self._cross_entropy_sum(logits, targets[keep])
+
+    def _distill_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy summed over the targets outside ``batch["distill"]`` plus ``train.distill.weight`` x the
+        summed ``KL(p_teacher || p_model)`` (float32, nats) at the targets inside it. The teacher reads only the rows
+        that hold a distilled target, its output head only at those targets (no gradient)."""
+        targets, dis = batch["targets"], batch["distill"]
+        kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
+        keep = targets != IGNORE
+        with autocast(self.device, self.cfg.train.dtype):
+            if self.cfg.train.compile or not self.cfg.train.sparse_logits:
+                logits = model(batch["inputs"], **kw).flatten(0, 1)[keep.flatten()]
+            else:
+                logits = model(batch["inputs"], logits_at=keep, **kw)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        d = dis[keep]  # (N,) which of the kept targets distil, in the logits' row-major order
+        ce = -logp[~d].gather(1, targets[keep][~d].unsqueeze(1)).sum()
+        rows = dis.any(1)
+        if not bool(rows.any()):
+            return ce
+        with torch.no_grad(), autocast(self.device, self.cfg.train.dtype):
+            sub = {k: v[rows] if v is not None else None for k, v in kw.items()}
+            t_logp = F.log_softmax(self.teacher(batch["inputs"][rows], logits_at=dis[rows], **sub).float(), dim=-1)
+        kl = (t_logp.exp() * (t_logp - logp[d])).sum()
+        self._distill_acc += torch.stack([kl.detach().double(), d.sum().double()])
+        return ce + self.cfg.train.distill.weight * kl
 
     @staticmethod
     def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -234,6 +278,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        self._distill_acc.zero_()
         scale = par.dp_size / max(n_targets, 1)
         for i, b in enumerate(micro):
             with par.no_sync(self.step_model, last=i == len(micro) - 1), par.loss_context():
@@ -256,7 +301,13 @@ class Trainer:
             probes.end(step)
         self.step += 1
         self.tokens_seen += positions  # every data-parallel rank's
-        return {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
+        out = {"loss": loss, "grad_norm": gnorm, "lr": lr, "positions": positions, "targets": n_targets}
+        if self.teacher is not None:  # the KL part of the loss, per distilled target (nats), for the metrics row
+            kl_sum, n_distill = par.all_reduce_dp(self._distill_acc).tolist()
+            out["log"] = {"distill_share": n_distill / max(n_targets, 1)}
+            if n_distill:
+                out["log"]["distill_kl"] = kl_sum / n_distill
+        return out
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the global gradient norm to ``optim.grad_clip`` (when > 0); return the norm before clipping."""
