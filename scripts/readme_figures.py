@@ -8,7 +8,9 @@ Figures whose run folders are missing on this machine are skipped with a message
   (runs/memory/observe, ``apps/memory/observe.yaml``);
 - ``attention_entropy.png``: per-head attention entropy over training from the probes of one in-tool and one
   in-weight observe run;
-- ``step_time.png``: where a training step's time goes (the profiler's ``time/*`` columns) per observe run.
+- ``step_time.png``: where a training step's time goes (the profiler's ``time/*`` columns) per observe run;
+- ``smollm_recipes.png``: the SmolLM2 finetunes' recall and KL to the base against facts, by recipe (plain,
+  replay, replay + distillation), from the committed apps/memory/results/smollm*.csv.
 
 Usage::
 
@@ -118,6 +120,54 @@ def observe_figures(runs_dir: Path, out: Path) -> None:
     plt.close(fig)
 
 
+#: (label, CSV files, row filter, style) of the SmolLM2 recipes drawn in smollm_recipes.png
+SMOLLM_RECIPES = (
+    ("plain, lr 1e-4", ("smollm.csv",), lambda r: True, "-"),
+    ("replay, lr 1e-4", ("smollm_replay.csv",), lambda r: True, "--"),
+    ("replay, lr 3e-5", ("smollm_lowlr.csv",), lambda r: "lr=3e-05" in r["name"] or "lr3e-05" in r["name"], "-."),
+    ("replay + distillation (in-tool lr 3e-5, in-weight 1e-4)", ("smollm_distill.csv", "smollm_distill_n.csv"),
+     lambda r: ("3e-05" in r["name"]) == (r["mode"] == "tool"), ":"),
+)
+
+
+def smollm_recipes(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = ROOT / "apps/memory/results"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    for label, files, keep, style in SMOLLM_RECIPES:
+        rows = [r for f in files if (results / f).is_file() for r in csv.DictReader(open(results / f)) if keep(r)]
+        for mode, marker, color in (("weight", "o", "C0"), ("tool", "s", "C1")):
+            pts = sorted((int(r["facts"]), float(r["recall/train/correct"]), float(r["kl"]))
+                         for r in rows if r["mode"] == mode)
+            if not pts:
+                continue
+            facts, recall, kl = zip(*pts)
+            axes[0].plot(facts, recall, marker + style, color=color, label=f"in-{mode}, {label}")
+            axes[1].plot(facts, kl, marker + style, color=color)
+    axes[1].axhline(0.03, color="gray", lw=0.8)
+    axes[1].text(52, 0.033, "paper, in-tool: KL <= 0.03", fontsize=7, color="gray")
+    axes[1].set_yscale("log")
+    axes[1].set_yticks([0.02, 0.05, 0.1, 0.2, 0.5], ["0.02", "0.05", "0.1", "0.2", "0.5"])
+    for ax, title in zip(axes, ("recall of the training facts (SQL tool live)", "KL to the base (nats/token)")):
+        ax.set_xscale("log")
+        ax.set_xticks([50, 100, 200], ["50", "100", "200"])
+        ax.minorticks_off()
+        ax.tick_params(which="minor", left=False)
+        ax.set_xlabel("facts")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="center right")
+    fig.suptitle("SmolLM2-135M-Instruct finetunes, one seed: what each recipe costs the base", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.7, 1))
+    fig.savefig(out / "smollm_recipes.png", dpi=110)
+    plt.close(fig)
+    print("smollm_recipes.png")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=str(ROOT / "runs"), help="runs folder (default: ./runs)")
@@ -126,6 +176,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     capacity(out)
+    smollm_recipes(out)
     observe_figures(Path(args.runs), out)
     return 0
 
