@@ -109,6 +109,18 @@ def test_distill_learns_the_bases_distributions_on_the_replay_dialogs(tmp_path, 
     assert "2 of 2 runs have results" in capsys.readouterr().out
 
 
+def test_distill_preset_trains_each_run_on_its_facts_and_the_distilled_replay():
+    from lmlab.config import load_grid
+
+    configs = load_grid(ROOT / "apps" / "memory" / "smollm_distill.yaml")
+    assert len(configs) == 6 and {int(c.tags["people"]) for c in configs} == {10, 20, 40}
+    for c in configs:
+        replay = str(c.tags["replay"])
+        assert [str(f) for f in c.data.train_files] == [f"{c.tags['data_dir']}/{c.tags['mode']}_train.jsonl", replay]
+        assert c.data.distill_files == [replay] and c.train.init_from and not c.train.distill.teacher
+        assert c.optim.lr == {"tool": 3e-5, "weight": 1e-4}[c.tags["mode"]]
+
+
 def test_finetune_app_submits_to_slurm(slurm_cluster, tmp_path, capsys):
     """--slurm: the base and the datasets are made here, the two runs train as one array job on the cluster, and
     --report-only then measures and reports them."""
