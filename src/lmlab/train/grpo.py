@@ -189,12 +189,7 @@ class GRPOTrainer(Trainer):
         self._engine: Engine | None = None
         self.ref_model = None
         if rl.kl_coef > 0:
-            from lmlab.models import build_model, materialize
-            from lmlab.pretrained import load_init_weights
-
-            self.ref_model = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=0)
-            load_init_weights(self.ref_model, self.model_cfg, rl.ref or cfg.train.init_from)
-            self.ref_model.eval().requires_grad_(False)
+            self.ref_model = self.frozen_model(rl.ref or cfg.train.init_from, "rl.ref")
 
     def build_loaders(self, dp_rank: int, dp_size: int) -> None:
         rl = self.cfg.rl

@@ -175,16 +175,20 @@ class Trainer:
         self._stopping = False  # a stop signal, as every process agreed after the last step
         self._recall_at: tuple[int, dict[str, Any]] = (-1, {})  # the step and row of the last periodic recall
 
-    def _build_teacher(self) -> torch.nn.Module:
-        """The frozen teacher of ``data.distill_files`` (``train.distill.teacher``, else ``train.init_from``): the
-        model section's shape without LoRA adapters, a plain replica on every process, in eval mode."""
+    def frozen_model(self, spec: str, what: str) -> torch.nn.Module:
+        """A frozen model of the model section's shape (LoRA adapters left out) with the weights of ``spec`` (as
+        ``train.init_from``), a plain replica on this process, in eval mode: the distillation teacher, GRPO's
+        reference."""
         from lmlab.pretrained import load_init_weights
 
-        spec = self.cfg.train.distill.teacher or self.cfg.train.init_from
-        teacher_cfg = dataclasses.replace(self.model_cfg, lora=dataclasses.replace(self.model_cfg.lora, rank=0))
-        teacher = materialize(build_model(teacher_cfg, device="meta"), self.device, seed=0)
-        log.info("train.distill: teacher %s", load_init_weights(teacher, teacher_cfg, spec))
-        return teacher.eval().requires_grad_(False)
+        plain_cfg = dataclasses.replace(self.model_cfg, lora=dataclasses.replace(self.model_cfg.lora, rank=0))
+        model = materialize(build_model(plain_cfg, device="meta"), self.device, seed=0)
+        log.info("%s: %s", what, load_init_weights(model, plain_cfg, spec))
+        return model.eval().requires_grad_(False)
+
+    def _build_teacher(self) -> torch.nn.Module:
+        """The frozen teacher of ``data.distill_files``: ``train.distill.teacher``, else ``train.init_from``."""
+        return self.frozen_model(self.cfg.train.distill.teacher or self.cfg.train.init_from, "train.distill: teacher")
 
     def build_loaders(self, dp_rank: int, dp_size: int) -> None:
         """``self.train_loader`` (and ``self.val_loader`` when the config holds validation data) for this rank; a
