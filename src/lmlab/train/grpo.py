@@ -189,7 +189,7 @@ class GRPOTrainer(Trainer):
         self._engine: Engine | None = None
         self.ref_model = None
         if rl.kl_coef > 0:
-            self.ref_model = self.frozen_model(rl.ref or cfg.train.init_from, "rl.ref")
+            self.ref_model = self.frozen_model(rl.ref or cfg.train.init_from, "rl.ref: reference")
 
     def build_loaders(self, dp_rank: int, dp_size: int) -> None:
         rl = self.cfg.rl

@@ -183,7 +183,7 @@ class Trainer:
 
         plain_cfg = dataclasses.replace(self.model_cfg, lora=dataclasses.replace(self.model_cfg.lora, rank=0))
         model = materialize(build_model(plain_cfg, device="meta"), self.device, seed=0)
-        log.info("%s: %s", what, load_init_weights(model, plain_cfg, spec))
+        log.info("%s %s", what, load_init_weights(model, plain_cfg, spec))
         return model.eval().requires_grad_(False)
 
     def _build_teacher(self) -> torch.nn.Module:
