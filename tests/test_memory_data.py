@@ -534,6 +534,44 @@ def test_varied_practice_spells_made_up_names_variously_and_changes_only_their_h
         assert pc.execute("SELECT count(*) FROM people").fetchone()[0] == 400
 
 
+def test_wide_practice_adds_short_names_and_particles_to_the_made_up_half_only(tmp_path):
+    varied = build_dataset(tmp_path / "varied", 20, 4, seed=3, paraphrases=1, practice=800, practice_style="varied")
+    wide = build_dataset(tmp_path / "wide", 20, 4, seed=3, paraphrases=1, practice=800, practice_style="wide")
+    assert wide["build_args"]["practice_style"] == "wide"
+    for f in FILES:
+        if f != "tool_train.jsonl":
+            assert wide["sha256"][f] == varied["sha256"][f], f
+    a = _jsonl(tmp_path / "varied" / "practice_people.jsonl")
+    b = _jsonl(tmp_path / "wide" / "practice_people.jsonl")
+    assert a[:400] == b[:400]  # the list-drawn half is the same people
+    made_up, plain = b[400:], a[400:]
+    others = {p["name"] for p in _jsonl(tmp_path / "wide" / "people.jsonl") + b[:400]}
+    assert made_up == people.make_pseudo_practice(400, 3, others, wide=True)
+    known = {v for vals in list(VALUES.values()) + list(people.NOVEL_VALUES.values()) for v in vals}
+    words = {*names.FIRST_NAMES, *names.LAST_NAMES, *people.NOVEL_FIRST_NAMES, *people.NOVEL_LAST_NAMES}
+    particle = re.compile(r" (?:%s) " % "|".join(map(re.escape, people._PARTICLES)))
+
+    def shares(ps):
+        short_first = sum(len(p["name"].split(" ")[0]) <= 3 for p in ps) / len(ps)
+        with_particle = sum(any(particle.search(p[a]) for a in ("birth_city", "current_city")) for p in ps) / len(ps)
+        inner = sum(bool(re.search(r"[a-z][A-Z]", p["name"])) for p in ps) / len(ps)
+        return short_first, with_particle, inner
+
+    wide_short, wide_particles, wide_inner = shares(made_up)
+    plain_short, plain_particles, _ = shares(plain)
+    # a 2-3-letter first name: 1/4 + 3/4 x 2/11 (~0.39) against 2/11 (~0.18) from uniform lengths alone
+    assert wide_short > 0.3 > 0.25 > plain_short, (wide_short, plain_short)
+    # half the multi-word cities (2 in 5 cities) of wide: ~0.36 of the people have one; plain cities have none
+    assert wide_particles > 0.25 and plain_particles == 0, (wide_particles, plain_particles)
+    assert 0.2 < wide_inner < 0.5  # the varied spellings stay
+    for p in made_up:
+        first, last = p["name"].split(" ")
+        assert NAME_RE.fullmatch(first) and NAME_RE.fullmatch(last) and first not in words and last not in words
+        assert not any(p[a] in known for a in ATTRIBUTES)
+    with pytest.raises(ValueError, match="practice-style"):
+        build_dataset(tmp_path / "bad", 20, 4, seed=3, practice=10, practice_style="widest")
+
+
 def test_pseudo_practice_people_are_made_up_words_and_change_nothing_else(tmp_path):
     lists = build_dataset(tmp_path / "lists", 20, 4, seed=1, paraphrases=1, practice=50)
     pseudo = build_dataset(tmp_path / "pseudo", 20, 4, seed=1, paraphrases=1, practice=50, practice_style="pseudo")

@@ -99,7 +99,7 @@ FILES = (
     "eval_ood.jsonl",
 )
 PRACTICE_FILES = ("practice_people.jsonl", "practice.sqlite")  # written only with practice people
-PRACTICE_STYLES = ("lists", "pseudo", "mixed", "varied")
+PRACTICE_STYLES = ("lists", "pseudo", "mixed", "varied", "wide")
 NOVEL_FILES = ("novel_people.jsonl", "eval_novel.jsonl")  # written only with novel people (in people.sqlite too)
 
 
@@ -188,7 +188,8 @@ def build_dataset(
     ``memory.novel``) join the database and get an evaluation set of their own, ``eval_novel.jsonl``; no training
     file changes with them. ``practice_style``: "lists" draws practice people from the training name and value
     lists, "pseudo" makes them of made-up words (``make_pseudo_practice``), "mixed" half of each, "varied" as
-    "mixed" with the made-up names' spellings varied (inner capitals, a last name that starts with the first)."""
+    "mixed" with the made-up names' spellings varied (inner capitals, a last name that starts with the first), "wide"
+    as "varied" with more 2-3-letter names and lower-case particles inside some multi-word values."""
     for key, value in build_errors(people, ood, paraphrases, absent, practice, alpha, novel, practice_style,
                                    families):
         raise ValueError(f"{key} {value}")
@@ -218,10 +219,12 @@ def build_dataset(
     if practice:  # practice people: drawn after the absent ones, so that they change no absent name
         files = files + PRACTICE_FILES
         others = {p["name"] for p in train} | set(absent_names)
-        n_lists = {"lists": practice, "pseudo": 0, "mixed": practice // 2, "varied": practice // 2}[practice_style]
+        n_lists = {"lists": practice, "pseudo": 0, "mixed": practice // 2, "varied": practice // 2,
+                   "wide": practice // 2}[practice_style]
         practice_people = make_practice(n_lists, seed, others, alpha=alpha)
         practice_people += make_pseudo_practice(practice - n_lists, seed, others | {p["name"] for p in practice_people},
-                                                varied=practice_style == "varied")
+                                                varied=practice_style == "varied",
+                                                wide=practice_style == "wide")
         lines["practice_people.jsonl"] = _write_lines(out / "practice_people.jsonl",
                                                       [_dumps(p) for p in practice_people])
         build_database(out / "practice.sqlite", practice_people)
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--practice-style", default="lists", choices=PRACTICE_STYLES,
                     help="lists: practice people drawn from the training name and value lists; pseudo: made of "
                          "made-up words (copying with no vocabulary to lean on); mixed: half of each; varied: mixed, "
-                         "with inner capitals and last names that begin with the first name among the made-up ones")
+                         "with inner capitals and last names that begin with the first name among the made-up ones; "
+                         "wide: varied, with more 2-3-letter names and lower-case particles inside some values")
     ap.add_argument("--novel", type=int, default=0,
                     help="novel people (held-out names and attribute values, memory.novel): in the database, asked "
                          "about in eval_novel.jsonl; no training file changes")

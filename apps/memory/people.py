@@ -609,20 +609,38 @@ def pseudo_word(rng: random.Random, min_len: int = 2, max_len: int = 12) -> str:
     return word[:target]                                      # cases of copying
 
 
-def _pseudo_values(rng: random.Random) -> dict[str, str]:
-    """Attribute values made of pseudo-words, and birth dates of years 1000-2999: strings to copy, never to recall."""
+#: Lower-case words that stand inside many real place and institution names ("Saint-Denis de la Reunion",
+#: "Frankfurt am Main", "Stratford upon Avon"): ``make_pseudo_practice(wide=True)`` puts them between the made-up
+#: words of some values, so that a copy does not stop or loop where a capitalised word was expected.
+_PARTICLES = ("de", "la", "de la", "del", "da", "do", "of", "on", "upon", "am", "an der", "van", "von", "der", "sur",
+              "al", "el", "y", "les", "di", "du", "bin", "and")
+
+
+def _pseudo_values(rng: random.Random, particles: bool = False) -> dict[str, str]:
+    """Attribute values made of pseudo-words, and birth dates of years 1000-2999: strings to copy, never to recall.
+    ``particles``: the words of one multi-word city in two, and one university in four, are joined by lower-case
+    words of :data:`_PARTICLES` (the draws of the plain values are made first, so they do not change)."""
     def cap(n_words: int, lo: int = 2, hi: int = 11) -> str:
         return " ".join(pseudo_word(rng, lo, hi).capitalize() for _ in range(n_words))
 
     day = _dt.date.fromordinal(rng.randint(_dt.date(1000, 1, 1).toordinal(), _dt.date(2999, 12, 31).toordinal()))
     template = rng.choice(_PSEUDO_UNIVERSITIES)
-    return {
+    values = {
         "birth_date": f"{_MONTHS[day.month - 1]} {day.day}, {day.year}",
         "birth_city": cap(rng.choice((1, 1, 1, 2, 3))),
         "current_city": cap(rng.choice((1, 1, 1, 2, 3))),
         "occupation": " ".join(pseudo_word(rng, 3, 12) for _ in range(rng.choice((1, 1, 2, 3)))),
         "university": template.format(*(cap(1, 3, 12) for _ in range(template.count("{}")))),
     }
+    if particles:
+        for key in ("birth_city", "current_city"):
+            words = values[key].split(" ")
+            if len(words) > 1 and rng.random() < 0.5:
+                values[key] = " ".join(w for i, word in enumerate(words)
+                                       for w in ((rng.choice(_PARTICLES), word) if i else (word,)))
+        if rng.random() < 0.25:
+            values["university"] += f" {rng.choice(_PARTICLES)} {cap(1, 3, 12)}"
+    return values
 
 
 #: Prefixes that put a capital inside a made-up name ("McKorra", "DeShai", "VanTrull"), as "McAllister" or
@@ -643,25 +661,39 @@ def _vary_spelling(rng: random.Random, first: str, last: str) -> tuple[str, str]
     return first, last
 
 
-def make_pseudo_practice(n: int, seed: int, exclude: set[str], *, varied: bool = False) -> list[dict[str, str]]:
+def _name_length(rng: random.Random, short_share: float, hi: int) -> int:
+    """A made-up name's length: 2-3 letters with probability ``short_share``, else 2 to ``hi``."""
+    return rng.randint(2, 3) if rng.random() < short_share else rng.randint(2, hi)
+
+
+def make_pseudo_practice(n: int, seed: int, exclude: set[str], *, varied: bool = False,
+                         wide: bool = False) -> list[dict[str, str]]:
     """``n`` practice people made of pseudo-words: first names of 2-12 letters, last names of 2-16 (one in ten
     hyphenated), values as :func:`_pseudo_values`. Like :func:`make_practice`'s people they live in a database of
     their own and are asked about once; made-up strings give the copying a tool user learns no vocabulary to lean
     on. Names or values that are real words of the app's lists (training or held-out ``memory.novel``) are
     redrawn. Their own seeded stream. ``varied`` adds the spellings of :func:`_vary_spelling` (inner capitals,
-    a last name that starts with the first name; its own stream, so the plain people do not change)."""
+    a last name that starts with the first name; its own stream, so the plain people do not change). ``wide``
+    (implies ``varied``; a stream of its own) widens the shapes further: one first name in four and one last name
+    in six of 2-3 letters ("Jo Od" is the hardest name to find in a question: uniform lengths make it rare), and
+    lower-case particles inside some multi-word values ("Vossa de la Trenn")."""
+    varied = varied or wide
     taken = set(exclude) | set(FIRST_NAMES) | set(LAST_NAMES) | set(NOVEL_FIRST_NAMES) | set(NOVEL_LAST_NAMES)
     known = {v for vals in list(VALUES.values()) + list(NOVEL_VALUES.values()) for v in vals}
-    rng = rng_stream(seed, "practice", "pseudo-varied" if varied else "pseudo")
+    rng = rng_stream(seed, "practice", "pseudo-wide" if wide else "pseudo-varied" if varied else "pseudo")
     out: list[dict[str, str]] = []
     while len(out) < n:
-        first = pseudo_word(rng, 2, 12).capitalize()
-        last = pseudo_word(rng, 2, 16).capitalize()
+        if wide:
+            n_first, n_last = _name_length(rng, 0.25, 12), _name_length(rng, 1 / 6, 16)
+            first, last = pseudo_word(rng, n_first, n_first).capitalize(), pseudo_word(rng, n_last, n_last).capitalize()
+        else:
+            first = pseudo_word(rng, 2, 12).capitalize()
+            last = pseudo_word(rng, 2, 16).capitalize()
         if varied:
             first, last = _vary_spelling(rng, first, last)
         if rng.random() < 0.1:
             last = f"{last}-{pseudo_word(rng, 2, 9).capitalize()}"
-        values = _pseudo_values(rng)
+        values = _pseudo_values(rng, particles=wide)
         name = f"{first} {last}"
         if name in taken or first in taken or last in taken or any(v in known for v in values.values()):
             continue
