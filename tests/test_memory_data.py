@@ -549,7 +549,7 @@ def test_wide_practice_adds_short_names_and_particles_to_the_made_up_half_only(t
     assert made_up == people.make_pseudo_practice(400, 3, others, wide=True)
     known = {v for vals in list(VALUES.values()) + list(people.NOVEL_VALUES.values()) for v in vals}
     words = {*names.FIRST_NAMES, *names.LAST_NAMES, *people.NOVEL_FIRST_NAMES, *people.NOVEL_LAST_NAMES}
-    particle = re.compile(r" (?:%s) " % "|".join(map(re.escape, people._PARTICLES)))
+    particle = re.compile(" (?:" + "|".join(map(re.escape, people._PARTICLES)) + ") ")
 
     def shares(ps):
         short_first = sum(len(p["name"].split(" ")[0]) <= 3 for p in ps) / len(ps)
