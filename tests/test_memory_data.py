@@ -506,17 +506,25 @@ def test_novel_people_are_made_of_held_out_names_and_values_and_change_no_traini
     assert not (tmp_path / "novel" / "eval_novel.jsonl").exists()
 
 
-def test_varied_practice_spells_made_up_names_variously_and_changes_only_their_half(tmp_path):
-    mixed = build_dataset(tmp_path / "mixed", 20, 4, seed=3, paraphrases=1, practice=400, practice_style="mixed")
-    varied = build_dataset(tmp_path / "varied", 20, 4, seed=3, paraphrases=1, practice=400, practice_style="varied")
+def _practice_styles(tmp_path, base: str, style: str, practice: int):
+    """The same dataset built with practice styles ``base`` and ``style``: every file but the in-tool one is equal
+    and the list-drawn half of the practice people is the same people. Returns the made-up halves (base's, style's)
+    and the names taken before the made-up half was drawn."""
+    one = build_dataset(tmp_path / base, 20, 4, seed=3, paraphrases=1, practice=practice, practice_style=base)
+    two = build_dataset(tmp_path / style, 20, 4, seed=3, paraphrases=1, practice=practice, practice_style=style)
+    assert two["build_args"]["practice_style"] == style
     for f in FILES:
         if f != "tool_train.jsonl":
-            assert varied["sha256"][f] == mixed["sha256"][f], f
-    a = _jsonl(tmp_path / "mixed" / "practice_people.jsonl")
-    b = _jsonl(tmp_path / "varied" / "practice_people.jsonl")
-    assert a[:200] == b[:200]  # the list-drawn half is the same people
-    made_up = b[200:]
-    others = {p["name"] for p in _jsonl(tmp_path / "varied" / "people.jsonl") + b[:200]}
+            assert two["sha256"][f] == one["sha256"][f], f
+    a = _jsonl(tmp_path / base / "practice_people.jsonl")
+    b = _jsonl(tmp_path / style / "practice_people.jsonl")
+    half = practice // 2
+    assert a[:half] == b[:half]  # the list-drawn half is the same people
+    return a[half:], b[half:], {p["name"] for p in _jsonl(tmp_path / style / "people.jsonl") + b[:half]}
+
+
+def test_varied_practice_spells_made_up_names_variously_and_changes_only_their_half(tmp_path):
+    plain, made_up, others = _practice_styles(tmp_path, "mixed", "varied", 400)
     assert made_up == people.make_pseudo_practice(200, 3, others, varied=True)
     words = {*names.FIRST_NAMES, *names.LAST_NAMES, *people.NOVEL_FIRST_NAMES, *people.NOVEL_LAST_NAMES}
     inner = shared = 0
@@ -528,24 +536,14 @@ def test_varied_practice_spells_made_up_names_variously_and_changes_only_their_h
     # about a third of the names carry an inner capital, one in ten a last name that starts with the first
     assert 0.2 * len(made_up) < inner < 0.5 * len(made_up), inner
     assert shared > 0.03 * len(made_up), shared
-    plain_inner = sum(bool(re.search(r"[a-z][A-Z]", p["name"])) for p in a[200:])
+    plain_inner = sum(bool(re.search(r"[a-z][A-Z]", p["name"])) for p in plain)
     assert plain_inner == 0  # mixed's made-up names are plain capitalised words
     with closing(sqlite3.connect(tmp_path / "varied" / "practice.sqlite")) as pc:
         assert pc.execute("SELECT count(*) FROM people").fetchone()[0] == 400
 
 
 def test_wide_practice_adds_short_names_and_particles_to_the_made_up_half_only(tmp_path):
-    varied = build_dataset(tmp_path / "varied", 20, 4, seed=3, paraphrases=1, practice=800, practice_style="varied")
-    wide = build_dataset(tmp_path / "wide", 20, 4, seed=3, paraphrases=1, practice=800, practice_style="wide")
-    assert wide["build_args"]["practice_style"] == "wide"
-    for f in FILES:
-        if f != "tool_train.jsonl":
-            assert wide["sha256"][f] == varied["sha256"][f], f
-    a = _jsonl(tmp_path / "varied" / "practice_people.jsonl")
-    b = _jsonl(tmp_path / "wide" / "practice_people.jsonl")
-    assert a[:400] == b[:400]  # the list-drawn half is the same people
-    made_up, plain = b[400:], a[400:]
-    others = {p["name"] for p in _jsonl(tmp_path / "wide" / "people.jsonl") + b[:400]}
+    plain, made_up, others = _practice_styles(tmp_path, "varied", "wide", 800)
     assert made_up == people.make_pseudo_practice(400, 3, others, wide=True)
     known = {v for vals in list(VALUES.values()) + list(people.NOVEL_VALUES.values()) for v in vals}
     words = {*names.FIRST_NAMES, *names.LAST_NAMES, *people.NOVEL_FIRST_NAMES, *people.NOVEL_LAST_NAMES}
