@@ -219,8 +219,8 @@ def build_dataset(
     if practice:  # practice people: drawn after the absent ones, so that they change no absent name
         files = files + PRACTICE_FILES
         others = {p["name"] for p in train} | set(absent_names)
-        n_lists = {"lists": practice, "pseudo": 0, "mixed": practice // 2, "varied": practice // 2,
-                   "wide": practice // 2}[practice_style]
+        # lists: all list-drawn; pseudo: none; mixed, varied and wide: half
+        n_lists = {"lists": practice, "pseudo": 0}.get(practice_style, practice // 2)
         practice_people = make_practice(n_lists, seed, others, alpha=alpha)
         practice_people += make_pseudo_practice(practice - n_lists, seed, others | {p["name"] for p in practice_people},
                                                 varied=practice_style == "varied",

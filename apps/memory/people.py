@@ -634,10 +634,9 @@ def _pseudo_values(rng: random.Random, particles: bool = False) -> dict[str, str
     }
     if particles:
         for key in ("birth_city", "current_city"):
-            words = values[key].split(" ")
-            if len(words) > 1 and rng.random() < 0.5:
-                values[key] = " ".join(w for i, word in enumerate(words)
-                                       for w in ((rng.choice(_PARTICLES), word) if i else (word,)))
+            first, *rest = values[key].split(" ")
+            if rest and rng.random() < 0.5:
+                values[key] = first + "".join(f" {rng.choice(_PARTICLES)} {word}" for word in rest)
         if rng.random() < 0.25:
             values["university"] += f" {rng.choice(_PARTICLES)} {cap(1, 3, 12)}"
     return values
