@@ -383,6 +383,34 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     assert math.isclose(ev_a["val_loss"], ev_b["val_loss"], rel_tol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_dialog_training_keeps_sparse_logits_and_matches_the_full_head(tmp_path, corpus):
+    """Unpacked dialogs: every batch as wide as its longest dialog and the loss on the answers only. Compiled, the
+    output head still runs only at the target positions (the trunk is one graph, traced again once with a dynamic
+    width; the head after a graph break), with the losses and weights of the eager full-head reference."""
+    dialogs = tmp_path / "d.jsonl"
+    dialogs.write_text("".join(json.dumps([{"source": "user", "content": "What is " + "x" * (i % 13) + f" {i}?"},
+                                           {"source": "assistant", "content": f"It is {7 * i}."}]) + "\n"
+                               for i in range(40)))
+    extra = ["data.kind=dialog", f"data.train_files=[{dialogs}]", "data.packing=false", "data.seq_len=48",
+             "model.smear_keys=2"]
+    ref = Trainer(make_cfg(tmp_path, corpus, *extra, "train.sparse_logits=false", name="full"))
+    compiled = Trainer(make_cfg(tmp_path, corpus, *extra, "train.compile=true", name="compiled"))
+    step_model, seen = compiled.step_model, []
+
+    def recording(inputs, **kw):  # what the training step hands the compiled model
+        seen.append((inputs.shape[1], kw.get("logits_at") is not None))
+        return step_model(inputs, **kw)
+
+    compiled.step_model = recording
+    for _ in range(6):
+        a, b = ref.train_step(), compiled.train_step()
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+    assert all(sparse for _, sparse in seen) and len({w for w, _ in seen}) > 1  # sparse head, several widths
+    for p, q in zip(ref.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
 def test_early_stop_on_a_target_and_on_a_plateau_resumes_exactly(tmp_path, corpus):
     common = ["train.steps=40", "train.eval_every=2", "train.eval_batches=1", "train.early_stop.metric=val_loss",
               "train.early_stop.mode=min"]

@@ -481,7 +481,7 @@ class TrainConfig:
     compile: bool = F(False, "torch.compile the model")
     sparse_logits: bool = F(True, "output head and softmax only at the positions that have a target (the same "
                             "loss; dialogs train on the answers only); false: at every position, the reference "
-                            "path (torch.compile always takes it)")
+                            "path")
     threads: int = F(0, "CPU threads for torch (torch.set_num_threads); 0 keeps torch's default")
     peak_flops: float = F(0.0, "peak FLOP/s of one device for the MFU column; 0: known GPUs only (none on CPU)")
     max_time: float = F(0.0, "stop after this many seconds of training (then evaluate and save); 0: no limit")

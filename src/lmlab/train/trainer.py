@@ -220,9 +220,10 @@ class Trainer:
             return self._distill_sum(model, batch)
         targets = batch["targets"]
         kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
-        # the full-logits path under compile (a data-dependent shape breaks a graph) and sequence parallel (each
-        # process holds a slice of the sequence until the output head gathers it)
-        if self.cfg.train.compile or not self.cfg.train.sparse_logits or self.cfg.parallel.sequence_parallel:
+        # the full-logits path under sequence parallel (each process holds a slice of the sequence until the output
+        # head gathers it); compiled, the selection of the target positions is a graph break between the trunk and
+        # the head, each compiled once for a dynamic number of positions
+        if not self.cfg.train.sparse_logits or self.cfg.parallel.sequence_parallel:
             with autocast(self.device, self.cfg.train.dtype):
                 logits = model(batch["inputs"], **kw)
             return self._cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
@@ -239,7 +240,7 @@ class Trainer:
         kw = {"doc_ids": batch.get("doc_ids"), "positions": batch.get("positions")}
         keep = targets != IGNORE
         with autocast(self.device, self.cfg.train.dtype):
-            if self.cfg.train.compile or not self.cfg.train.sparse_logits:
+            if not self.cfg.train.sparse_logits:
                 logits = model(batch["inputs"], **kw).flatten(0, 1)[keep.flatten()]
             else:
                 logits = model(batch["inputs"], logits_at=keep, **kw)
