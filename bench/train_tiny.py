@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     try:
         warmup_s = None
-        if not a.cold_compile and "train.compile=true" in fast:
+        if not a.cold_compile and load_config(None, common + fast).train.compile:
             warmup_s = warm_up(Variant("warmup", common + fast, tmp, a))
             log(f"  compile warm-up (empty cache): {warmup_s:.1f} s")
         variants = [Variant("today", common + today, tmp, a), Variant("fast", common + fast, tmp, a)]
