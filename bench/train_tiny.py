@@ -127,11 +127,11 @@ class Variant:
                                                   "logging.progress=false", "train.resume=false"])
         self.trainer = Trainer(self.cfg)
         self.trainer.train_loader.__enter__()
-        self.train_s = self.eval_s = 0.0
+        self.eval_s = 0.0
         self.positions = self.targets = 0
         self.flops = 0.0
         self.curve: list[tuple[int, float, float]] = []  # (step, train seconds so far, recall)
-        self.step_s: list[float] = []
+        self.step_s: list[float] = []  # each training step's seconds
         self.hit: tuple[int, float] | None = None
         self.every = a.every
         self.facts = a.facts
@@ -142,6 +142,10 @@ class Variant:
     def done(self) -> bool:
         return self.hit is not None or self.trainer.step >= self.cfg.train.steps
 
+    @property
+    def train_s(self) -> float:
+        return sum(self.step_s)
+
     def run(self, steps: int) -> None:
         t = self.trainer
         model = t.model
@@ -151,7 +155,6 @@ class Variant:
             t0 = time.perf_counter()
             m = t.train_step()
             self.step_s.append(time.perf_counter() - t0)
-            self.train_s += self.step_s[-1]
             self.positions += m["positions"]
             self.targets += m["targets"]
             width = m["positions"] // self.cfg.data.batch_size
@@ -252,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     busy0, own0 = cpu_ticks()
     load0 = os.getloadavg()[0]
     try:
-        warmup_s = None
-        if not a.cold_compile and load_config(None, common + fast).train.compile:
+        warmup_s, compiled = None, load_config(None, common + fast).train.compile
+        if compiled and not a.cold_compile:
             warmup_s = warm_up(Variant("warmup", common + fast, tmp, a))
             log(f"  compile warm-up (empty cache): {warmup_s:.1f} s")
         variants = [Variant("today", common + today, tmp, a), Variant("fast", common + fast, tmp, a)]
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 v.run(a.chunk)
         ceiling = sorted(ceilings)[len(ceilings) // 2]
         out = {"point": a.point, "facts": a.facts, "target_recall": a.target,
-               "inductor_cache": "empty" if a.cold_compile else "warm", "compile_warmup_s": warmup_s,
+               "inductor_cache": ("warm" if warmup_s is not None else "empty") if compiled else None,
+               "compile_warmup_s": warmup_s,
                "matmul_ceiling_gflops_1thread": {
             "median": round(ceiling, 1), "min": round(min(ceilings), 1), "max": round(max(ceilings), 1)}}
         for v, ov in zip(variants, (today, fast)):
