@@ -244,10 +244,10 @@ def contended(fn: Callable[[], object], what: str, max_others: float, retries: i
     raise AssertionError("unreachable")
 
 
-def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
-    """Best float32 GFLOP/s of ``reps`` n x n x n matmuls (after one warmup): the machine's practical ceiling."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of ``reps`` n x n x n matmuls in ``dtype`` (after one warmup): the machine's practical ceiling."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(reps):

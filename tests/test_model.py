@@ -268,3 +268,47 @@ def test_smear_is_an_optional_module_whose_old_parameter_names_still_load():
     fresh.load_state_dict(old)  # strict
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_under_cpu_bf16_autocast_runs_in_float32(masked):
+    """Under bf16 autocast on the CPU, ``sdpa`` takes bf16 queries/keys/values but attends in float32 (the CPU's bf16
+    flash kernel is slower and less exact): its output is the float32 attention of the same bf16 inputs, rounded
+    once to bf16, and so are the input gradients; plain bf16 attention misses that bound."""
+    from lmlab.models.transformer import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.randn(2, 4, 40, 16).bfloat16()
+    kw = {"attn_mask": torch.rand(2, 1, 40, 40) < 0.7} if masked else {"is_causal": True}
+    if masked:
+        kw["attn_mask"] |= torch.eye(40, dtype=torch.bool)
+
+    def reference(q, k, v):  # float32 math attention of the rounded inputs
+        s = (q @ k.transpose(-1, -2)) * 16 ** -0.5
+        allowed = kw["attn_mask"] if masked else torch.ones(40, 40, dtype=torch.bool).tril()
+        return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference(q32, k32, v32)
+    ref.backward(g.float())
+
+    def within_one_rounding(x, r):  # |x - r| <= one bf16 rounding of r (2^-8 relative), plus float32 noise
+        return bool(((x.float() - r).abs() <= r.abs() * 2 ** -8 + 1e-5).all())
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, **kw)
+    assert y.dtype == torch.bfloat16
+    assert within_one_rounding(y, ref.detach())
+    y.backward(g)
+    for t, t32 in ((q, q32), (k, k32), (v, v32)):
+        assert t.grad.dtype == torch.bfloat16 and within_one_rounding(t.grad, t32.grad)
+    plain = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), **kw)
+    assert plain.dtype == torch.bfloat16 and not within_one_rounding(plain, ref.detach())
+    # float32 inputs under the same autocast (a module kept in float32 around it) stay float32, not cast down
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32 = sdpa(q32.detach(), k32.detach(), v32.detach(), **kw)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, ref.detach(), rtol=1e-5, atol=1e-5)
+    # outside autocast (a bf16 model at inference) the kernel keeps the inputs' dtype, as before
+    torch.testing.assert_close(sdpa(q.detach(), k.detach(), v.detach(), **kw), plain, rtol=0, atol=0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.config import OptimConfig, load_config
+from lmlab.config import ConfigError, OptimConfig, load_config
 from lmlab.monitor.metrics import read_metrics
 from lmlab.train import Trainer, TrainingError
 from lmlab.train import checkpoint as ckpt_mod
@@ -276,6 +276,55 @@ def test_bf16_autocast_on_cpu_trains_like_float32(tmp_path, corpus):
     assert a != b, "autocast ran in bf16, not float32"
     assert all(abs(x - y) < 0.02 * x for (_, x), (_, y) in zip(a, b)), (a, b)
     assert abs(bf16["val_loss"] - fp32["val_loss"]) < 0.02 * fp32["val_loss"]
+
+
+def test_float32_modules_run_in_float32_under_bf16_autocast_and_train(tmp_path, corpus):
+    """train.float32_modules: the matched modules compute in float32 inside bf16 autocast (each output equals the
+    same module run in plain float32 on the same inputs, exactly), the rest in bf16; names, state dict and
+    checkpoints are unchanged; the run trains like float32 and resumes; a pattern that matches nothing is refused."""
+    import copy
+
+    from lmlab.train.precision import keep_float32
+
+    model = Trainer(make_cfg(tmp_path, corpus, "train.steps=1", name="probe")).model
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert keep_float32(model, ["layers.*.attention", "output"]) == ["layers.0.attention", "layers.1.attention",
+                                                                       "output"]
+    assert list(model.state_dict()) == keys and type(model.layers[0].attention).__name__ == "Float32Attention"
+    seen: dict[str, tuple] = {}
+
+    def record(name):
+        def hook(mod, args, out):
+            seen[name] = (tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args), out.detach())
+        return hook
+
+    for name in ("layers.1.attention", "layers.1.attention.wq", "layers.1.feed_forward.w1", "output"):
+        model.get_submodule(name).register_forward_hook(record(name))
+    x = torch.randint(0, 200, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen["layers.1.attention.wq"][1].dtype == torch.float32
+    assert seen["layers.1.feed_forward.w1"][1].dtype == torch.bfloat16
+    for name in ("layers.1.attention", "output"):
+        args, out = seen[name]
+        assert out.dtype == torch.float32
+        ref = plain.get_submodule(name)(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                          for a in args])
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with torch.no_grad():  # outside autocast the module is the plain one
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+    fp32 = Trainer(make_cfg(tmp_path, corpus, "train.steps=6", name="fp32")).fit()
+    mixed = ("train.dtype=bfloat16", "train.float32_modules=[layers.*.attention]")
+    full = Trainer(make_cfg(tmp_path, corpus, *mixed, "train.steps=6", name="mixed")).fit()
+    assert abs(full["val_loss"] - fp32["val_loss"]) < 0.02 * fp32["val_loss"]
+    resumed = make_cfg(tmp_path, corpus, *mixed, "train.steps=6", name="resumed")
+    Trainer(resumed).fit(stop_after=3)
+    assert Trainer(resumed).fit()["resumed"]
+    assert losses(tmp_path / "runs" / "resumed") == losses(tmp_path / "runs" / "mixed")
+    with pytest.raises(ConfigError, match=r"train.float32_modules: 'layers.\*.atention' matches no module"):
+        Trainer(make_cfg(tmp_path, corpus, "train.float32_modules=[layers.*.atention]", name="typo"))
 
 
 def test_export_loads_in_transformers(tmp_path, corpus):

@@ -139,6 +139,8 @@ class Trainer:
 
             log.info("train.init_from: weights of %s", load_init_weights(self.model, self.model_cfg,
                                                                          cfg.train.init_from))
+        if cfg.train.float32_modules:
+            self._keep_float32(self.model)
         self.teacher = self._build_teacher() if cfg.data.distill_files else None
         self._distill_acc = torch.zeros(2, dtype=torch.float64, device=self.device)  # a step's KL sum, targets
         # the same weights on every rank (one seed), then tensor parallel / FSDP2 / DDP as cfg.parallel says
@@ -185,6 +187,21 @@ class Trainer:
         model = materialize(build_model(plain_cfg, device="meta"), self.device, seed=0)
         log.info("%s %s", what, load_init_weights(model, plain_cfg, spec))
         return model.eval().requires_grad_(False)
+
+    def _keep_float32(self, model: torch.nn.Module) -> None:
+        """``train.float32_modules``: those submodules run in float32 under bf16 autocast (lmlab.train.precision)."""
+        from lmlab.train.distributed import _mp_dtype
+        from lmlab.train.precision import keep_float32
+
+        if self.par.fsdp and _mp_dtype(self.cfg.parallel.param_dtype, self.device) is not None:
+            raise ConfigError("train.float32_modules needs float32 parameters, but FSDP2 casts them to bfloat16 "
+                              "(parallel.param_dtype): set parallel.param_dtype=float32 and train.dtype=bfloat16")
+        try:
+            names = keep_float32(model, self.cfg.train.float32_modules)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if model is self.model:
+            log.info("train.float32_modules: %d modules run in float32 (%s)", len(names), ", ".join(names[:8]))
 
     def _build_teacher(self) -> torch.nn.Module:
         """The frozen teacher of ``data.distill_files``: ``train.distill.teacher``, else ``train.init_from``."""
@@ -394,6 +411,8 @@ class Trainer:
         full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in full.items()}
         if getattr(self, "_replica", None) is None:
             self._replica = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=0)
+            if self.cfg.train.float32_modules:
+                self._keep_float32(self._replica)
         self._replica.load_state_dict(full)
         return self._replica
 
