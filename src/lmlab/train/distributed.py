@@ -115,7 +115,9 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistEnv:
     return DistEnv(rank, world, local)
 
 
-def _mp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+def fsdp_mixed_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype FSDP2 casts parameters (or reduces gradients) to for ``parallel.param_dtype`` /
+    ``reduce_dtype`` ``name``: bfloat16, or None (no cast: float32)."""
     if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -218,7 +220,7 @@ class Parallel:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = self.mesh["dp_replicate", "dp_shard"] if self.sizes.dp_replicate > 1 else self.mesh["dp_shard"]
-        mp = MixedPrecisionPolicy(param_dtype=_mp_dtype(self.cfg.param_dtype, self.device),
+        mp = MixedPrecisionPolicy(param_dtype=fsdp_mixed_dtype(self.cfg.param_dtype, self.device),
                                   reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)

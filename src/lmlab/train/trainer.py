@@ -50,7 +50,7 @@ from lmlab.monitor.metrics import MultiSink, build_sinks
 from lmlab.monitor.profiler import StepTimer, TraceWindow, device_peak_flops, peak_memory_mb
 from lmlab.tokenizers import Tokenizer, build_tokenizer
 from lmlab.train.checkpoint import CheckpointManager, read_rank_states, set_rng_state, step_of
-from lmlab.train.distributed import Parallel, clip_grad_norm, init_distributed
+from lmlab.train.distributed import Parallel, clip_grad_norm, fsdp_mixed_dtype, init_distributed
 from lmlab.train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,9 @@ class Trainer:
 
     def _keep_float32(self, model: torch.nn.Module) -> None:
         """``train.float32_modules``: those submodules run in float32 under bf16 autocast (lmlab.train.precision)."""
-        from lmlab.train.distributed import _mp_dtype
         from lmlab.train.precision import keep_float32
 
-        if self.par.fsdp and _mp_dtype(self.cfg.parallel.param_dtype, self.device) is not None:
+        if self.par.fsdp and fsdp_mixed_dtype(self.cfg.parallel.param_dtype, self.device) is not None:
             raise ConfigError("train.float32_modules needs float32 parameters, but FSDP2 casts them to bfloat16 "
                               "(parallel.param_dtype): set parallel.param_dtype=float32 and train.dtype=bfloat16")
         try:
