@@ -301,3 +301,21 @@ def test_generate_under_torchrun_splits_the_prompts_and_prints_one_process_text(
                           "-m", "lmlab.cli", *args], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert one.stdout.count("=== ") == 3 and two.stdout == one.stdout
+
+
+def test_float32_modules_under_fsdp2_match_one_process_and_refuse_bf16_parameters(tmp_path):
+    """``train.float32_modules`` under FSDP2 (2 gloo processes, float32 parameters, bf16 autocast) gives the losses of
+    one process with the same settings (the swapped attention modules shard like any other); with FSDP2 casting the
+    parameters to bf16 (``parallel.param_dtype=bfloat16``) the run stops before training with a ConfigError naming
+    both settings."""
+    mixed = ["train.dtype=bfloat16", "train.float32_modules=[layers.*.attention]"]
+    train(tmp_path, "one", 1, *mixed)
+    train(tmp_path, "fsdp", 2, *mixed, "parallel.param_dtype=float32")
+    one, fsdp = losses(tmp_path, "one"), losses(tmp_path, "fsdp")
+    assert close(fsdp, one, 2e-2), (fsdp, one)  # bf16 matmuls over half batches: not bitwise
+    assert one[-1] < one[0]
+    p = train(tmp_path, "fsdp_bf16", 2, *mixed, "parallel.param_dtype=bfloat16", check=False)
+    assert p.returncode != 0
+    assert "train.float32_modules needs float32 parameters" in p.stderr and "parallel.param_dtype" in p.stderr, \
+        p.stderr[-3000:]
+    assert not (tmp_path / "runs" / "fsdp_bf16" / "metrics.jsonl").exists() or not losses(tmp_path, "fsdp_bf16")
