@@ -6,6 +6,9 @@ trained with ``model.smear_keys=0``), 1,024 questions (the run's eval sets, cycl
 * ``engine``: what ``lmlab.evals.recall.evaluate_recall`` runs (training-time and ``lmlab eval`` evaluations): an
   engine built for the call (continuous batching, paged KV cache, prefix cache, tool calls in worker threads)
   with every question submitted at once, at ``--max-batch`` values;
+* ``engine_b<N>_p<P>``: the same, the questions split across ``P`` processes forked from this one, one thread
+  each (``evals.recall.procs`` / ``lmlab eval --procs``: :func:`lmlab.comm.fork_map`), timed from the fork to
+  the last share's answers;
 * ``static``: the simple alternative a user would write: questions in fixed batches, every row advancing one
   token per forward through a preallocated KV cache (prompt and tool-answer tokens fed one per step, the tool run
   inline when a row emits the trigger), until every row of the batch is done.
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.comm import fork_map
 from lmlab.config import EngineConfig
 from lmlab.evals.recall import build_tool, judge, load_questions
 from lmlab.inference import Engine, Request, Result, SamplingParams
@@ -195,7 +199,10 @@ def main(argv=None) -> dict:
     p.add_argument("--static-batch", type=int, default=256, help="batch of the static loop (0: skip it)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--rounds", type=int, default=1, help="timed repetitions of each variant (median)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the one-process variants (0: torch's)")
+    p.add_argument("--procs", type=lambda x: [int(n) for n in x.split(",")], default=[2],
+                   help="process counts of the forked variants (comma-separated; each process one thread), run at "
+                        "the last --max-batch; 1: none")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -210,11 +217,16 @@ def main(argv=None) -> dict:
         tool = build_tool(rc.db)
         log(f"{run}: smear_keys={cfg.model.smear_keys}, {model.num_params():,} params, {len(questions)} questions")
         row: dict = {"run": str(run), "smear_keys": cfg.model.smear_keys, "params": model.num_params()}
-        variants = [(f"engine_b{mb}", mb) for mb in (int(x) for x in a.max_batch.split(","))]
-        variants += [("static", a.static_batch)] if a.static_batch else []
+        batches = [int(x) for x in a.max_batch.split(",")]
+        variants = [(f"engine_b{mb}", mb, 1) for mb in batches]
+        variants += [(f"engine_b{batches[-1]}_p{n}", batches[-1], n) for n in a.procs if n > 1]
+        variants += [("static", a.static_batch, 1)] if a.static_batch else []
         reference = None
-        for name, batch in variants:
+        for name, batch, procs in variants:
             answer = static_answers if name == "static" else engine_answers
+            if procs > 1:  # what evals.recall.procs / lmlab eval --procs run: each forked process answers a share
+                def answer(model, dtok, qs, tool, batch, max_new, procs=procs):
+                    return fork_map(qs, lambda mine: engine_answers(model, dtok, mine, tool, batch, max_new), procs)
             answer(model, dtok, questions[:batch], tool, batch, a.max_new_tokens)  # warm-up
             times, results = [], None
             for _ in range(a.rounds):

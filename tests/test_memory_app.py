@@ -78,6 +78,13 @@ def test_memory_main_job_toy(tmp_path):
     assert metrics["step"] == 6 and metrics["recall/train/n"] == 8 * 5 and metrics["recall/ood/n"] == 4 * 5
     assert "recall/ood/valid_sql_rate" in ev.stdout
     assert len((recall / "eval" / "train_step6.jsonl").read_text().splitlines()) == 40
+    # the same evaluation answered by 2 processes (--procs): the same files, byte for byte
+    written = {p.name: p.read_bytes() for p in (recall / "eval").iterdir()}
+    ev2 = subprocess.run([sys.executable, "-m", "lmlab.cli", "eval", str(runs / "people=8_mode=tool"),
+                          "--max-questions", "0", "--procs", "2"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert ev2.returncode == 0, ev2.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (recall / "eval").iterdir()} == written
 
     # the same command again: datasets reused, every run skipped as done, same results
     logs = {n: (runs / n / "train.log").stat().st_size for n in names}
@@ -195,6 +202,26 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
         assert wrong["correct"] == 0.0 and wrong["valid_sql_rate"] == 1.0 and wrong["miss/value_miscopied"] == 1.0
         memorised, _ = evaluate_recall(Oracle(ask=False), dtok, questions, tool=tool, max_new_tokens=200)
         assert memorised["correct"] == 1.0 and memorised["tool_call_rate"] == 0.0
+
+    # split across forked processes (evals.recall.procs; this process's tool workers already run, and a fork
+    # must start its own): the same verdicts in the same order, the misses of a miscopying oracle included
+    from lmlab.config import ConfigError, RecallEvalConfig
+    from lmlab.evals.recall import run_recall_sets
+
+    paths = [str(tmp_path / "d" / f"eval_{name}.jsonl") for name in sets]
+    for oracle in (Oracle(), Oracle(copy=False)):
+        got = {}
+        for procs in (1, 2, 3):
+            cfg = RecallEvalConfig(sets=paths, db=str(tmp_path / "d" / "people.sqlite"), max_questions=0,
+                                   max_new_tokens=200, procs=procs)
+            got[procs] = (run_recall_sets(oracle, dtok, cfg, out_dir=tmp_path / f"out{procs}", step=1),
+                          [(tmp_path / f"out{procs}" / f"{n}_step1.jsonl").read_text() for n in sets])
+        assert got[2] == got[1] and got[3] == got[1]
+        assert got[1][0]["recall/train/n"] == 30 and got[1][0]["recall/train/valid_sql_rate"] == 1.0
+    assert RecallEvalConfig(procs=0).check() == [("procs", "must be >= 1")]
+    meta = Oracle().to("meta")
+    with pytest.raises(ConfigError, match="evals.recall.procs=2: forked evaluation is for CPU models"):
+        run_recall_sets(meta, dtok, RecallEvalConfig(sets=paths, procs=2))
 
 
 RECURRENT_GRID = GRID.replace("model: {{dim: 32, n_layers: 1, n_heads: 2, max_seq_len: 512}}",

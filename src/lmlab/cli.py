@@ -274,8 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lmlab.train.checkpoint import load_run, step_of
 
     cfg, model, tokenizer, path = load_run(args.run, step=args.step, with_path=True)
-    changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions))
-               if v is not None}
+    changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions),
+                                 ("procs", args.procs)) if v is not None}
     rc = dataclasses.replace(cfg.evals.recall, **changes)
     for key, msg in rc.check():
         raise UsageError(f"--{key.replace('_', '-')}: {msg}")
@@ -424,6 +424,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", help="SQLite database for the SQL tool (default: the run's evals.recall.db)")
     p.add_argument("--max-questions", type=int, help="questions per set, >= 0; 0: all (default: the run's "
                    "evals.recall.max_questions)")
+    p.add_argument("--procs", type=int, help="processes answering, one thread each (forked, Linux), >= 1; set it "
+                   "to the cores to use (default: the run's evals.recall.procs)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint", epilog=EXIT_CODES,

@@ -6,16 +6,21 @@ Usage::
 
 Process ``r`` of ``w`` handles items ``r, r + w, r + 2w, ...`` (each needs a model of its own: a replica, not a
 shard); every process gets the whole list of results in the items' order, equal to one process doing all.
+
+On one machine without a process group, :func:`fork_map` splits the same way across forked processes::
+
+    results = fork_map(requests, lambda mine: engine.generate(mine), procs=2)
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["process_group", "split_gather"]
+__all__ = ["fork_map", "process_group", "split_gather"]
 
 
 def process_group() -> tuple[int, int]:
@@ -46,3 +51,92 @@ def split_gather(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]],
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
+
+
+def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: int, threads: int = 1) -> list[Any]:
+    """``fn`` over ``items`` split across ``procs`` processes of this machine, results gathered in item order
+    (one result per item): process ``r`` takes items ``r, r + procs, ...``. This process takes share 0; the
+    others are forked from it, so they start at once and share its model (copy on write): nothing is pickled but
+    each share's results. Every process, this one included while it works, runs torch with ``threads`` threads
+    (1: a CPU's small-batch decode gains nothing from a second thread, and a forked process must not enter the
+    parent's OpenMP pool). Linux only (fork); ``procs <= 1`` or a single item runs ``fn(items)`` here.
+
+    Forked workers ignore the stop signals (the parent decides: an exception here, Ctrl-C included, kills them)
+    and die with the parent. A worker's exception is raised here as a RuntimeError carrying its traceback; a
+    worker that dies without answering is named with its exit code."""
+    items = list(items)
+    procs = min(procs, len(items))
+    if procs <= 1:
+        return list(fn(items))
+    if not hasattr(os, "fork"):
+        raise RuntimeError(f"fork_map: {procs} processes need os.fork (Linux); use 1")
+    import multiprocessing as mp
+
+    import torch
+
+    ctx = mp.get_context("fork")
+    workers = []
+    try:
+        for r in range(1, procs):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_fork_worker, args=(fn, items[r::procs], send, threads), daemon=True,
+                            name=f"lmlab-fork-{r}")
+            p.start()
+            send.close()
+            workers.append((r, p, recv))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            parts = [_checked(list(fn(items[0::procs])), len(items[0::procs]), 0)]
+        finally:
+            torch.set_num_threads(before)
+        for r, p, recv in workers:
+            try:
+                ok, payload = recv.recv()
+            except EOFError:
+                p.join()
+                raise RuntimeError(f"fork_map: worker {r} of {procs} died without answering "
+                                   f"(exit code {p.exitcode})") from None
+            if not ok:
+                raise RuntimeError(f"fork_map: worker {r} of {procs} failed:\n{payload}")
+            parts.append(_checked(payload, len(items[r::procs]), r))
+    finally:
+        for _, p, recv in workers:
+            recv.close()
+            if p.is_alive():
+                p.kill()
+            p.join()
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::procs] = part
+    return out
+
+
+def _checked(results: list[Any], n: int, r: int) -> list[Any]:
+    if len(results) != n:
+        raise ValueError(f"fork_map: fn returned {len(results)} results for the {n} items of share {r}")
+    return results
+
+
+def _fork_worker(fn: Callable, items: list, send: Any, threads: int) -> None:
+    """A forked worker: ``fn(items)`` sent back as ``(True, results)``, or ``(False, traceback)``."""
+    import signal
+    import traceback
+
+    import torch
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+    try:  # die with the parent (a parent killed by SIGKILL leaves no one to read the answer)
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    torch.set_num_threads(threads)
+    try:
+        msg = (True, list(fn(items)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
+        msg = (False, traceback.format_exc())
+    send.send(msg)
+    send.close()

@@ -722,12 +722,17 @@ class RecallEvalConfig:
     max_new_tokens: int = F(160, "tokens generated per question at most (tool answers included)")
     seed: int = F(0, "seed of the question subset")
     save_outputs: bool = F(True, "write every question's dialog and verdict to RUN/recall/SET_stepN.jsonl")
+    procs: int = F(1, "processes answering the questions, one torch thread each: this one and procs - 1 forked "
+                      "from it (Linux, CPU models; lmlab.comm.fork_map). A CPU decodes these small batches no "
+                      "faster with a second thread, so procs = cores answers ~cores times as fast")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
         for key in ("every", "max_questions"):
             if getattr(self, key) < 0:
                 errs.append((key, "must be >= 0"))
+        if self.procs < 1:
+            errs.append(("procs", "must be >= 1"))
         if self.max_new_tokens <= 0:
             errs.append(("max_new_tokens", "must be positive"))
         return errs

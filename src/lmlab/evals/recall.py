@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmlab.comm import split_gather
-from lmlab.config import EngineConfig, RecallEvalConfig
+from lmlab.comm import fork_map, split_gather
+from lmlab.config import ConfigError, EngineConfig, RecallEvalConfig
 from lmlab.data.errors import DataError
 from lmlab.inference import Engine, Request, Result, SamplingParams
 from lmlab.jsonl import iter_jsonl
@@ -214,20 +214,29 @@ def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfi
     ``split=(rank, world_size)`` (every process of a torch.distributed job calls it, each with its own model
     replica): process ``rank`` answers questions ``rank, rank + world_size, ...``; the verdicts are gathered
     in question order, so every process returns the metrics (and writes the file) of the whole set, equal to
-    one process answering all."""
+    one process answering all. ``cfg.procs > 1`` splits a process's questions the same way across processes
+    forked from it (:func:`lmlab.comm.fork_map`, one thread each)."""
+    if cfg.procs > 1:
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ConfigError(f"evals.recall.procs={cfg.procs}: forked evaluation is for CPU models; this one is "
+                              f"on {device} (use 1, or one process per device under torchrun)")
     tool = build_tool(cfg.db) if cfg.db else None
+
+    def answer(mine: list[RecallQuestion]) -> list[dict[str, Any]]:
+        return evaluate_recall(model, tokenizer, mine, tool=tool, engine_cfg=engine_cfg,
+                               max_new_tokens=cfg.max_new_tokens)[1]
+
+    def answer_here(mine: list[RecallQuestion]) -> list[dict[str, Any]]:  # this process's share, maybe forked
+        return fork_map(mine, answer, cfg.procs) if cfg.procs > 1 else answer(mine)
+
     out: dict[str, float] = {}
     for path in cfg.sets:
         name = set_name(path)
         questions = load_questions(path, cfg.max_questions, cfg.seed)
-        if split is None:
-            metrics, records = evaluate_recall(model, tokenizer, questions, tool=tool, engine_cfg=engine_cfg,
-                                               max_new_tokens=cfg.max_new_tokens)
-        else:  # each process answers its share; the verdicts come back in question order
-            records = split_gather(questions, lambda mine: evaluate_recall(
-                model, tokenizer, mine, tool=tool, engine_cfg=engine_cfg, max_new_tokens=cfg.max_new_tokens)[1],
-                split=split)
-            metrics = recall_metrics(records)
+        # each process answers its share; the verdicts come back in question order
+        records = answer_here(questions) if split is None else split_gather(questions, answer_here, split=split)
+        metrics = recall_metrics(records)
         out.update({f"recall/{name}/{k}": v for k, v in metrics.items()})
         if out_dir is not None and cfg.save_outputs:
             folder = Path(out_dir)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import queue
 import threading
 import time
@@ -185,6 +186,17 @@ class _ToolWorkers:
 
 
 _TOOL_WORKERS = _ToolWorkers()
+
+
+def _fresh_tool_workers() -> None:
+    """In a forked child: a new, empty set of workers (the parent's threads do not exist there, and their lock
+    may have been held at the fork)."""
+    global _TOOL_WORKERS
+    _TOOL_WORKERS = _ToolWorkers()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_tool_workers)
 
 
 class _ToolCall:
