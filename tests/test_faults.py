@@ -129,19 +129,39 @@ def test_signal_during_final_evaluation_keeps_the_run(run_cfg, sig):
     assert strict_json(run / "summary.json")["status"] == "completed"
 
 
-def test_signal_during_final_recall_evaluation_keeps_the_run(run_cfg, tmp_path):
+# Sends SIGTERM to the trainer while the forked recall workers answer their shares (evals.recall.procs=2).
+SIGNAL_IN_FORKED_RECALL = """
+import os, signal
+import lmlab.evals.recall as recall
+_orig = recall.fork_map
+def _patched(items, fn, procs, threads=1):
+    parent = os.getpid()
+    def share(mine):
+        if os.getpid() == parent:
+            os.kill(parent, signal.SIGTERM)
+        return fn(mine)
+    return _orig(items, share, procs, threads)
+recall.fork_map = _patched
+"""
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_signal_during_final_recall_evaluation_keeps_the_run(run_cfg, tmp_path, procs):
     cfg, run = run_cfg
     qs = tmp_path / "eval_train.jsonl"
-    qs.write_text(json.dumps({"dialog": [{"source": "user", "content": "Who?"}], "value": "x",
-                              "answer_regex": "(?P<value>x)"}) + "\n")
-    res = run_cli("train", cfg, f"evals.recall.sets=[{qs}]", "evals.recall.max_new_tokens=8",
-                  script=SIGNAL_AT.format(method="evaluate_recall", when="True", sig="SIGTERM"))
+    qs.write_text("".join(json.dumps({"dialog": [{"source": "user", "content": f"Who is {i}?"}], "value": "x",
+                                      "answer_regex": "(?P<value>x)"}) + "\n" for i in range(4)))
+    recall = [f"evals.recall.sets=[{qs}]", "evals.recall.max_new_tokens=8", f"evals.recall.procs={procs}"]
+    script = (SIGNAL_AT.format(method="evaluate_recall", when="True", sig="SIGTERM") if procs == 1 else
+              SIGNAL_IN_FORKED_RECALL)
+    res = run_cli("train", cfg, *recall, script=script)
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     assert "Traceback" not in res.stderr
     assert (run / "checkpoints" / "step_00000012").is_dir()
-    rerun = run_cli("train", cfg, f"evals.recall.sets=[{qs}]", "evals.recall.max_new_tokens=8")
+    rerun = run_cli("train", cfg, *recall)
     assert rerun.returncode == 0 and "recall/train/correct=" in rerun.stdout, rerun.stderr
     assert raw_train_steps(run) == list(range(1, 13))
+    assert len((run / "recall" / "train_step12.jsonl").read_text().splitlines()) == 4
 
 
 def test_signal_during_periodic_evaluation_saves_and_resumes_exactly(run_cfg):
