@@ -401,6 +401,29 @@ def test_eval_bad_options(trained, tmp_path, capsys):
     assert "no recall sets" in one_line_error(capsys.readouterr().err)
 
 
+def test_eval_of_a_run_that_keeps_no_verdicts_still_writes_its_metrics(run_cfg, tmp_path, capsys):
+    """The capacity and alpha presets set evals.recall.save_outputs false: `lmlab eval` of such a run writes the
+    metrics file (it once failed there, after the whole evaluation, for want of its folder)."""
+    cfg, run = run_cfg
+    qs = tmp_path / "eval_x.jsonl"
+    qs.write_text(json.dumps({"dialog": [{"source": "user", "content": "Who?"}], "value": "x",
+                              "answer_regex": "(?P<value>x)"}) + "\n")
+    assert cli(["train", str(cfg), "evals.recall.save_outputs=false"]) == 0
+    # the run's max_new_tokens (160, the default) leaves no room in its 64-token context: one line, no traceback
+    assert cli(["eval", str(run), "--set", str(qs)]) == 2
+    assert ("evals.recall.max_new_tokens=160: question 0 has 6 prompt tokens, and with 160 new ones "
+            "exceeds the 64-token context") in one_line_error(capsys.readouterr().err)
+    assert not (run / "recall").exists()
+    assert cli(["train", str(cfg), "evals.recall.sets=[x.jsonl]"]) == 2  # found before anything trains
+    assert "evals.recall.max_new_tokens: 160 leaves no room" in one_line_error(capsys.readouterr().err)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("max_new_tokens: 160", "max_new_tokens: 8"))
+    assert cli(["eval", str(run), "--set", str(qs)]) == 0
+    metrics = json.loads((run / "recall" / "eval" / "metrics_step12.json").read_text())
+    assert metrics["step"] == 12 and metrics["recall/x/n"] == 1
+    assert sorted(p.name for p in (run / "recall" / "eval").iterdir()) == ["metrics_step12.json"]
+
+
 def test_closed_pipe_is_quiet():
     proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "describe"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -287,6 +287,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=folder, step=step)
     for key, value in metrics.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    folder.mkdir(parents=True, exist_ok=True)  # (with evals.recall.save_outputs false nothing else made it)
     out = folder / f"metrics_step{step}.json"
     out.write_text(json.dumps({"step": step, **metrics}, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}")

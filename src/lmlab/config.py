@@ -836,6 +836,10 @@ class Config:
             errs.append(("data.seq_len", f"{self.data.seq_len} is longer than model.max_seq_len="
                          f"{self.model.max_seq_len} (the positions the rotary tables cover): lower data.seq_len "
                          "or raise model.max_seq_len"))
+        rc = self.evals.recall
+        if rc.sets and rc.max_new_tokens >= self.model.max_seq_len:
+            errs.append(("evals.recall.max_new_tokens", f"{rc.max_new_tokens} leaves no room for a question in "
+                         f"model.max_seq_len={self.model.max_seq_len} tokens: lower it"))
         es = self.train.early_stop
         if es.metric.startswith("recall/") and not (self.evals.recall.sets and self.evals.recall.every):
             errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic recall evaluations: set "

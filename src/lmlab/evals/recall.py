@@ -171,9 +171,15 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
     requests = []
     for i, q in enumerate(questions):
         try:
-            dtok.encode_prompt(q.dialog)
+            prompt = dtok.encode_prompt(q.dialog)
         except DialogError as e:
             raise DataError(f"question {i} ({q.person!r}, {q.attribute!r}): {e}") from None
+        if len(prompt) + max_new_tokens > engine.context_limit:
+            who = f" ({q.person!r}, {q.attribute!r})" if q.person or q.attribute else ""
+            raise ConfigError(f"evals.recall.max_new_tokens={max_new_tokens}: question {i}{who} has {len(prompt)} "
+                              f"prompt tokens, and with {max_new_tokens} new ones "
+                              f"exceeds the {engine.context_limit}-token context (model.max_seq_len, engine pool): "
+                              "lower it")
         requests.append(Request(dialog=q.dialog, params=params, id=i))
     with eval_mode(model):
         results = engine.generate(requests)
