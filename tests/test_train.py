@@ -1,6 +1,7 @@
 """Trainer: exact resume, atomic checkpoints, signals, non-finite stops, schedules, accumulation, export."""
 
 import json
+import logging
 import math
 import os
 import random
@@ -278,7 +279,7 @@ def test_bf16_autocast_on_cpu_trains_like_float32(tmp_path, corpus):
     assert abs(bf16["val_loss"] - fp32["val_loss"]) < 0.02 * fp32["val_loss"]
 
 
-def test_float32_modules_run_in_float32_under_bf16_autocast_and_train(tmp_path, corpus):
+def test_float32_modules_run_in_float32_under_bf16_autocast_and_train(tmp_path, corpus, caplog):
     """train.float32_modules: the matched modules compute in float32 inside bf16 autocast (each output equals the
     same module run in plain float32 on the same inputs, exactly), the rest in bf16; names, state dict and
     checkpoints are unchanged; the run trains like float32 and resumes; a pattern that matches nothing is refused."""
@@ -325,6 +326,17 @@ def test_float32_modules_run_in_float32_under_bf16_autocast_and_train(tmp_path, 
     assert losses(tmp_path / "runs" / "resumed") == losses(tmp_path / "runs" / "mixed")
     with pytest.raises(ConfigError, match=r"train.float32_modules: 'layers.\*.atention' matches no module"):
         Trainer(make_cfg(tmp_path, corpus, "train.float32_modules=[layers.*.atention]", name="typo"))
+    # a float32 run has no autocast to step out of: said once, as a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab.train.trainer"):
+        Trainer(make_cfg(tmp_path, corpus, "train.float32_modules=[output]", name="noop"))
+    said = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert said == ["train.float32_modules has no effect: train.dtype=auto computes in float32 on cpu (set "
+                    "train.dtype=bfloat16 for bf16 autocast)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab.train.trainer"):
+        Trainer(make_cfg(tmp_path, corpus, *mixed, name="mixed2"))
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
 
 
 def test_export_loads_in_transformers(tmp_path, corpus):

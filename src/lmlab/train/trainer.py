@@ -92,10 +92,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """Whether ``train.dtype`` means bf16 autocast on ``device`` (auto: on CUDA)."""
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; float32 on CPU unless ``train.dtype=bfloat16``."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, dtype):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -201,6 +205,9 @@ class Trainer:
             raise ConfigError(str(e)) from None
         if model is self.model:
             log.info("train.float32_modules: %d modules run in float32 (%s)", len(names), ", ".join(names[:8]))
+            if not uses_bf16(self.device, self.cfg.train.dtype):
+                log.warning("train.float32_modules has no effect: train.dtype=%s computes in float32 on %s "
+                            "(set train.dtype=bfloat16 for bf16 autocast)", self.cfg.train.dtype, self.device.type)
 
     def _build_teacher(self) -> torch.nn.Module:
         """The frozen teacher of ``data.distill_files``: ``train.distill.teacher``, else ``train.init_from``."""
