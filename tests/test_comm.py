@@ -25,12 +25,18 @@ def test_results_come_back_in_item_order_from_every_process():
     assert multiprocessing.active_children() == []
 
 
-def test_every_process_runs_the_given_threads_and_this_one_gets_its_own_back():
+def test_every_process_runs_one_thread_and_this_one_gets_its_own_back():
+    """Forked after this process ran a matmul on 2 threads (its OpenMP pool is up), the workers compute on one."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = fork_map(list(range(4)), lambda mine: [torch.get_num_threads()] * len(mine), procs=2)
-        assert out == [1, 1, 1, 1]
+        a = torch.randn(512, 512)
+        ref = (a @ a).sum().item()
+
+        def fn(mine):
+            return [(torch.get_num_threads(), (a @ a).sum().item()) for _ in mine]
+
+        assert fork_map(list(range(4)), fn, procs=2) == [(1, ref)] * 4
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

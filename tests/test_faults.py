@@ -134,13 +134,13 @@ SIGNAL_IN_FORKED_RECALL = """
 import os, signal
 import lmlab.evals.recall as recall
 _orig = recall.fork_map
-def _patched(items, fn, procs, threads=1):
+def _patched(items, fn, procs):
     parent = os.getpid()
     def share(mine):
         if os.getpid() == parent:
             os.kill(parent, signal.SIGTERM)
         return fn(mine)
-    return _orig(items, share, procs, threads)
+    return _orig(items, share, procs)
 recall.fork_map = _patched
 """
 

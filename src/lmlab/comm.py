@@ -53,13 +53,14 @@ def split_gather(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]],
     return out
 
 
-def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: int, threads: int = 1) -> list[Any]:
+def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: int) -> list[Any]:
     """``fn`` over ``items`` split across ``procs`` processes of this machine, results gathered in item order
     (one result per item): process ``r`` takes items ``r, r + procs, ...``. This process takes share 0; the
     others are forked from it, so they start at once and share its model (copy on write): nothing is pickled but
-    each share's results. Every process, this one included while it works, runs torch with ``threads`` threads
-    (1: a CPU's small-batch decode gains nothing from a second thread, and a forked process must not enter the
-    parent's OpenMP pool). Linux only (fork); ``procs <= 1`` or a single item runs ``fn(items)`` here.
+    each share's results. Every process, this one included while it works, runs torch on one thread: a forked
+    process must not enter the OpenMP pool its parent started (GNU OpenMP hangs there: a forked worker with 2
+    threads did, after the parent had run a 2-thread matmul), and the small-batch work this is for (decoding)
+    gains little from a second thread. Linux only (fork); ``procs <= 1`` or a single item runs ``fn(items)`` here.
 
     Forked workers ignore the stop signals (the parent decides: an exception here, Ctrl-C included, kills them)
     and die with the parent. A worker's exception is raised here as a RuntimeError carrying its traceback; a
@@ -79,13 +80,13 @@ def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: 
     try:
         for r in range(1, procs):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_fork_worker, args=(fn, items[r::procs], send, threads), daemon=True,
+            p = ctx.Process(target=_fork_worker, args=(fn, items[r::procs], send), daemon=True,
                             name=f"lmlab-fork-{r}")
             p.start()
             send.close()
             workers.append((r, p, recv))
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         try:
             parts = [_checked(list(fn(items[0::procs])), len(items[0::procs]), 0)]
         finally:
@@ -118,7 +119,7 @@ def _checked(results: list[Any], n: int, r: int) -> list[Any]:
     return results
 
 
-def _fork_worker(fn: Callable, items: list, send: Any, threads: int) -> None:
+def _fork_worker(fn: Callable, items: list, send: Any) -> None:
     """A forked worker: ``fn(items)`` sent back as ``(True, results)``, or ``(False, traceback)``."""
     import signal
     import traceback
@@ -133,7 +134,7 @@ def _fork_worker(fn: Callable, items: list, send: Any, threads: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         msg = (True, list(fn(items)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
