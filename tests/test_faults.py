@@ -411,7 +411,7 @@ def test_eval_of_a_run_that_keeps_no_verdicts_still_writes_its_metrics(run_cfg, 
     assert cli(["train", str(cfg), "evals.recall.save_outputs=false"]) == 0
     # the run's max_new_tokens (160, the default) leaves no room in its 64-token context: one line, no traceback
     assert cli(["eval", str(run), "--set", str(qs)]) == 2
-    assert ("evals.recall.max_new_tokens=160: question 0 has 6 prompt tokens, and with 160 new ones "
+    assert (f"evals.recall.max_new_tokens=160: {qs}: question 0 has 6 prompt tokens, and with 160 new ones "
             "exceeds the 64-token context") in one_line_error(capsys.readouterr().err)
     assert not (run / "recall").exists()
     assert cli(["train", str(cfg), "evals.recall.sets=[x.jsonl]"]) == 2  # found before anything trains

@@ -154,7 +154,7 @@ def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, r
         assert len(plain) == (runs // 2 if preset == "reproduce.yaml" else runs)
 
 
-def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
+def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path, monkeypatch):
     """The app's recall evaluation end to end with a stand-in model that asks the database exactly as the in-tool
     training dialogs do and copies the database's answer into an answer sentence: every question of the training
     and OOD sets must come out correct through the real SQL tool, the engine and the judge; the same oracle writing
@@ -208,16 +208,31 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path):
     from lmlab.config import ConfigError, RecallEvalConfig
     from lmlab.evals.recall import run_recall_sets
 
+    # and with evals.recall.max_batch: every set's questions decoded together, the pool grown to hold them
+    import lmlab.evals.recall as recall_mod
+
+    built = []
+    from_config = recall_mod.Engine.from_config
+
+    def spy(model, tok, ecfg, tools=()):
+        built.append(ecfg)
+        return from_config(model, tok, ecfg, tools)
+
+    monkeypatch.setattr(recall_mod.Engine, "from_config", spy)
     paths = [str(tmp_path / "d" / f"eval_{name}.jsonl") for name in sets]
     for oracle in (Oracle(), Oracle(copy=False)):
         got = {}
-        for procs in (1, 2, 3):
+        for procs, max_batch in ((1, 0), (2, 0), (3, 0), (1, 40), (2, 1000)):
             cfg = RecallEvalConfig(sets=paths, db=str(tmp_path / "d" / "people.sqlite"), max_questions=0,
-                                   max_new_tokens=200, procs=procs)
-            got[procs] = (run_recall_sets(oracle, dtok, cfg, out_dir=tmp_path / f"out{procs}", step=1),
-                          [(tmp_path / f"out{procs}" / f"{n}_step1.jsonl").read_text() for n in sets])
-        assert got[2] == got[1] and got[3] == got[1]
-        assert got[1][0]["recall/train/n"] == 30 and got[1][0]["recall/train/valid_sql_rate"] == 1.0
+                                   max_new_tokens=200, procs=procs, max_batch=max_batch)
+            out = tmp_path / f"out{procs}_{max_batch}"
+            got[procs, max_batch] = (run_recall_sets(oracle, dtok, cfg, out_dir=out, step=1),
+                                     [(out / f"{n}_step1.jsonl").read_text() for n in sets])
+            if procs == 1:  # (a forked worker's engine is built there, out of the spy's sight)
+                assert [(c.max_batch, c.pool_tokens >= c.max_batch * 200) for c in built[-1:]] == [
+                    (max_batch or 64, True)]
+        assert all(g == got[1, 0] for g in got.values())
+        assert got[1, 0][0]["recall/train/n"] == 30 and got[1, 0][0]["recall/train/valid_sql_rate"] == 1.0
     assert RecallEvalConfig(procs=0).check() == [("procs", "must be >= 1")]
     meta = Oracle().to("meta")
     with pytest.raises(ConfigError, match="evals.recall.procs=2: forked evaluation is for CPU models"):

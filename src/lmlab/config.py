@@ -722,13 +722,17 @@ class RecallEvalConfig:
     max_new_tokens: int = F(160, "tokens generated per question at most (tool answers included)")
     seed: int = F(0, "seed of the question subset")
     save_outputs: bool = F(True, "write every question's dialog and verdict to RUN/recall/SET_stepN.jsonl")
+    max_batch: int = F(0, "questions decoded together at most (fewer when fewer are asked), the engine's KV pool grown "
+                          "to hold them at their longest; 0: engine.max_batch. Each costs (prompt + max_new_tokens) "
+                          "x 2 x the model's key/value bytes per token (pool + decode batch): ~0.5 MB for the memory "
+                          "app's 2-layer width-64 models, ~28 MB for SmolLM2-135M")
     procs: int = F(1, "processes answering the questions, one torch thread each: this one and procs - 1 forked "
                       "from it (Linux, CPU models; lmlab.comm.fork_map). A CPU decodes these small batches no "
                       "faster with a second thread, so procs = cores answers ~cores times as fast")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
-        for key in ("every", "max_questions"):
+        for key in ("every", "max_questions", "max_batch"):
             if getattr(self, key) < 0:
                 errs.append((key, "must be >= 0"))
         if self.procs < 1:

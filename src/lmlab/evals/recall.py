@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -162,29 +163,48 @@ def judge(question: RecallQuestion, result: Result, tool_live: bool = False) -> 
 @torch.no_grad()
 def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, questions: Sequence[RecallQuestion],
                     *, tool: Any = None, engine_cfg: EngineConfig | None = None, max_new_tokens: int = 160,
-                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                    max_batch: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Answer every question greedily (batched through the engine, ``tool`` live); return the metrics and one
-    verdict per question."""
+    verdict per question. ``max_batch`` > 0 decodes that many questions together (at most the number of
+    questions) instead of ``engine_cfg.max_batch``, with a KV pool grown to hold them all at their longest (prompt
+    + ``max_new_tokens``)."""
     dtok = tokenizer if isinstance(tokenizer, DialogTokenizer) else DialogTokenizer(tokenizer)
-    engine = Engine.from_config(model, dtok, engine_cfg or EngineConfig(), tools=[tool] if tool is not None else [])
+    ecfg = engine_cfg or EngineConfig()
+    prompts = encode_questions(dtok, questions, max_new_tokens, model.cfg.max_seq_len)
+    if max_batch and questions:
+        rows = min(max_batch, len(questions))
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        ecfg = dataclasses.replace(ecfg, max_batch=rows, pool_tokens=max(ecfg.pool_tokens, rows * longest))
+    engine = Engine.from_config(model, dtok, ecfg, tools=[tool] if tool is not None else [])
+    encode_questions(dtok, questions, max_new_tokens, engine.context_limit, prompts=prompts)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    requests = []
-    for i, q in enumerate(questions):
-        try:
-            prompt = dtok.encode_prompt(q.dialog)
-        except DialogError as e:
-            raise DataError(f"question {i} ({q.person!r}, {q.attribute!r}): {e}") from None
-        if len(prompt) + max_new_tokens > engine.context_limit:
-            who = f" ({q.person!r}, {q.attribute!r})" if q.person or q.attribute else ""
-            raise ConfigError(f"evals.recall.max_new_tokens={max_new_tokens}: question {i}{who} has {len(prompt)} "
-                              f"prompt tokens, and with {max_new_tokens} new ones "
-                              f"exceeds the {engine.context_limit}-token context (model.max_seq_len, engine pool): "
-                              "lower it")
-        requests.append(Request(dialog=q.dialog, params=params, id=i))
+    requests = [Request(dialog=q.dialog, params=params, id=i) for i, q in enumerate(questions)]
     with eval_mode(model):
         results = engine.generate(requests)
     records = [judge(q, r, tool_live=tool is not None) for q, r in zip(questions, results)]
     return recall_metrics(records), records
+
+
+def encode_questions(dtok: DialogTokenizer, questions: Sequence[RecallQuestion], max_new_tokens: int, limit: int,
+                     where: str = "", prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """Each question's prompt tokens; a question that does not encode is a DataError, one whose prompt and
+    ``max_new_tokens`` pass ``limit`` tokens a ConfigError, each naming the question (``where``: its set)."""
+    out = []
+    for i, q in enumerate(questions):
+        who = f"{where}question {i}" + (f" ({q.person!r}, {q.attribute!r})" if q.person or q.attribute else "")
+        if prompts is None:
+            try:
+                prompt = dtok.encode_prompt(q.dialog)
+            except DialogError as e:
+                raise DataError(f"{who}: {e}") from None
+        else:
+            prompt = prompts[i]
+        if len(prompt) + max_new_tokens > limit:
+            raise ConfigError(f"evals.recall.max_new_tokens={max_new_tokens}: {who} has {len(prompt)} prompt tokens, "
+                              f"and with {max_new_tokens} new ones exceeds the {limit}-token context "
+                              "(model.max_seq_len, engine pool): lower it")
+        out.append(prompt)
+    return out
 
 
 def recall_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -231,24 +251,32 @@ def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfi
 
     def answer(mine: list[RecallQuestion]) -> list[dict[str, Any]]:
         return evaluate_recall(model, tokenizer, mine, tool=tool, engine_cfg=engine_cfg,
-                               max_new_tokens=cfg.max_new_tokens)[1]
+                               max_new_tokens=cfg.max_new_tokens, max_batch=cfg.max_batch)[1]
 
     def answer_here(mine: list[RecallQuestion]) -> list[dict[str, Any]]:  # this process's share, maybe forked
         return fork_map(mine, answer, cfg.procs) if cfg.procs > 1 else answer(mine)
 
-    out: dict[str, float] = {}
+    # every set's questions in one pass (one engine per process, its batches never run short between sets)
+    # (checked here, before any process forks: a bad question is one line naming its set)
+    dtok = tokenizer if isinstance(tokenizer, DialogTokenizer) else DialogTokenizer(tokenizer)
+    questions: list[RecallQuestion] = []
+    spans = []
     for path in cfg.sets:
-        name = set_name(path)
-        questions = load_questions(path, cfg.max_questions, cfg.seed)
-        # each process answers its share; the verdicts come back in question order
-        records = answer_here(questions) if split is None else split_gather(questions, answer_here, split=split)
-        metrics = recall_metrics(records)
-        out.update({f"recall/{name}/{k}": v for k, v in metrics.items()})
+        qs = load_questions(path, cfg.max_questions, cfg.seed)
+        encode_questions(dtok, qs, cfg.max_new_tokens, model.cfg.max_seq_len, where=f"{path}: ")
+        spans.append((set_name(path), len(questions), len(questions) + len(qs)))
+        questions += qs
+    # each process answers its share; the verdicts come back in question order
+    records = answer_here(questions) if split is None else split_gather(questions, answer_here, split=split)
+    out: dict[str, float] = {}
+    for name, a, b in spans:
+        mine = records[a:b]
+        out.update({f"recall/{name}/{k}": v for k, v in recall_metrics(mine).items()})
         if out_dir is not None and cfg.save_outputs:
             folder = Path(out_dir)
             folder.mkdir(parents=True, exist_ok=True)
             suffix = f"_step{step}" if step is not None else ""
             with open(folder / f"{name}{suffix}.jsonl", "w") as f:
-                for r in records:
+                for r in mine:
                     f.write(json.dumps(r, sort_keys=True) + "\n")
     return out
