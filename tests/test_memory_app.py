@@ -205,12 +205,11 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path, monkeypat
 
     # split across forked processes (evals.recall.procs; this process's tool workers already run, and a fork
     # must start its own): the same verdicts in the same order, the misses of a miscopying oracle included
+    import lmlab.evals.recall as recall_mod
     from lmlab.config import ConfigError, RecallEvalConfig
     from lmlab.evals.recall import run_recall_sets
 
     # and with evals.recall.max_batch: every set's questions decoded together, the pool grown to hold them
-    import lmlab.evals.recall as recall_mod
-
     built = []
     from_config = recall_mod.Engine.from_config
 
