@@ -397,6 +397,8 @@ def test_eval_bad_options(trained, tmp_path, capsys):
     assert "--max-questions: must be >= 0" in one_line_error(capsys.readouterr().err)
     assert cli(["eval", str(trained), "--set", str(qs), "--procs", "0"]) == 2
     assert "--procs: must be >= 1" in one_line_error(capsys.readouterr().err)
+    assert cli(["eval", str(trained), "--set", str(qs), "--max-batch", "-1"]) == 2
+    assert "--max-batch: must be >= 0" in one_line_error(capsys.readouterr().err)
     assert cli(["eval", str(trained)]) == 2
     assert "no recall sets" in one_line_error(capsys.readouterr().err)
 

@@ -78,11 +78,11 @@ def test_memory_main_job_toy(tmp_path):
     assert metrics["step"] == 6 and metrics["recall/train/n"] == 8 * 5 and metrics["recall/ood/n"] == 4 * 5
     assert "recall/ood/valid_sql_rate" in ev.stdout
     assert len((recall / "eval" / "train_step6.jsonl").read_text().splitlines()) == 40
-    # the same evaluation answered by 2 processes (--procs): the same files, byte for byte
+    # the same evaluation answered by 2 processes (--procs), 7 questions at a time: the same files, byte for byte
     written = {p.name: p.read_bytes() for p in (recall / "eval").iterdir()}
     ev2 = subprocess.run([sys.executable, "-m", "lmlab.cli", "eval", str(runs / "people=8_mode=tool"),
-                          "--max-questions", "0", "--procs", "2"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+                          "--max-questions", "0", "--procs", "2", "--max-batch", "7"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
     assert ev2.returncode == 0, ev2.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in (recall / "eval").iterdir()} == written
 

@@ -275,7 +275,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg, model, tokenizer, path = load_run(args.run, step=args.step, with_path=True)
     changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions),
-                                 ("procs", args.procs)) if v is not None}
+                                 ("procs", args.procs), ("max_batch", args.max_batch)) if v is not None}
     rc = dataclasses.replace(cfg.evals.recall, **changes)
     for key, msg in rc.check():
         raise UsageError(f"--{key.replace('_', '-')}: {msg}")
@@ -427,6 +427,8 @@ def _main(argv: list[str] | None = None) -> int:
                    "evals.recall.max_questions)")
     p.add_argument("--procs", type=int, help="processes answering, one thread each (forked, Linux), >= 1; set it "
                    "to the cores to use (default: the run's evals.recall.procs)")
+    p.add_argument("--max-batch", type=int, help="questions decoded together at most, >= 0; 0: the run's "
+                   "engine.max_batch (default: the run's evals.recall.max_batch)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint", epilog=EXIT_CODES,
