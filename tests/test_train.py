@@ -576,7 +576,8 @@ class CountingRecall(Trainer):
 
 
 def test_an_early_stop_on_recall_does_not_evaluate_its_step_twice(tmp_path, corpus):
-    common = ["evals.recall.sets=[unused.jsonl]", "evals.recall.every=2", "data.val_fraction=0"]
+    common = ["evals.recall.sets=[unused.jsonl]", "evals.recall.every=2", "data.val_fraction=0",
+              "evals.recall.max_new_tokens=16"]
     CountingRecall.calls = []
     s = CountingRecall(make_cfg(tmp_path, corpus, *common, "train.early_stop.metric=recall/train/correct",
                                 "train.early_stop.target=0.75", name="stop")).fit()
