@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import sys
 import time
 
 import pytest
 import torch
 
 from lmlab.comm import fork_map
+from lmlab.data.errors import DataError
 
 
 def test_results_come_back_in_item_order_from_every_process():
@@ -44,16 +47,32 @@ def test_every_process_runs_one_thread_and_this_one_gets_its_own_back():
         torch.set_num_threads(before)
 
 
+class Unrebuildable(Exception):
+    def __init__(self, code: int):  # pickled with args ("code 3",): cannot be rebuilt from them
+        super().__init__(f"code {code + 0}")
+
+
 def test_a_worker_failure_is_raised_here_with_its_traceback_and_nothing_is_left_running():
     def fn(mine):
         if os.getpid() != parent:
-            raise KeyError("bad item in a worker")
+            raise DataError("eval_x.jsonl: question 3: bad dialog")
         return mine
 
     parent = os.getpid()
-    with pytest.raises(RuntimeError, match=r"worker 1 of 2 failed:[\s\S]*KeyError: 'bad item in a worker'"):
+    with pytest.raises(DataError) as info:
         fork_map(list(range(6)), fn, procs=2)
+    assert str(info.value) == "eval_x.jsonl: question 3: bad dialog"  # what a command prints, in one line
+    if sys.version_info >= (3, 11):  # the worker's own traceback comes along
+        assert re.search(r"worker 1 of 2 failed:[\s\S]*in fn[\s\S]*DataError", "\n".join(info.value.__notes__))
     assert multiprocessing.active_children() == []
+
+    def odd(mine):
+        if os.getpid() != parent:
+            raise Unrebuildable(3)
+        return mine
+
+    with pytest.raises(RuntimeError, match=r"worker 1 of 2 failed:[\s\S]*Unrebuildable: code 3"):
+        fork_map(list(range(6)), odd, procs=2)
 
     def dies(mine):
         if os.getpid() != parent:

@@ -63,8 +63,10 @@ def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: 
     gains little from a second thread. Linux only (fork); ``procs <= 1`` or a single item runs ``fn(items)`` here.
 
     Forked workers ignore the stop signals (the parent decides: an exception here, Ctrl-C included, kills them)
-    and die with the parent. A worker's exception is raised here as a RuntimeError carrying its traceback; a
-    worker that dies without answering is named with its exit code."""
+    and die with the parent. A worker's exception is raised here as itself (a DataError stays a DataError: a
+    command reports it in one line), its traceback attached as a note; one that does not survive pickling comes
+    back as a RuntimeError carrying that traceback. A worker that dies without answering is named with its exit
+    code."""
     items = list(items)
     procs = min(procs, len(items))
     if procs <= 1:
@@ -99,7 +101,13 @@ def fork_map(items: Sequence[T], fn: Callable[[list[T]], Sequence[Any]], procs: 
                 raise RuntimeError(f"fork_map: worker {r} of {procs} died without answering "
                                    f"(exit code {p.exitcode})") from None
             if not ok:
-                raise RuntimeError(f"fork_map: worker {r} of {procs} failed:\n{payload}")
+                exc, tb = payload
+                where = f"fork_map: worker {r} of {procs} failed:\n{tb}"
+                if exc is None:
+                    raise RuntimeError(where)
+                if hasattr(exc, "add_note"):  # (Python >= 3.11)
+                    exc.add_note(where)
+                raise exc
             parts.append(_checked(payload, len(items[r::procs]), r))
     finally:
         for _, p, recv in workers:
@@ -120,7 +128,9 @@ def _checked(results: list[Any], n: int, r: int) -> list[Any]:
 
 
 def _fork_worker(fn: Callable, items: list, send: Any) -> None:
-    """A forked worker: ``fn(items)`` sent back as ``(True, results)``, or ``(False, traceback)``."""
+    """A forked worker: ``fn(items)`` sent back as ``(True, results)``, or ``(False, (exception or None,
+    traceback))``."""
+    import pickle
     import signal
     import traceback
 
@@ -137,7 +147,11 @@ def _fork_worker(fn: Callable, items: list, send: Any) -> None:
     torch.set_num_threads(1)
     try:
         msg = (True, list(fn(items)))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
-        msg = (False, traceback.format_exc())
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent, which raises it
+        try:  # the exception itself when it survives the trip (some classes cannot be rebuilt from their args)
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001
+            e = None
+        msg = (False, (e, traceback.format_exc()))
     send.send(msg)
     send.close()
