@@ -728,7 +728,8 @@ class RecallEvalConfig:
                           "app's 2-layer width-64 models, ~28 MB for SmolLM2-135M")
     procs: int = F(1, "processes answering the questions, one torch thread each: this one and procs - 1 forked "
                       "from it (Linux, CPU models; lmlab.comm.fork_map). A CPU decodes these small batches no "
-                      "faster with a second thread, so procs = cores answers ~cores times as fast")
+                      "faster with a second thread, while a second process is 1.6x (memory app models, 2 cores): "
+                      "set it to the cores the evaluation may use")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
