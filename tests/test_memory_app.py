@@ -206,7 +206,7 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path, monkeypat
     # split across forked processes (evals.recall.procs; this process's tool workers already run, and a fork
     # must start its own): the same verdicts in the same order, the misses of a miscopying oracle included
     import lmlab.evals.recall as recall_mod
-    from lmlab.config import ConfigError, RecallEvalConfig
+    from lmlab.config import ConfigError, EngineConfig, RecallEvalConfig
     from lmlab.evals.recall import run_recall_sets
 
     # and with evals.recall.max_batch: every set's questions decoded together, the pool grown to hold them
@@ -219,17 +219,20 @@ def test_recall_pipeline_with_an_oracle_model_scores_exactly(tmp_path, monkeypat
 
     monkeypatch.setattr(recall_mod.Engine, "from_config", spy)
     paths = [str(tmp_path / "d" / f"eval_{name}.jsonl") for name in sets]
+    small = EngineConfig(pool_tokens=1024)  # room for ~4 answers at a time unless max_batch grows it
+    longest = max(len(dtok.encode_prompt(q.dialog)) for qs in sets.values() for q in qs) + 200
     for oracle in (Oracle(), Oracle(copy=False)):
         got = {}
         for procs, max_batch in ((1, 0), (2, 0), (3, 0), (1, 40), (2, 1000)):
             cfg = RecallEvalConfig(sets=paths, db=str(tmp_path / "d" / "people.sqlite"), max_questions=0,
                                    max_new_tokens=200, procs=procs, max_batch=max_batch)
             out = tmp_path / f"out{procs}_{max_batch}"
-            got[procs, max_batch] = (run_recall_sets(oracle, dtok, cfg, out_dir=out, step=1),
+            before = len(built)
+            got[procs, max_batch] = (run_recall_sets(oracle, dtok, cfg, small, out_dir=out, step=1),
                                      [(out / f"{n}_step1.jsonl").read_text() for n in sets])
-            if procs == 1:  # (a forked worker's engine is built there, out of the spy's sight)
-                assert [(c.max_batch, c.pool_tokens >= c.max_batch * 200) for c in built[-1:]] == [
-                    (max_batch or 64, True)]
+            if procs == 1:  # one engine for both sets (a forked worker's is built there, out of the spy's sight)
+                assert [(c.max_batch, c.pool_tokens) for c in built[before:]] == [
+                    (40, 40 * longest) if max_batch else (64, 1024)]
         assert all(g == got[1, 0] for g in got.values())
         assert got[1, 0][0]["recall/train/n"] == 30 and got[1, 0][0]["recall/train/valid_sql_rate"] == 1.0
     assert RecallEvalConfig(procs=0).check() == [("procs", "must be >= 1")]

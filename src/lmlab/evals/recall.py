@@ -170,7 +170,7 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
     + ``max_new_tokens``)."""
     dtok = tokenizer if isinstance(tokenizer, DialogTokenizer) else DialogTokenizer(tokenizer)
     ecfg = engine_cfg or EngineConfig()
-    prompts = encode_questions(dtok, questions, max_new_tokens, model.cfg.max_seq_len)
+    prompts = encode_questions(dtok, questions, max_new_tokens)
     if max_batch and questions:
         rows = min(max_batch, len(questions))
         longest = max(len(p) for p in prompts) + max_new_tokens
@@ -185,10 +185,12 @@ def evaluate_recall(model: nn.Module, tokenizer: Tokenizer | DialogTokenizer, qu
     return recall_metrics(records), records
 
 
-def encode_questions(dtok: DialogTokenizer, questions: Sequence[RecallQuestion], max_new_tokens: int, limit: int,
-                     where: str = "", prompts: list[list[int]] | None = None) -> list[list[int]]:
-    """Each question's prompt tokens; a question that does not encode is a DataError, one whose prompt and
-    ``max_new_tokens`` pass ``limit`` tokens a ConfigError, each naming the question (``where``: its set)."""
+def encode_questions(dtok: DialogTokenizer, questions: Sequence[RecallQuestion], max_new_tokens: int,
+                     limit: int | None = None, where: str = "", prompts: list[list[int]] | None = None
+                     ) -> list[list[int]]:
+    """Each question's prompt tokens (``prompts``: already encoded); a question that does not encode is a DataError,
+    one whose prompt and ``max_new_tokens`` pass ``limit`` tokens a ConfigError, each naming the question
+    (``where``: its set)."""
     out = []
     for i, q in enumerate(questions):
         who = f"{where}question {i}" + (f" ({q.person!r}, {q.attribute!r})" if q.person or q.attribute else "")
@@ -199,7 +201,7 @@ def encode_questions(dtok: DialogTokenizer, questions: Sequence[RecallQuestion],
                 raise DataError(f"{who}: {e}") from None
         else:
             prompt = prompts[i]
-        if len(prompt) + max_new_tokens > limit:
+        if limit is not None and len(prompt) + max_new_tokens > limit:
             raise ConfigError(f"evals.recall.max_new_tokens={max_new_tokens}: {who} has {len(prompt)} prompt tokens, "
                               f"and with {max_new_tokens} new ones exceeds the {limit}-token context "
                               "(model.max_seq_len, engine pool): lower it")
