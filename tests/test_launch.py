@@ -174,3 +174,23 @@ def test_run_state_from_summary_and_checkpoints(tmp_path):
     assert run_state(run, steps=3) == "done" and run_state(run, steps=6) == "partial"  # train.steps raised since
     (run / "summary.json").write_text("{not json")
     assert run_state(run) == "partial"
+
+
+def test_threads_per_run_follow_the_cpus_this_process_may_use():
+    """A run's default thread count shares the CPUs of this process's affinity mask (a Slurm allocation, a
+    container's cpuset), not the host's count; the memory app runs one and a half runs per usable core."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    code = ("import os, sys; sys.path.insert(0, 'apps'); os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from lmlab.launch.local import default_threads, usable_cpus; from memory.run import default_jobs; "
+            "print(usable_cpus(), default_threads(1), default_threads(3), default_jobs())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "1", "1"]
+    from lmlab.launch.local import default_threads, usable_cpus
+
+    n = len(os.sched_getaffinity(0))
+    assert usable_cpus() == n and default_threads(1) == n and default_threads(n + 1) == 1

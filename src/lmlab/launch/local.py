@@ -166,9 +166,18 @@ class _Running:
     t0: float = field(default_factory=time.time)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a Slurm allocation or a container's cpuset, not the
+    whole host as ``os.cpu_count()`` counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 def default_threads(jobs: int) -> int:
-    """CPU threads per run when ``jobs`` run at once: the machine's cores shared evenly, at least 1."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+    """CPU threads per run when ``jobs`` run at once: the usable cores shared evenly, at least 1."""
+    return max(1, usable_cpus() // max(1, jobs))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -291,9 +300,10 @@ def grid_app_arguments(parser: Any, default_grid: str, jobs: int = 2, report_hel
     """The flags every grid app shares (apps/memory, apps/zoology, ...): ``--grid``, ``--jobs``, ``--threads``,
     ``--report-only``; the app adds its own, then :func:`parse_grid_app` adds the trailing overrides and parses."""
     parser.add_argument("--grid", default=default_grid, help=f"grid YAML (default: {Path(default_grid).name})")
-    parser.add_argument("--jobs", type=int, default=jobs, help="runs trained at once (threads are split between them)")
+    parser.add_argument("--jobs", type=int, default=jobs,
+                        help="runs trained at once (threads are split between them; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: train.threads if "
-                        "set, else cpus // jobs)")
+                        "set, else cpus // jobs, at least 1)")
     parser.add_argument("--report-only", action="store_true",
                         help=report_help or "train nothing: evaluate finished runs and rebuild the report")
     return parser
