@@ -173,7 +173,7 @@ def test_recall_evaluation_is_split_across_processes_and_equals_one_process(tmp_
     assert [r["attribute"] for r in got][:5] != [None] * 5
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "lmlab.cli", "eval", str(run)], capture_output=True, text=True,
-                       env=env, timeout=300)  # one process, the run's sets and tool, its final checkpoint
+                       env=env, timeout=300)  # the run's sets and tool, its final checkpoint
     assert p.returncode == 0, p.stderr[-3000:]
     one = [json.loads(x) for x in (run / "recall" / "eval" / "train_step20.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in got] == [r["answer"] for r in one]

@@ -276,6 +276,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, tokenizer, path = load_run(args.run, step=args.step, with_path=True)
     changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions),
                                  ("procs", args.procs), ("max_batch", args.max_batch)) if v is not None}
+    if args.procs is None and sys.platform.startswith("linux") and next(model.parameters()).device.type == "cpu":
+        from lmlab.launch.local import usable_cpus
+
+        # standalone, the evaluation has the machine: one process per usable core (the run's setting is for the
+        # evaluations during training, which share the cores with other runs of a grid)
+        changes["procs"] = max(cfg.evals.recall.procs, usable_cpus())
     rc = dataclasses.replace(cfg.evals.recall, **changes)
     for key, msg in rc.check():
         raise UsageError(f"--{key.replace('_', '-')}: {msg}")
@@ -285,6 +291,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # a folder of its own: the training-time evaluation of the same step (other sets, fewer questions) is kept
     folder = Path(args.run) / "recall" / "eval"
     metrics = run_recall_sets(model, tokenizer, rc, cfg.engine, out_dir=folder, step=step)
+    print(f"step {step}, answered by {rc.procs} processes (one thread each)" if rc.procs > 1
+          else f"step {step}, answered by one process")
     for key, value in metrics.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     folder.mkdir(parents=True, exist_ok=True)  # (with evals.recall.save_outputs false nothing else made it)
@@ -425,8 +433,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", help="SQLite database for the SQL tool (default: the run's evals.recall.db)")
     p.add_argument("--max-questions", type=int, help="questions per set, >= 0; 0: all (default: the run's "
                    "evals.recall.max_questions)")
-    p.add_argument("--procs", type=int, help="processes answering, one thread each (forked, Linux), >= 1; set it "
-                   "to the cores to use (default: the run's evals.recall.procs)")
+    p.add_argument("--procs", type=int, help="processes answering, one thread each (forked, Linux), >= 1 (default, "
+                   "on Linux for a CPU model: one per usable core, at least the run's evals.recall.procs; else the "
+                   "run's)")
     p.add_argument("--max-batch", type=int, help="questions decoded together at most, >= 0; 0: the run's "
                    "engine.max_batch (default: the run's evals.recall.max_batch)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
