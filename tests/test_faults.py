@@ -399,6 +399,10 @@ def test_eval_bad_options(trained, tmp_path, capsys):
     assert "--procs: must be >= 1" in one_line_error(capsys.readouterr().err)
     assert cli(["eval", str(trained), "--set", str(qs), "--max-batch", "-1"]) == 2
     assert "--max-batch: must be >= 0" in one_line_error(capsys.readouterr().err)
+    assert cli(["eval", str(trained), "--set", str(qs), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens: must be positive" in one_line_error(capsys.readouterr().err)
+    assert cli(["eval", str(trained), "--set", str(qs), "--max-new-tokens", "100000"]) == 2
+    assert "evals.recall.max_new_tokens=100000" in one_line_error(capsys.readouterr().err)
     assert cli(["eval", str(trained)]) == 2
     assert "no recall sets" in one_line_error(capsys.readouterr().err)
 

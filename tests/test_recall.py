@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lmlab.data import DataError
-from lmlab.evals.recall import judge, load_questions, parse_answer, set_name
+from lmlab.evals.recall import judge, load_questions, parse_answer, recall_metrics, set_name
 from lmlab.inference import Result
 
 PATTERNS = [r"Ada Smith works as an? (?P<value>.+?)\.", r"Ada Smith is employed as an? (?P<value>.+?)\."]
@@ -89,6 +89,18 @@ def test_misses_are_classified_by_what_went_wrong_first(tmp_path):
     ]
     for dialog, calls, live, want in cases:
         assert judge(q, _result(dialog, calls), tool_live=live)["miss"] == want, (dialog[-1], want)
+    # stopped by max_new_tokens: right after writing the value once, the budget cut it (cut_off); anything else
+    # that ran out (a loop, a value cut in half, the value written twice) stays the model's miss
+    for final, live, want in [("Ada Smith works as a teacher", True, "cut_off"),
+                              ("Ada Smith works as a teacher", False, "cut_off"),
+                              ("Ada Smith works as a tea", True, "no_template"),
+                              ("Ada Smith works as a teacher teacher", True, "no_template"),
+                              ("Ada Smith works as a teacher.", True, None)]:
+        dialog = tool_turns("teacher", final) if live else user + [{"source": "assistant", "content": final}]
+        v = judge(q, _result(dialog, [(call, "teacher")] if live else [], finish="length"), tool_live=live)
+        assert v["miss"] == want, (final, want)
+    metrics = recall_metrics([v, {**v, "correct": False, "miss": "cut_off"}])
+    assert metrics["miss/cut_off"] == 0.5 and metrics["correct"] == 0.5
 
 
 def test_load_questions_subset_and_errors(tmp_path):

@@ -275,7 +275,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg, model, tokenizer, path = load_run(args.run, step=args.step, with_path=True)
     changes = {k: v for k, v in (("sets", args.set), ("db", args.db), ("max_questions", args.max_questions),
-                                 ("procs", args.procs), ("max_batch", args.max_batch)) if v is not None}
+                                 ("procs", args.procs), ("max_batch", args.max_batch),
+                                 ("max_new_tokens", args.max_new_tokens)) if v is not None}
     if args.procs is None and sys.platform.startswith("linux") and next(model.parameters()).device.type == "cpu":
         from lmlab.launch.local import usable_cpus
 
@@ -438,6 +439,8 @@ def _main(argv: list[str] | None = None) -> int:
                    "run's)")
     p.add_argument("--max-batch", type=int, help="questions decoded together at most, >= 0; 0: the run's "
                    "engine.max_batch (default: the run's evals.recall.max_batch)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens sampled per question at most, > 0 (default: the run's "
+                   "evals.recall.max_new_tokens)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("export", help="write a Hugging Face Llama folder from a run's checkpoint", epilog=EXIT_CODES,

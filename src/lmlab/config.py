@@ -719,7 +719,8 @@ class RecallEvalConfig:
     db: str = F("", "SQLite database the model may query (lmlab.tools.sql) while answering; empty: no tool")
     every: int = F(0, "evaluate every this many training steps; 0: only at the end of training")
     max_questions: int = F(256, "questions per set at most (a fixed seeded subset); 0: every question")
-    max_new_tokens: int = F(160, "tokens generated per question at most (tool answers included)")
+    max_new_tokens: int = F(160, "tokens sampled per question at most (the tool's answers are not counted); an "
+                                 "answer it stops right after the value is a miss of kind cut_off")
     seed: int = F(0, "seed of the question subset")
     save_outputs: bool = F(True, "write every question's dialog and verdict to RUN/recall/SET_stepN.jsonl")
     max_batch: int = F(0, "questions decoded together at most (fewer when fewer are asked), the engine's KV pool grown "

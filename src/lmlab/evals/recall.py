@@ -21,8 +21,10 @@ Each wrong answer is also classified by what went wrong first (``miss`` in its v
 metrics, as fractions of all questions): ``no_tool_call`` (a tool was live and nothing was asked of it),
 ``invalid_sql`` (the call was refused or failed), ``query_missed`` (the call ran but its answer does not hold the
 value: e.g. the name miscopied into the query), ``value_miscopied`` (the answer held the value, the final
-sentence has another one), ``no_template`` (the final sentence matches no answer pattern) and ``wrong_value``
-(no tool: a parsed value, but not the right one).
+sentence has another one), ``no_template`` (the final sentence matches no answer pattern), ``wrong_value``
+(no tool: a parsed value, but not the right one) and ``cut_off`` (the final sentence stopped at
+``max_new_tokens`` right after writing the value, once: a budget too small for the question rather than the
+model's miss; raise ``evals.recall.max_new_tokens``, which counts sampled tokens only, not the tool's answers).
 
 Usage::
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -55,6 +58,8 @@ from lmlab.inference import Engine, Request, Result, SamplingParams
 from lmlab.jsonl import iter_jsonl
 from lmlab.models import eval_mode
 from lmlab.tokenizers import DialogError, DialogTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RecallQuestion", "evaluate_recall", "judge", "load_questions", "parse_answer", "recall_metrics",
            "run_recall_sets", "set_name"]
@@ -126,13 +131,17 @@ def parse_answer(text: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
-MISSES = ("no_tool_call", "invalid_sql", "query_missed", "value_miscopied", "no_template", "wrong_value")
+MISSES = ("no_tool_call", "invalid_sql", "query_missed", "value_miscopied", "no_template", "wrong_value", "cut_off")
 
 
-def miss_kind(value: str, predicted: str | None, calls: Sequence[Sequence[Any]], tool_live: bool) -> str | None:
-    """What went wrong first in a wrong answer (None when it is right); see the module docstring."""
+def miss_kind(value: str, predicted: str | None, calls: Sequence[Sequence[Any]], tool_live: bool,
+              final: str = "", finish_reason: str | None = None) -> str | None:
+    """What went wrong first in a wrong answer (None when it is right); see the module docstring. ``final``: the
+    final assistant turn; ``finish_reason``: the engine's (``"length"``: it hit max_new_tokens)."""
     if predicted == value:
         return None
+    if finish_reason == "length" and predicted is None and value and final.endswith(value) and final.count(value) == 1:
+        return "cut_off"  # the value written once, last: only the sentence's end is missing
     if calls:
         call, answer = calls[-1]
         if call is None or answer.startswith("error:"):
@@ -157,7 +166,8 @@ def judge(question: RecallQuestion, result: Result, tool_live: bool = False) -> 
     return {"person": question.person, "attribute": question.attribute, "value": question.value,
             "tool_call": tool_call, "valid_sql": valid_sql, "correct": predicted == question.value,
             "predicted": predicted, "answer": final, "finish_reason": result.finish_reason,
-            "calls": [list(c) for c in calls], "miss": miss_kind(question.value, predicted, calls, tool_live)}
+            "calls": [list(c) for c in calls],
+            "miss": miss_kind(question.value, predicted, calls, tool_live, final, result.finish_reason)}
 
 
 @torch.no_grad()
@@ -274,6 +284,10 @@ def run_recall_sets(model: nn.Module, tokenizer: Tokenizer, cfg: RecallEvalConfi
     for name, a, b in spans:
         mine = records[a:b]
         out.update({f"recall/{name}/{k}": v for k, v in recall_metrics(mine).items()})
+        cut = sum(r["miss"] == "cut_off" for r in mine)
+        if cut:
+            log.warning("recall %s: %d of %d answers stopped at evals.recall.max_new_tokens=%d right after the "
+                        "value (counted as misses, kind cut_off): raise it", name, cut, b - a, cfg.max_new_tokens)
         if out_dir is not None and cfg.save_outputs:
             folder = Path(out_dir)
             folder.mkdir(parents=True, exist_ok=True)
