@@ -280,9 +280,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.procs is None and sys.platform.startswith("linux") and next(model.parameters()).device.type == "cpu":
         from lmlab.launch.local import usable_cpus
 
-        # standalone, the evaluation has the machine: one process per usable core (the run's setting is for the
-        # evaluations during training, which share the cores with other runs of a grid)
-        changes["procs"] = max(cfg.evals.recall.procs, usable_cpus())
+        # standalone, the evaluation has the machine: one process per usable core, shared with the other ranks of
+        # this machine under torchrun (the run's setting is for the evaluations during training, which share the
+        # cores with the other runs of a grid)
+        share = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        changes["procs"] = max(cfg.evals.recall.procs, share, 1)
     rc = dataclasses.replace(cfg.evals.recall, **changes)
     for key, msg in rc.check():
         raise UsageError(f"--{key.replace('_', '-')}: {msg}")
