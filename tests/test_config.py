@@ -227,6 +227,30 @@ def test_grid_bundle_axis(tmp_path):
     assert [c.name for c in part] == ["g/size=n_layers2_seed=0", "g/size=n_layers2_seed=1",
                                       "g/size=n_layers4_seed=0", "g/size=n_layers4_seed=1"]
     assert {c.model.dim for c in part} == {96}
+    # a bundle axis named like a key each bundle sets to its own value is labelled by that value; the command line
+    # setting that key keeps the bundle that has its value (and its other settings), and the name drops the axis
+    path.write_text("name: g\ntrain: {steps: 10}\ngrid:\n"
+                    "  mode: [{tags.mode: tool, train.steps: 35, optim.lr: 0.01}, {tags.mode: weight}]\n"
+                    "  seed: [0, 1]\n")
+    cfgs = load_grid(path)
+    assert [c.name for c in cfgs] == ["g/mode=tool_seed=0", "g/mode=tool_seed=1", "g/mode=weight_seed=0",
+                                      "g/mode=weight_seed=1"]
+    assert [(c.tags["mode"], c.train.steps) for c in cfgs] == [("tool", 35), ("tool", 35), ("weight", 10),
+                                                               ("weight", 10)]
+    tool = load_grid(path, ["tags.mode=tool"])
+    assert [(c.name, c.tags["mode"], c.train.steps, c.optim.lr) for c in tool] == [
+        ("g/seed=0", "tool", 35, 0.01), ("g/seed=1", "tool", 35, 0.01)]
+    weight = load_grid(path, ["tags.mode=weight", "seed=3"])
+    assert [(c.name, c.train.steps, c.seed) for c in weight] == [("g", 10, 3)]
+    assert weight[0].optim.lr != 0.01
+    # the command line still wins over the chosen bundle; with a value no bundle has, the keys it sets go from
+    # every bundle (here one is left empty, so the axis goes)
+    assert [c.train.steps for c in load_grid(path, ["tags.mode=tool", "train.steps=7"])] == [7, 7]
+    other = load_grid(path, ["tags.mode=other", "seed=0"])
+    assert [(c.name, c.tags["mode"], c.train.steps) for c in other] == [("g", "other", 10)]
+    # two bundles with the same value of the axis's key keep the full label
+    path.write_text("name: g\ngrid:\n  mode: [{tags.mode: tool, seed: 1}, {tags.mode: tool, seed: 2}]\n")
+    assert [c.name for c in load_grid(path)] == ["g/mode=modetool+seed1", "g/mode=modetool+seed2"]
     path.write_text("grid:\n  size: [{model.dimm: 64}]\n")
     with pytest.raises(ConfigError, match="model.dimm"):
         load_grid(path)

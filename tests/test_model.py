@@ -211,7 +211,7 @@ def test_smear_arithmetic_equals_a_loop_over_tokens(per_channel):
     """lmlab.models.smear against the definition written as loops: key j -> sum_d a_d k_{j-d} (d = 0..N, zero
     before a sequence's start), query j += sum_d w_d k_{j-d} (d = 1..N), with GQA head sharing; and the cache-side
     gather of predecessors equals the whole-sequence one."""
-    from lmlab.models.smear import gather_previous, previous_keys, smear_keys, smear_queries
+    from lmlab.models.smear import gather_previous, previous_keys, smear_keys, smear_queries, smear_shifted
 
     g = torch.Generator().manual_seed(3)
     b, h, t, d, n, n_heads = 2, 2, 7, 4, 3, 4
@@ -231,6 +231,16 @@ def test_smear_arithmetic_equals_a_loop_over_tokens(per_channel):
                         want_q[r, :, j] += qweight[..., back - 1] * k[r, :, j - back].repeat_interleave(2, 0)
     prev = previous_keys(k, pos, n)
     torch.testing.assert_close(smear_keys(k, prev, weight), want_k)
+    # training's shifted-view path: the same keys and gradients, packed rows and whole sequences alike
+    torch.testing.assert_close(smear_shifted(k, pos, weight), want_k)
+    torch.testing.assert_close(smear_shifted(k[:1], None, weight), want_k[:1])
+    grads = []
+    for fast in (False, True):
+        kk, ww = k.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = smear_shifted(kk, pos, ww) if fast else smear_keys(kk, previous_keys(kk, pos, n), ww)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((kk.grad, ww.grad))
+    torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(smear_queries(prev, qweight, n_heads), want_q)
     # a cache returning each token's predecessors from the keys of its context gives the same
     torch.testing.assert_close(gather_previous(k, torch.arange(t).expand(b, t), pos, n), prev)

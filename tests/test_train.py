@@ -444,6 +444,15 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     assert math.isclose(ev_a["val_loss"], ev_b["val_loss"], rel_tol=1e-4)
 
 
+def test_compile_on_cpu_without_a_cpp_compiler_fails_before_training_with_the_fix(tmp_path, corpus, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    with pytest.raises(ConfigError, match=r"C\+\+ compiler.*train.compile=false"):
+        Trainer(make_cfg(tmp_path, corpus, "train.compile=true"))
+    assert not list(tmp_path.rglob("step_*"))  # nothing trained, no checkpoint
+
+
 @pytest.mark.slow
 def test_compiled_dialog_training_keeps_sparse_logits_and_matches_the_full_head(tmp_path, corpus):
     """Unpacked dialogs: every batch as wide as its longest dialog and the loss on the answers only. Compiled, the

@@ -1208,6 +1208,12 @@ def _fmt_value(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+\-]+", "_", s)
 
 
+def _get_path(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
 def _has_path(data: Any, key: str) -> bool:
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -1225,7 +1231,11 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | 
 
     A grid key that is not a config key and whose values are mappings is a *bundle* axis: each value sets
     several keys together (``size: [{model.dim: 64, model.n_layers: 2}, {model.dim: 128, model.n_layers: 4}]``),
-    labelled ``size=dim64+n_layers2``.
+    labelled ``size=dim64+n_layers2``. A bundle axis named like a key its bundles all set, with a different value in
+    each, is labelled by that key's value alone: ``mode: [{tags.mode: tool, train.steps: 3500}, {tags.mode: weight}]``
+    gives ``mode=tool`` and ``mode=weight`` (settings that belong to one value of a key). Where ``fixed`` sets a key
+    of a bundle axis to a value some of its bundles have, only those bundles stay (``tags.mode=tool`` keeps the
+    in-tool bundle's other settings).
 
     The suffix names the point from its varying values, e.g. ``dim=64_seed=1``: the last part of each
     key, or the whole dotted key where two grid keys end the same way. Order follows the grid.
@@ -1242,14 +1252,33 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | 
             for v in values:
                 for k in v:
                     _field_type(schema, str(k))
+    label_keys = {}  # bundle axis -> the key whose value labels each bundle
+    for key, values in axes:
+        if key in bundles:
+            named = [k for k in values[0] if str(k).split(".")[-1] == key.split(".")[-1]]
+            if (len(named) == 1 and all(named[0] in b for b in values)
+                    and len({_fmt_value(b[named[0]]) for b in values}) == len(values)):
+                label_keys[key] = named[0]
+    silent = set()  # bundle axes the command line narrowed to one bundle: its settings apply, the name omits it
     if fixed:  # a bundle keeps the keys the command line leaves to it, and goes when it sets them all
-        axes = [(k, [{x: y for x, y in b.items() if not _has_path(fixed, str(x))} for b in v]) if k in bundles
-                else (k, v) for k, v in axes]
+        for i, (key, values) in enumerate(axes):
+            if key not in bundles:
+                continue
+            for x in dict.fromkeys(str(x) for b in values for x in b if _has_path(fixed, str(x))):
+                agree = [b for b in values if x in b and b[x] == _get_path(fixed, x)]
+                if agree:  # the command line picks the bundles that have its value
+                    values = agree
+            values = [{x: y for x, y in b.items() if not _has_path(fixed, str(x))} for b in values]
+            if len(values) == 1 and len(axes[i][1]) > 1:
+                silent.add(key)
+            axes[i] = (key, values)
         axes = [(k, v) for k, v in axes if k not in bundles or all(v)]
     last = [k.split(".")[-1] for k, _ in axes]
     labels = [k if last.count(k.split(".")[-1]) > 1 else k.split(".")[-1] for k, _ in axes]
 
     def fmt(key: str, v: Any) -> str:
+        if key in label_keys and label_keys[key] in v:
+            return _fmt_value(v[label_keys[key]])
         if key in bundles:
             return "+".join(f"{str(k).split('.')[-1]}{_fmt_value(x)}" for k, x in v.items())
         return _fmt_value(v)
@@ -1260,7 +1289,8 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | 
         for (key, _), v in zip(axes, values):
             for k, x in (v.items() if key in bundles else [(key, v)]):
                 _deep_update(data, _nest(str(k), x))
-        suffix = "_".join(f"{lab}={fmt(key, v)}" for (key, _), lab, v in zip(axes, labels, values))
+        suffix = "_".join(f"{lab}={fmt(key, v)}" for (key, _), lab, v in zip(axes, labels, values)
+                          if key not in silent)
         points.append((suffix, data))
     return points
 

@@ -32,11 +32,13 @@ Usage::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
 
-__all__ = ["SMEAR_INIT", "KeySmear", "gather_previous", "previous_keys", "smear_keys", "smear_queries"]
+__all__ = ["SMEAR_INIT", "KeySmear", "gather_previous", "previous_keys", "smear_keys", "smear_queries",
+           "smear_shifted"]
 
 SMEAR_INIT = -1.0  # initial smear logit of each earlier token (the token's own: 0): weights 0.58/0.21/... for N=2
 
@@ -70,8 +72,11 @@ class KeySmear(nn.Module):
         """Queries (B, n_heads, T, D) and keys (B, n_kv_heads, T, D) of the new tokens, smeared; ``mask`` and
         ``cache`` as the attention layer got them (the keys of each new token are smeared once, here)."""
         if cache is None:  # packed documents: a token's position is the count of its document's keys before it
-            t = k.shape[2]
-            pos = torch.arange(t, device=k.device).view(1, -1) if mask is None else mask.sum(-1)[:, 0] - 1
+            pos = None if mask is None else mask.sum(-1)[:, 0] - 1
+            if self.queries is None:  # training's path: shifted views of the keys, no (B, H, T, N, D) copy
+                return q, smear_shifted(k, pos, self.keys)
+            if pos is None:
+                pos = torch.arange(k.shape[2], device=k.device).view(1, -1)
             prev = previous_keys(k, pos, self.n)
         else:
             prev = cache.previous_keys(self.layer_id, k, self.n)
@@ -111,6 +116,25 @@ def smear_keys(k: torch.Tensor, prev: torch.Tensor, weight: torch.Tensor) -> tor
     else:  # per channel
         own, before = a[..., 0][None, :, None, :], a[..., 1:].transpose(1, 2)[None, :, None]  # (1,H,1,D), (1,H,1,N,D)
     return k * own + (prev * before).sum(3)
+
+
+def smear_shifted(k: torch.Tensor, pos: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`smear_keys` of whole sequences (``pos`` None: each row one sequence from position 0) or packed
+    documents (``pos`` (B, T): each token's position in its document), from shifted views of the keys: the
+    N-fold copy of the keys that :func:`previous_keys` builds, and its backward, cost ~3x this (the training step
+    of a smeared model, where the cache's gather has nothing to save). Equal to that path up to float rounding."""
+    a = torch.softmax(weight.float(), dim=-1).to(k.dtype)
+    n, t = a.shape[-1] - 1, k.shape[2]
+    # per head: (1, H, 1, 1) weights; per channel: (1, H, 1, D)
+    w = [a[:, i][None, :, None, None] if a.dim() == 2 else a[..., i][None, :, None, :] for i in range(n + 1)]
+    padded = F.pad(k, (0, 0, n, 0))  # n zero keys before each row's first token
+    out = k * w[0]
+    for back in range(1, n + 1):
+        shifted = padded[:, :, n - back:n - back + t]  # the key `back` places back
+        if pos is not None:  # not across the start of a packed document
+            shifted = shifted * (pos >= back)[:, None, :, None].to(k.dtype)
+        out = out + shifted * w[back]
+    return out
 
 
 def smear_queries(prev: torch.Tensor, weight: torch.Tensor, n_heads: int) -> torch.Tensor:

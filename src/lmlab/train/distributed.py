@@ -60,6 +60,19 @@ class DistEnv:
         return self.world_size > 1
 
 
+def check_cpu_compiler() -> None:
+    """``torch.compile`` on CPU builds C++ kernels: fail before training, with the fix, where no compiler is found
+    (inductor would otherwise fail at the first step with a long trace)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 (inductor raises its own error types for a missing compiler)
+        raise ConfigError(f"train.compile: torch.compile on CPU needs a C++ compiler, and none was found "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); install one "
+                          "(e.g. `apt-get install g++`, or set CXX) or set train.compile=false") from None
+
+
 @dataclass(frozen=True)
 class ParallelSizes:
     dp_replicate: int = 1
@@ -178,6 +191,8 @@ class Parallel:
         """Apply tensor parallel, activation checkpointing, per-block compile and FSDP2 / DDP to ``model`` (in
         place where the APIs are in place); return the module the training step calls (DDP wraps it)."""
         cfg = self.cfg
+        if compile and self.device.type == "cpu":
+            check_cpu_compiler()
         if self.sizes.tp > 1:
             self._apply_tp(model)
         if cfg.activation_checkpoint != "none":
