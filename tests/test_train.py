@@ -444,13 +444,17 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     assert math.isclose(ev_a["val_loss"], ev_b["val_loss"], rel_tol=1e-4)
 
 
-def test_compile_on_cpu_without_a_cpp_compiler_fails_before_training_with_the_fix(tmp_path, corpus, monkeypatch):
+def test_compile_on_cpu_without_a_cpp_compiler_fails_before_training_with_the_fix(tmp_path, corpus):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
-    with pytest.raises(ConfigError, match=r"C\+\+ compiler.*train.compile=false"):
-        Trainer(make_cfg(tmp_path, corpus, "train.compile=true"))
+    # inductor's own patch (pytest's monkeypatch does not restore its config entries)
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),)}):
+        with pytest.raises(ConfigError, match=r"C\+\+ compiler.*train.compile=false"):
+            Trainer(make_cfg(tmp_path, corpus, "train.compile=true"))
     assert not list(tmp_path.rglob("step_*"))  # nothing trained, no checkpoint
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    assert get_cpp_compiler()  # the compiler is found again after the test
 
 
 @pytest.mark.slow
