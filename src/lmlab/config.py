@@ -1222,6 +1222,38 @@ def _has_path(data: Any, key: str) -> bool:
     return True
 
 
+def _bundle_label_key(axis: str, bundles: list[dict]) -> str | None:
+    """The key that labels a bundle axis's points by its value: the one key, named like the axis, that every
+    bundle sets to a value of its own (``mode: [{tags.mode: tool, ...}, {tags.mode: weight}]``), else None."""
+    named = [k for k in bundles[0] if str(k).split(".")[-1] == axis.split(".")[-1]]
+    if (len(named) == 1 and all(named[0] in b for b in bundles)
+            and len({_fmt_value(b[named[0]]) for b in bundles}) == len(bundles)):
+        return named[0]
+    return None
+
+
+def _narrow_bundles(axes: list[tuple[str, list]], bundles: set[str], fixed: dict) -> tuple[list, set[str]]:
+    """Apply the command line (``fixed``) to the bundle axes: where it sets a key to a value some bundles have,
+    only those bundles stay; every bundle loses the keys it sets (the command line wins); a bundle axis left with
+    empty bundles goes. Returns the new axes and the bundle axes narrowed from several bundles to one (their
+    settings apply, their label leaves the run names)."""
+    out, silent = [], set()
+    for key, values in axes:
+        if key in bundles:
+            for x in dict.fromkeys(str(x) for b in values for x in b if _has_path(fixed, str(x))):
+                agree = [b for b in values if x in b and b[x] == _get_path(fixed, x)]
+                if agree:  # the command line picks the bundles that have its value
+                    values = agree
+            narrowed = [{x: y for x, y in b.items() if not _has_path(fixed, str(x))} for b in values]
+            if len(narrowed) == 1 and len(dict(axes)[key]) > 1:
+                silent.add(key)
+            if not all(narrowed):
+                continue
+            values = narrowed
+        out.append((key, values))
+    return out, silent
+
+
 def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | None = None) -> list[tuple[str, dict]]:
     """Cartesian product of the grid's lists applied to ``base``: a list of (suffix, mapping).
 
@@ -1252,27 +1284,10 @@ def expand_grid(base: dict, grid: dict, schema: type[T] = Config, fixed: dict | 
             for v in values:
                 for k in v:
                     _field_type(schema, str(k))
-    label_keys = {}  # bundle axis -> the key whose value labels each bundle
-    for key, values in axes:
-        if key in bundles:
-            named = [k for k in values[0] if str(k).split(".")[-1] == key.split(".")[-1]]
-            if (len(named) == 1 and all(named[0] in b for b in values)
-                    and len({_fmt_value(b[named[0]]) for b in values}) == len(values)):
-                label_keys[key] = named[0]
-    silent = set()  # bundle axes the command line narrowed to one bundle: its settings apply, the name omits it
-    if fixed:  # a bundle keeps the keys the command line leaves to it, and goes when it sets them all
-        for i, (key, values) in enumerate(axes):
-            if key not in bundles:
-                continue
-            for x in dict.fromkeys(str(x) for b in values for x in b if _has_path(fixed, str(x))):
-                agree = [b for b in values if x in b and b[x] == _get_path(fixed, x)]
-                if agree:  # the command line picks the bundles that have its value
-                    values = agree
-            values = [{x: y for x, y in b.items() if not _has_path(fixed, str(x))} for b in values]
-            if len(values) == 1 and len(axes[i][1]) > 1:
-                silent.add(key)
-            axes[i] = (key, values)
-        axes = [(k, v) for k, v in axes if k not in bundles or all(v)]
+    label_keys = {key: k for key, values in axes if key in bundles and (k := _bundle_label_key(key, values))}
+    silent: set[str] = set()  # bundle axes the command line narrowed to one bundle: settings apply, name omits it
+    if fixed:
+        axes, silent = _narrow_bundles(axes, bundles, fixed)
     last = [k.split(".")[-1] for k, _ in axes]
     labels = [k if last.count(k.split(".")[-1]) > 1 else k.split(".")[-1] for k, _ in axes]
 
