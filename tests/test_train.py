@@ -19,7 +19,7 @@ from lmlab.monitor.metrics import read_metrics
 from lmlab.train import Trainer, TrainingError
 from lmlab.train import checkpoint as ckpt_mod
 from lmlab.train.checkpoint import CheckpointError, CheckpointManager, load_run
-from lmlab.train.optim import lr_factor, param_groups
+from lmlab.train.optim import build_optimizer, lr_factor, param_groups
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
@@ -267,6 +267,34 @@ def test_weight_decay_skips_norms_biases_and_embeddings(tmp_path, corpus):
     assert {names[id(p)] for p in no_decay["params"]} >= {"tok_embeddings.weight", "norm.weight",
                                                            "layers.0.attention.wq.bias"}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(tr.model.parameters()))
+
+
+def test_no_decay_patterns_leave_the_named_matrices_undecayed(tmp_path, corpus):
+    """optim.no_decay moves the matrices its glob patterns name to the undecayed group, and only those: an AdamW
+    step with zero gradients and a large decay shrinks every other matrix and leaves those as they were. A pattern
+    that names no decayed matrix (a typo, or a norm that is never decayed anyway) is a config error."""
+    tr = Trainer(make_cfg(tmp_path, corpus, "optim.no_decay=['layers.*.attention.w[qk].weight']"))
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    decay, rest = (group["params"] for group in tr.optimizer.param_groups)
+    kept = {n for n, p in tr.model.named_parameters() if n.endswith(("attention.wq.weight", "attention.wk.weight"))}
+    assert len(kept) == 2 * tr.model.cfg.n_layers
+    assert kept <= {names[id(p)] for p in rest} and not kept & {names[id(p)] for p in decay}
+    assert {names[id(p)] for p in decay} == {n for n in names.values()
+                                             if n.endswith(("wv.weight", "wo.weight", "w1.weight", "w2.weight",
+                                                            "w3.weight")) or n == "output.weight"}
+
+    model = tr.model
+    opt = build_optimizer(model, OptimConfig(lr=0.5, weight_decay=1.0, no_decay=["layers.0.*"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        undecayed = n.startswith("layers.0.") or p.ndim < 2 or n == "tok_embeddings.weight"
+        assert torch.equal(p, before[n]) == undecayed, n
+
+    with pytest.raises(ConfigError, match=r"optim.no_decay: 'layers.\*.attention_norm.weight' names no weight-dec"):
+        Trainer(make_cfg(tmp_path, corpus, "optim.no_decay=[layers.*.attention_norm.weight]", name="typo"))
 
 
 def test_bf16_autocast_on_cpu_trains_like_float32(tmp_path, corpus):

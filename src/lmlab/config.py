@@ -403,6 +403,8 @@ class OptimConfig:
     min_lr_ratio: float = F(0.1, "final learning rate as a fraction of lr (cosine and wsd)")
     decay_fraction: float = F(0.2, "wsd: fraction of the steps spent in the final decay")
     weight_decay: float = F(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
+    no_decay: list[str] = F([], "matrices left out of weight decay: glob patterns over parameter names (e.g. "
+                            "layers.*.attention.w[qk].weight); a pattern that names none is an error")
     beta1: float = F(0.9, "AdamW beta1")
     beta2: float = F(0.95, "AdamW beta2")
     eps: float = F(1e-8, "AdamW epsilon")

@@ -1,7 +1,8 @@
 """AdamW with sensible parameter groups, and learning-rate schedules as pure functions of the step.
 
 Weight decay applies to matrices only: never to norm gains, biases or the token embedding (which may be
-tied to the output head). The schedule is a pure function of the step, so a checkpoint only needs the
+tied to the output head), nor to the matrices ``optim.no_decay`` names (glob patterns over parameter names, e.g.
+``layers.*.attention.wq.weight``). The schedule is a pure function of the step, so a checkpoint only needs the
 step to restore it.
 
 Usage::
@@ -14,7 +15,9 @@ Usage::
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 
 import torch
 from torch import nn
@@ -22,19 +25,34 @@ from torch import nn
 from lmlab.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and everything else (norms, biases, embeddings)."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Two groups: decayed matrices, and everything else (norms, biases, embeddings, and the matrices whose names
+    match a glob pattern of ``no_decay``, e.g. ``layers.*.attention.w[qk].weight``). A pattern that names no
+    matrix is refused (:class:`ValueError`): a typo would otherwise leave the decay as it was without a word."""
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    decay, rest = [], []
+    hits = dict.fromkeys(no_decay, 0)
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+        if p.ndim < 2 or id(p) in embed_ids:
+            rest.append(p)
+            continue
+        name = re.sub(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module|module)\.", r"\1", name)
+        matched = [pat for pat in no_decay if fnmatch.fnmatchcase(name, pat)]
+        for pat in matched:
+            hits[pat] += 1
+        (rest if matched else decay).append(p)
+    unused = [pat for pat, n in hits.items() if not n]
+    if unused:
+        example = next((n for n, p in model.named_parameters() if p.ndim >= 2 and id(p) not in embed_ids), "")
+        raise ValueError(f"optim.no_decay: {', '.join(map(repr, unused))} names no weight-decayed matrix of the "
+                         f"model (names look like {example!r}; norms, biases and embeddings are never decayed)")
     return [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": rest, "weight_decay": 0.0},
     ]
 
 
@@ -45,8 +63,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | s
         impl = "fused" if torch.device(device).type == "cuda" else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
-    )
+        param_groups(model, cfg.weight_decay, cfg.no_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

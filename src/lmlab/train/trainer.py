@@ -154,7 +154,10 @@ class Trainer:
             # tensor parallel alone leaves the norms' gains plain tensors beside DTensors, which the multi-tensor
             # (foreach / fused) kernels cannot take in one call
             optim_cfg = dataclasses.replace(optim_cfg, impl="loop")
-        self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
+        try:
+            self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
+        except ValueError as e:  # optim.no_decay naming no matrix of this model
+            raise ConfigError(str(e)) from None
 
         self.val_loader = None
         self.build_loaders(dp_rank, dp_size)
