@@ -280,6 +280,26 @@ def test_smear_is_an_optional_module_whose_old_parameter_names_still_load():
         assert torch.equal(p, q), name
 
 
+def test_smear_init_sets_the_initial_mixing_logits():
+    """``model.smear_init`` gives the initial smear logits (own key first), per head and per channel alike, and
+    survives a re-initialisation; the default stays 0 for the own key and -1 for each earlier one; a list of the
+    wrong length is refused with the count it needs."""
+    from lmlab.config import ConfigError, config_from_dict
+    from lmlab.models.smear import SMEAR_INIT
+
+    for channels in (False, True):
+        model = build_model(small_cfg(smear_keys=3, smear_channels=channels, smear_init=[0.0, 1.0, -1.0, -2.0]),
+                            seed=0)
+        for layer in model.layers:
+            logits = layer.attention.smear.keys.reshape(-1, 4)
+            assert torch.equal(logits, torch.tensor([[0.0, 1.0, -1.0, -2.0]]).expand_as(logits))
+            assert logits.softmax(-1)[0].argmax() == 1  # the previous token's key weighs most
+    default = build_model(small_cfg(smear_keys=2), seed=0).layers[0].attention.smear.keys
+    assert default.tolist() == [[0.0, SMEAR_INIT, SMEAR_INIT]] * 4
+    with pytest.raises(ConfigError, match=r"model.smear_init: has 2 logits; smear_keys=3 needs 4"):
+        config_from_dict({"model": {"smear_keys": 3, "smear_init": [0.0, 1.0]}})
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_under_cpu_bf16_autocast_runs_in_float32(masked):
     """Under bf16 autocast on the CPU, ``sdpa`` takes bf16 queries/keys/values but attends in float32 (the CPU's bf16

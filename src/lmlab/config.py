@@ -224,6 +224,9 @@ class ModelConfig:
     qkv_bias: bool = F(False, "add a bias to the query, key and value projections (Qwen style)")
     smear_keys: int = F(0, "smeared keys: each key becomes a learned per-head mix of the keys of its token and the "
                         "N tokens before it (induction/copying forms much faster); 0: off; not exportable to HF")
+    smear_init: list[float] = F([], "with smeared keys: the initial mixing logits of the token's own key and of the "
+                                "smear_keys keys before it (softmax weights; N + 1 values, nearest first); empty: "
+                                "0 for the own key and -1 for each earlier one")
     smear_channels: bool = F(False, "smeared keys with one mixing weight per key channel (a causal depthwise "
                              "convolution of the keys) instead of one per head")
     smear_queries: bool = F(False, "with smeared keys: add to each query a learned per-channel mix of the (raw) keys "
@@ -262,6 +265,9 @@ class ModelConfig:
             errs.append(("hidden_dim", "must be positive or null"))
         if self.smear_keys < 0:
             errs.append(("smear_keys", "must be >= 0 (tokens mixed into each key; 0: off)"))
+        if self.smear_init and len(self.smear_init) != self.smear_keys + 1:
+            errs.append(("smear_init", f"has {len(self.smear_init)} logits; smear_keys={self.smear_keys} needs "
+                                       f"{self.smear_keys + 1} (the own key's, then one per earlier key), or none"))
         if self.smear_queries and self.smear_keys <= 0:
             errs.append(("smear_queries", "needs smear_keys > 0 (the number of earlier tokens mixed in)"))
         if self.rope_scaling.kind == "ntk" and self.dim > 0 and self.n_heads > 0 and self.dim // self.n_heads <= 2:

@@ -55,6 +55,7 @@ class KeySmear(nn.Module):
         super().__init__()
         self.layer_id = layer_id  # names this layer's raw keys in a cache
         self.n = cfg.smear_keys  # earlier tokens mixed in
+        self.init_logits = list(cfg.smear_init) or [0.0] + [SMEAR_INIT] * self.n  # own key first
         self.n_heads = n_heads
         shape = (n_kv_heads, head_dim) if cfg.smear_channels else (n_kv_heads,)
         self.keys = nn.Parameter(torch.empty(*shape, self.n + 1))  # logits: [..., 0] the token's own key
@@ -62,8 +63,7 @@ class KeySmear(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.keys.fill_(SMEAR_INIT)
-            self.keys[..., 0] = 0.0
+            self.keys.copy_(torch.tensor(self.init_logits, dtype=self.keys.dtype).expand_as(self.keys))
         if self.queries is not None:
             nn.init.zeros_(self.queries)  # queries start as plain queries
 
