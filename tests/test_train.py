@@ -540,7 +540,8 @@ def test_early_stop_cooldown_decays_the_lr_to_zero_then_stops_and_resumes_exactl
             "train.early_stop.cooldown=8", "optim.schedule=cosine"]
     straight = Trainer(make_cfg(tmp_path, corpus, *cool, name="cool")).fit()
     assert straight["step"] == 14, straight
-    assert "plateaued at step 6" in straight["status"] and "decayed to 0 over 8 steps" in straight["status"]
+    assert "has not improved on" in straight["status"] and "for 2 evaluations at step 6;" in straight["status"]
+    assert "decayed to 0 over 8 steps" in straight["status"]
     rows = [r for r in read_metrics(tmp_path / "runs" / "cool" / "metrics.jsonl") if "lr" in r]
     lrs = {r["step"]: r["lr"] for r in rows}
     from lmlab.train.optim import lr_at
@@ -559,9 +560,35 @@ def test_early_stop_cooldown_decays_the_lr_to_zero_then_stops_and_resumes_exactl
     assert losses(split.run_dir) == losses(tmp_path / "runs" / "cool")
     from lmlab.config import ConfigError
 
-    with pytest.raises(ConfigError, match="train.early_stop.cooldown: starts on a plateau"):
-        load_config(None, ["train.early_stop.metric=val_loss", "train.eval_every=5", "train.early_stop.target=1",
+    with pytest.raises(ConfigError, match="train.early_stop.cooldown: starts on a plateau or at the target"):
+        load_config(None, ["train.early_stop.metric=val_loss", "train.eval_every=5", "train.early_stop.patience=0",
                            "train.early_stop.cooldown=10"])
+
+
+def test_early_stop_cooldown_from_a_target_decays_from_where_the_target_was_reached(tmp_path, corpus):
+    """A target with a cooldown starts the decay at the first evaluation that reaches it (any val_loss <= 100:
+    step 2), runs the cooldown's 8 steps from the schedule's value there, ignores the later evaluations (which
+    reach the target again) and stops at step 10, with a status that says what started it; a pause inside the
+    cooldown resumes to the same losses."""
+    from lmlab.train.optim import lr_at
+
+    hit = ["train.steps=40", "train.eval_every=2", "train.eval_batches=1", "train.early_stop.metric=val_loss",
+           "train.early_stop.mode=min", "train.early_stop.target=100", "train.early_stop.cooldown=8",
+           "optim.schedule=constant", "optim.warmup_steps=4"]
+    straight = Trainer(make_cfg(tmp_path, corpus, *hit, name="hit")).fit()
+    assert straight["step"] == 10, straight
+    assert straight["status"].startswith("stopped by early stop: val_loss=") and "reached the target 100 at step 2" \
+        in straight["status"] and "decayed to 0 over 8 steps" in straight["status"]
+    cfg = make_cfg(tmp_path, corpus, *hit, name="hit")
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "hit" / "metrics.jsonl") if "lr" in r}
+    at_hit = lr_at(2, cfg.optim, 40)  # still in the warmup: below the peak
+    assert at_hit < cfg.optim.lr
+    assert [lrs[2 + k] for k in range(1, 9)] == pytest.approx([at_hit * (1 - (k - 1) / 8) for k in range(1, 9)])
+    split = make_cfg(tmp_path, corpus, *hit, name="split_hit")
+    assert Trainer(split).fit(stop_after=5)["step"] == 5
+    resumed = Trainer(split).fit()
+    assert resumed["step"] == 10 and resumed["status"] == straight["status"]
+    assert losses(split.run_dir) == losses(tmp_path / "runs" / "hit")
 
 
 def test_loss_over_target_positions_only_equals_the_full_logits_loss(tmp_path):

@@ -443,9 +443,9 @@ class EarlyStopConfig:
     patience: int = F(0, "stop once the metric has not improved by more than min_delta for this many evaluations "
                       "in a row (a plateau); 0: never")
     min_delta: float = F(0.0, "smallest change that counts as an improvement")
-    cooldown: int = F(0, "on a plateau, instead of stopping at once: decay the learning rate linearly from its "
-                      "value then to 0 over this many steps, then stop (a WSD schedule's final decay, started "
-                      "when the metric stops improving); 0: stop at once")
+    cooldown: int = F(0, "on a plateau or at the target, instead of stopping at once: decay the learning rate "
+                      "linearly from its value then to 0 over this many steps, then stop (a WSD schedule's final "
+                      "decay, started when the metric stops improving or reaches the target); 0: stop at once")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -453,8 +453,8 @@ class EarlyStopConfig:
             errs.append(("patience", "must be >= 0"))
         if self.cooldown < 0:
             errs.append(("cooldown", "must be >= 0"))
-        elif self.cooldown and not self.patience:
-            errs.append(("cooldown", "starts on a plateau: set a patience too"))
+        elif self.cooldown and not self.patience and self.target is None:
+            errs.append(("cooldown", "starts on a plateau or at the target: set a patience or a target too"))
         if self.min_delta < 0:
             errs.append(("min_delta", "must be >= 0"))
         if self.metric and self.target is None and not self.patience:

@@ -447,25 +447,31 @@ class Trainer:
             self.early = {**self.early, "best": value, "since": 0}
         else:
             self.early = {**self.early, "best": best, "since": self.early["since"] + 1}
+        if self.early.get("cooldown_from") is not None:
+            return  # already cooling down: the run stops when the cooldown ends
+        why = None
         if es.target is not None and sign * (value - es.target) >= 0:
-            self._early_reason = f"{es.metric}={value:.4g} reached the target {es.target:g}"
-        elif es.patience and self.early["since"] >= es.patience and self.early.get("cooldown_from") is None:
-            plateau = f"{es.metric} has not improved on {self.early['best']:.4g} for {es.patience} evaluations"
-            if es.cooldown:
-                self.early["cooldown_from"] = self.step
-                log.info("%s at step %d: the learning rate decays to 0 over %d steps, then the run stops", plateau,
-                         self.step, es.cooldown)
-            else:
-                self._early_reason = plateau
+            why = f"{es.metric}={value:.4g} reached the target {es.target:g}"
+        elif es.patience and self.early["since"] >= es.patience:
+            why = f"{es.metric} has not improved on {self.early['best']:.4g} for {es.patience} evaluations"
+        if why is None:
+            return
+        if es.cooldown:
+            self.early.update(cooldown_from=self.step, cooldown_why=why)
+            log.info("%s at step %d: the learning rate decays to 0 over %d steps, then the run stops", why,
+                     self.step, es.cooldown)
+        else:
+            self._early_reason = why
 
     def _cooled_down(self) -> bool:
         """True (with the stop reason set) once an early-stop cooldown has run its steps."""
         start = self.early.get("cooldown_from")
         if start is None or self.step - start < self.cfg.train.early_stop.cooldown:
             return False
-        self._early_reason = (f"{self.cfg.train.early_stop.metric} plateaued at step {start} (best "
-                              f"{self.early['best']:.4g}); the learning rate then decayed to 0 over "
-                              f"{self.step - start} steps")
+        # (a checkpoint saved before the trigger was recorded: only a plateau could start a cooldown then)
+        why = self.early.get("cooldown_why") or f"{self.cfg.train.early_stop.metric} plateaued"
+        self._early_reason = f"{why} at step {start}; the learning rate then decayed to 0 over {self.step - start} " \
+                             "steps"
         return True
 
     def save(self) -> Path:
