@@ -77,7 +77,9 @@ def test_submitit_result_and_state(slurm_cluster, tmp_path):
     submitit = pytest.importorskip("submitit")
     with slurm_cluster.environ():  # submitit runs sbatch / sacct / scancel with os.environ
         executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
-        executor.update_parameters(timeout_min=1, slurm_partition=slurm_cluster.partition, cpus_per_task=1)
+        # 5 minutes: submitit asks Slurm for USR2 90 s before the time limit (its default signal delay), which a
+        # 1-minute job gets at once; on a loaded machine the job was still starting Python then and was killed
+        executor.update_parameters(timeout_min=5, slurm_partition=slurm_cluster.partition, cpus_per_task=1)
         job = executor.submit(lambda: 2 + 3)
         _wait_for(job.done, 60, f"submitit job {job.job_id} done")  # job.result() alone would hang on a lost job
         assert job.result() == 5
