@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 
 import torch
 from torch import nn
@@ -40,7 +39,6 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str] | tu
         if p.ndim < 2 or id(p) in embed_ids:
             rest.append(p)
             continue
-        name = re.sub(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module|module)\.", r"\1", name)
         matched = [pat for pat in no_decay if fnmatch.fnmatchcase(name, pat)]
         for pat in matched:
             hits[pat] += 1
