@@ -738,7 +738,7 @@ def reference_dialog(model, dtok, prompt, req, tool, limit):
     seq, sampled, calls = list(prompt), 0, []
     while True:
         with torch.no_grad():
-            t = int(model(torch.tensor([seq]))[0, -1].argmax())
+            t = int(model(torch.tensor([seq], device=model.output.weight.device))[0, -1].argmax())
         seq.append(t)
         sampled += 1
         if t in STOPS:
