@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.config import DataConfig, config_from_dict
+from lmlab.config import ConfigError, DataConfig, config_from_dict
 from lmlab.data import (
     DataError,
     DataLoader,
@@ -381,6 +381,72 @@ def test_length_grouping_batches_similar_lengths_and_keeps_every_dialog_once(tmp
     assert grouped.fingerprint()["length_grouping"] == 4 and "length_grouping" not in plain.fingerprint()
     with pytest.raises(Exception, match="length_grouping"):
         config_from_dict({"data": {**base, "packing": True, "length_grouping": 4}})
+
+
+def write_kinds(path: Path, dialogs: list[list[dict]], kinds: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"dialog": d, **({"kind": k} if k else {})}) + "\n"
+                            for d, k in zip(dialogs, kinds)))
+    return path
+
+
+@pytest.mark.parametrize("packing,grouping,world", [(False, 0, 1), (False, 4, 1), (True, 0, 1), (False, 0, 2)])
+def test_a_lead_fills_the_first_batches_with_its_kinds_then_the_usual_order(tmp_path: Path, tok, packing, grouping,
+                                                                            world) -> None:
+    rng = np.random.default_rng(4)
+    dialogs = [random_dialog(rng, max_turns=3) for _ in range(600)]
+    kinds = ["fact", "practice", "absent"] * 200  # 200 of each, interleaved in the file; one line has no kind
+    kinds[3] = ""
+    path = write_kinds(tmp_path / "kinds.jsonl", dialogs, kinds)
+    base = dict(kind="dialog", train_files=[str(path)], seq_len=256, batch_size=4, packing=packing,
+                val_fraction=0.0, seed=5, length_grouping=grouping)
+    lead = dict(lead_kinds=["practice", "absent"], lead_steps=20)
+    for rank in range(world):
+        plain = build_source(DataConfig(**base), tok, rank=rank, world_size=world)
+        led = build_source(DataConfig(**base, **lead), tok, rank=rank, world_size=world)
+        corpus_kinds = led.corpus.kinds
+        for epoch in (0, 1):
+            rows = led.plan(epoch)[2]
+            seen = [led.row_dialogs(epoch, int(r)) for r in rows.reshape(-1)]
+            batch_kinds = [{corpus_kinds[d] for r in b for d in led.row_dialogs(epoch, int(r))} for b in rows]
+            if epoch == 0:  # the first 20 batches of every rank hold only the lead's kinds, and later ones facts too
+                assert all(k <= {"practice", "absent"} for k in batch_kinds[:20]), batch_kinds[:20]
+                assert all(batch_kinds[:20]) and "fact" in set().union(*batch_kinds[20:25])
+            else:  # later epochs: the usual order, exactly as without a lead
+                np.testing.assert_array_equal(led.plan(1)[0], plain.plan(1)[0])
+            if world == 1:  # each dialog at most once per epoch, and (padded rows) every one of them
+                ids = np.concatenate(seen)
+                assert len(set(ids.tolist())) == len(ids)
+                if not packing:
+                    n = rows.size
+                    assert len(ids) == n and n >= 600 - 4 * world
+        assert led.fingerprint()["lead_steps"] == 20 and "lead_steps" not in plain.fingerprint()
+        again = build_source(DataConfig(**base, **lead), tok, rank=rank, world_size=world)  # seeded: the same batches
+        np.testing.assert_array_equal(again.batch(0, 3)["inputs"], led.batch(0, 3)["inputs"])
+    # the lead is drawn at random among its kinds: not the file's first practice / absent lines
+    led = build_source(DataConfig(**base, **lead), tok)
+    in_file_order = np.nonzero(np.isin(kinds, lead["lead_kinds"]))[0][:80]
+    assert sorted(led.plan(0)[0][:80].tolist()) != in_file_order.tolist()
+
+
+def test_lead_errors_name_what_is_missing(tmp_path: Path, tok) -> None:
+    rng = np.random.default_rng(4)
+    dialogs = [random_dialog(rng, max_turns=2) for _ in range(60)]
+    base = dict(kind="dialog", seq_len=256, batch_size=4, packing=False, val_fraction=0.0)
+    plain = write_dialogs(tmp_path / "plain.jsonl", dialogs)
+    with pytest.raises(DataError, match="no dialog of the dialog train split has a 'kind'"):
+        build_source(DataConfig(**base, train_files=[str(plain)], lead_kinds=["practice"], lead_steps=2), tok)
+    kinds = write_kinds(tmp_path / "k.jsonl", dialogs, ["fact", "practice"] * 30)
+    with pytest.raises(DataError, match=r"has kind 'drill' \(dialogs per kind: fact: 30, practice: 30\)"):
+        build_source(DataConfig(**base, train_files=[str(kinds)], lead_kinds=["drill"], lead_steps=2), tok)
+    with pytest.raises(DataError, match=r"lead_steps=8: the 30 dialogs of kind practice fill 30 rows, fewer than 32"):
+        build_source(DataConfig(**base, train_files=[str(kinds)], lead_kinds=["practice"], lead_steps=8), tok)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"dialog": dialogs[0], "kind": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'kind' must be a string"):
+        build_source(DataConfig(**base, train_files=[str(tmp_path / "bad.jsonl")]), tok)
+    with pytest.raises(ConfigError, match="lead_kinds"):
+        config_from_dict({"data": {**base, "train_files": ["x"], "lead_kinds": ["practice"]}})
+    with pytest.raises(ConfigError, match="lead_steps"):
+        config_from_dict({"data": {**base, "train_files": ["x"], "lead_steps": 3}})
 
 
 def test_cut_padded_batch_gives_the_full_width_loss(dialog_file, tok, dtok) -> None:

@@ -372,6 +372,29 @@ def test_script_runs_from_any_cwd(tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text()) == build_dataset(tmp_path / "again", 6, 3, 11, paraphrases=1)
 
 
+def test_every_training_line_names_its_kind(tmp_path):
+    """fact / absent / practice on each line, in the counts the manifest gives, and a lead over the copying kinds
+    fills the first batches of a real loader with them alone."""
+    from lmlab.config import DataConfig
+    from lmlab.data.loader import build_source
+    from lmlab.tokenizers import ByteTokenizer
+
+    m = build_dataset(tmp_path / "d", 20, 5, seed=2, paraphrases=2, absent=30, practice=40, absent_in_weight=True)
+    for name, want in (("tool_train.jsonl", {"fact": 20 * len(ATTRIBUTES) * 2, "absent": 30, "practice": 40}),
+                       ("weight_train.jsonl", {"fact": 20 * len(ATTRIBUTES) * 2, "absent": 30})):
+        rows = [json.loads(x) for x in (tmp_path / "d" / name).read_text().splitlines()]
+        kinds = [r["kind"] for r in rows]
+        assert {k: kinds.count(k) for k in set(kinds)} == want and len(rows) == m["counts"]["lines"][name]
+        for r in rows:  # the kind is the dialog's: an absent person's database turn (in-tool) finds nobody
+            db = next((t["content"] for t in r["dialog"] if t["source"] == "database"), None)
+            assert (db == "no rows") == (r["kind"] == "absent" and name == "tool_train.jsonl")
+    src = build_source(DataConfig(kind="dialog", train_files=[str(tmp_path / "d" / "tool_train.jsonl")], seq_len=512,
+                                  batch_size=4, packing=False, val_fraction=0, lead_kinds=["absent", "practice"],
+                                  lead_steps=10), ByteTokenizer())
+    first = [src.corpus.kinds[src.row_dialogs(0, int(r))[0]] for r in src.plan(0)[2][:10].reshape(-1)]
+    assert set(first) == {"absent", "practice"}
+
+
 def test_absent_people_hold_no_fact_and_change_no_training_person(tmp_path):
     import sqlite3
 

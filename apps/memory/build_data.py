@@ -16,7 +16,9 @@ byte-identical files, the SQLite file included; ``--seed`` is the data seed, ind
   database: a tool user can answer about them, an in-weight model cannot).
 * ``weight_train.jsonl``: in-weight (question -> answer) dialogs, for each training person and attribute
   ``--paraphrases`` dialogs
-  with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant]}``.
+  with distinct question paraphrases and random answer paraphrases: ``{"dialog": [user, assistant], "kind": "fact"}``
+  (every training line names its kind: ``fact``, ``absent`` or ``practice``; ``data.lead_kinds`` can put the
+  copying ones first, see quickstart.yaml).
 * with ``--absent K``: the in-tool file also holds one question about each of K people absent from the
   database (in-distribution names, none of them a training person): the query, ``no rows`` and "There is no
   record of NAME in the database." (or one of two paraphrases that put the name first or last, as the fact
@@ -84,8 +86,8 @@ from memory.people import (  # noqa: E402
     tool_dialog,
 )
 
-FORMAT_VERSION = 4  # 2: three answer paraphrases for absent people; 3: absent questions in-tool only by default;
-# 4: practice people
+FORMAT_VERSION = 5  # 2: three answer paraphrases for absent people; 3: absent questions in-tool only by default;
+# 4: practice people; 5: each training line names its kind (fact, absent, practice)
 log = logging.getLogger("memory.build_data")
 
 FILES = (
@@ -107,10 +109,11 @@ _dumps = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode  # one enco
 _str = json.encoder.encode_basestring  # the (C) string escaper json.dumps(ensure_ascii=False) uses
 
 
-def _dialog_line(turns: list[dict[str, str]]) -> str:
-    """``_dumps({"dialog": turns})`` for turns with exactly the keys content and source, three times faster."""
+def _dialog_line(turns: list[dict[str, str]], kind: str) -> str:
+    """``_dumps({"dialog": turns, "kind": kind})`` for turns with exactly the keys content and source, three times
+    faster."""
     body = ", ".join(f'{{"content": {_str(t["content"])}, "source": {_str(t["source"])}}}' for t in turns)
-    return f'{{"dialog": [{body}]}}'
+    return f'{{"dialog": [{body}], "kind": {_str(kind)}}}'
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> int:
@@ -247,8 +250,8 @@ def build_dataset(
                 a_idxs = [rng.randrange(len(ANSWER_TEMPLATES[a])) for _ in q_idxs]
                 text = db_text(conn, a, p["name"])  # the real query on the built database
                 for qi, ai in zip(q_idxs, a_idxs):
-                    qa.write(_dialog_line(qa_dialog(p, a, qi, ai)) + "\n")
-                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text)) + "\n")
+                    qa.write(_dialog_line(qa_dialog(p, a, qi, ai), "fact") + "\n")
+                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, text), "fact") + "\n")
                     n_train += 1
         # questions about people the database does not know (no facts): one each, in the in-tool file (and the
         # in-weight one when asked)
@@ -259,8 +262,8 @@ def build_dataset(
             ai = absent_rng.randrange(len(ABSENT_TOOL_ANSWERS))
             weight_d, tool_d = absent_dialogs(name, a, qi, db_text(conn, a, name), ai)
             if absent_in_weight:
-                qa.write(_dialog_line(weight_d) + "\n")
-            tool.write(_dialog_line(tool_d) + "\n")
+                qa.write(_dialog_line(weight_d, "absent") + "\n")
+            tool.write(_dialog_line(tool_d, "absent") + "\n")
         # practice people (no facts of the evaluation database): one question each, in the in-tool file, whose
         # database turn is the real query on their own database
         if practice_people:
@@ -270,7 +273,7 @@ def build_dataset(
                     a = practice_rng.choice(ATTRIBUTES)
                     qi = practice_rng.randrange(len(QUESTION_TEMPLATES[a]))
                     ai = practice_rng.randrange(len(ANSWER_TEMPLATES[a]))
-                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, db_text(pc, a, p["name"]))) + "\n")
+                    tool.write(_dialog_line(tool_dialog(p, a, qi, ai, db_text(pc, a, p["name"])), "practice") + "\n")
     lines["tool_train.jsonl"] = n_train + len(absent_names) + len(practice_people)
     lines["weight_train.jsonl"] = n_train + (len(absent_names) if absent_in_weight else 0)
     bio_rng = rng_stream(seed, "bios")

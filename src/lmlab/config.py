@@ -366,6 +366,10 @@ class DataConfig:
     length_grouping: int = F(0, "dialog, packing false: within each window of this many batches of the shuffled "
                              "order, batch dialogs of similar length together (less padding), then shuffle the "
                              "batches; 0: off")
+    lead_kinds: list[str] = F([], "dialog: kinds (a JSONL line's \"kind\" string) whose dialogs alone fill the first "
+                              "lead_steps batches of epoch 0 (a curriculum in the order: e.g. copying tasks before "
+                              "facts); the rest of the epoch is the usual order without them")
+    lead_steps: int = F(0, "dialog: batches of epoch 0 led by lead_kinds' dialogs; 0: no lead")
     seed: int | None = F(None, "seed of the data order and split; null: the run seed")
     prefetch: Literal["none", "thread", "process"] = F("none", "build batches in the background")
     prefetch_depth: int = F(2, "batches built ahead when prefetching")
@@ -390,6 +394,13 @@ class DataConfig:
             errs.append(("prefetch_depth", "must be positive"))
         if self.distill_files and self.kind != "dialog":
             errs.append(("distill_files", "marks dialogs to distill: needs kind: dialog"))
+        if self.lead_steps < 0:
+            errs.append(("lead_steps", "must be >= 0"))
+        elif self.lead_steps and (self.kind != "dialog" or not self.lead_kinds):
+            errs.append(("lead_steps", "leads epoch 0 with dialogs of lead_kinds: needs kind: dialog and at least "
+                         "one kind in lead_kinds"))
+        elif self.lead_kinds and not self.lead_steps:
+            errs.append(("lead_kinds", "names the kinds that lead epoch 0, for lead_steps batches: set lead_steps > 0"))
         if self.length_grouping < 0:
             errs.append(("length_grouping", "must be >= 0"))
         elif self.length_grouping and (self.kind != "dialog" or self.packing):

@@ -18,6 +18,12 @@ dialog (the last token of a dialog has target -100).
   causal attention this needs (no document mask), padded rows of short dialogs train faster than packed ones:
   e.g. 1.9x the real tokens/s for dialogs of ~170 tokens on one CPU core (apps/memory).
 
+A line may carry a ``"kind"`` string (e.g. ``"fact"``, ``"practice"``): kinds name groups of dialogs, and a
+*lead* (``DialogRows(lead_kinds=..., lead_steps=N)``, ``data.lead_kinds`` / ``data.lead_steps``) makes the first N
+batches of epoch 0 hold only dialogs of the named kinds (drawn at random among them); the rest of epoch 0 and every
+later epoch are the usual shuffle, so each dialog is still seen once per epoch. It is a curriculum in the order
+alone: e.g. copying tasks first, before facts that can also be memorised.
+
 A dialog longer than ``seq_len + 1`` tokens is an error unless ``truncate=True`` cuts it. Dialogs of the files
 named in ``load_dialogs(..., distill=...)`` are flagged, and their batches carry ``distill``: True at the targets
 of flagged dialogs (the trainer's distillation, ``data.distill_files``).
@@ -65,14 +71,17 @@ __all__ = [
     "pack_greedy",
     "packing_efficiency",
     "read_dialog_file",
+    "read_dialog_records",
 ]
 
 _STREAM_ORDER = 3
 _STREAM_GROUP = 4
+_STREAM_LEAD = 5
 
 
-def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
-    """``(line number, list of turns)`` for each non-blank line of a JSONL file; bad lines raise DataError."""
+def read_dialog_records(path: str | os.PathLike) -> list[tuple[int, list, str]]:
+    """``(line number, list of turns, kind)`` for each non-blank line of a JSONL file (kind: the line's optional
+    ``"kind"`` string, else ""); bad lines raise DataError."""
     p = Path(path)
     out = []
     for lineno, record in iter_jsonl(p, read_text(p), DataError):
@@ -82,10 +91,18 @@ def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
                 f"{p}:{lineno}: expected an object with a 'dialog' list of turns or a bare list of turns, "
                 f"got {type(record).__name__}" + (f" with keys {sorted(record)}" if isinstance(record, dict) else "")
             )
-        out.append((lineno, dialog))
+        kind = record.get("kind", "") if isinstance(record, dict) else ""
+        if not isinstance(kind, str):
+            raise DataError(f"{p}:{lineno}: 'kind' must be a string naming the dialog's group, got {kind!r}")
+        out.append((lineno, dialog, kind))
     if not out:
         raise DataError(f"{p}: no dialog in the file (only blank lines)")
     return out
+
+
+def read_dialog_file(path: str | os.PathLike) -> list[tuple[int, list]]:
+    """``(line number, list of turns)`` for each non-blank line of a JSONL file; bad lines raise DataError."""
+    return [(lineno, dialog) for lineno, dialog, _ in read_dialog_records(path)]
 
 
 @dataclass
@@ -97,6 +114,7 @@ class DialogCorpus:
     offsets: np.ndarray
     where: list[str]
     distill: np.ndarray | None = None  # (dialogs,) bool: flagged for distillation; None: none is
+    kinds: np.ndarray | None = None  # (dialogs,) str: each line's "kind" ("" where it has none); None: no line has one
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -115,6 +133,7 @@ class DialogCorpus:
         return DialogCorpus(
             self.tokens[a:b].copy(), self.mask[a:b].copy(), self.offsets[start : stop + 1] - a,
             self.where[start:stop], None if self.distill is None else self.distill[start:stop].copy(),
+            None if self.kinds is None else self.kinds[start:stop].copy(),
         )
 
 
@@ -134,6 +153,7 @@ def load_dialogs(
     masks: list[list[int]] = []
     where: list[str] = []
     flags: list[bool] = []
+    kinds: list[str] = []
     cap = seq_len + 1
     paths = expand_files(patterns, what)
     flagged = {p.resolve() for p in expand_files(distill, "data.distill_files")} if distill else set()
@@ -143,7 +163,7 @@ def load_dialogs(
                         f"({', '.join(map(str, paths))}): only training dialogs can be distilled")
     for path in paths:
         flag = path.resolve() in flagged
-        for lineno, dialog in read_dialog_file(path):
+        for lineno, dialog, kind in read_dialog_records(path):
             loc = f"{path}:{lineno}"
             try:
                 t, m = tokenizer.encode_dialog(dialog)
@@ -165,6 +185,7 @@ def load_dialogs(
             masks.append(m)
             where.append(loc)
             flags.append(flag)
+            kinds.append(kind)
     lengths = np.array([len(t) for t in toks], dtype=np.int64)
     offsets = np.zeros(len(toks) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -176,6 +197,7 @@ def load_dialogs(
         offsets,
         where,
         np.array(flags, dtype=np.bool_) if distill else None,
+        np.array(kinds) if any(kinds) else None,
     )
 
 
@@ -234,6 +256,9 @@ class DialogRows:
     in that order and dealt round-robin over ranks (equal counts, partial batches dropped), so the number
     of batches may differ a little between epochs but never between ranks. Evaluation (``train=False``):
     file order, every row on exactly one rank, filled with empty rows to equal full batches.
+    ``lead_kinds`` / ``lead_steps``: the first ``lead_steps`` batches of epoch 0 (on every rank) hold only dialogs
+    whose kind is one of ``lead_kinds``, drawn at random among them from ``seed``; the rest of epoch 0 is the
+    usual order without them (see the module docstring).
     """
 
     def __init__(
@@ -250,6 +275,8 @@ class DialogRows:
         train: bool = True,
         name: str = "the dialog data",
         length_grouping: int = 0,
+        lead_kinds: Sequence[str] = (),
+        lead_steps: int = 0,
     ) -> None:
         check_rank(rank, world_size)
         self.corpus, self.seq_len, self.batch_size = corpus, int(seq_len), int(batch_size)
@@ -270,10 +297,14 @@ class DialogRows:
             files = sorted({w.rsplit(":", 1)[0] for w in corpus.where})
             raise DataError(f"{name} has no token to train on: none of its {len(corpus)} dialogs ({', '.join(files)}) "
                             "has an assistant turn, and the loss covers only what the assistant says")
+        self.lead_kinds, self.lead_steps = tuple(str(k) for k in lead_kinds), int(lead_steps)
+        self._lead_ids = self._lead_candidates(name) if self.lead_steps else None
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._checksum = zlib.crc32(corpus.offsets.tobytes()) ^ sample_checksum(corpus.tokens)
         if corpus.distill is not None:  # which dialogs distil is part of the data a resumed run must find again
             self._checksum ^= zlib.crc32(np.packbits(corpus.distill).tobytes(), 1)
+        if self.lead_steps and corpus.kinds is not None:  # which dialog has which kind decides a lead's order
+            self._checksum ^= zlib.crc32("\n".join(corpus.kinds.tolist()).encode(), 2)
         if train and self.num_batches(0) == 0:
             n_rows = len(self.plan(0)[1]) - 1
             raise DataError(
@@ -281,16 +312,56 @@ class DialogRows:
                 f"batch_size*world_size={batch_size * world_size} for one batch per rank"
             )
 
+    def _lead_candidates(self, name: str) -> np.ndarray:
+        """Ids of the dialogs a lead draws from; DataError when the kinds are missing from the data."""
+        if self.lead_steps < 0:
+            raise ValueError(f"lead_steps={self.lead_steps}: must be >= 0")
+        if not self.train or not self.lead_kinds:
+            raise ValueError("a lead (lead_steps > 0) needs training rows and at least one kind in lead_kinds")
+        kinds = self.corpus.kinds
+        if kinds is None:
+            raise DataError(f"data.lead_kinds: no dialog of {name} has a 'kind', so none can lead the first "
+                            f"{self.lead_steps} steps (a JSONL line names its group with \"kind\": \"...\")")
+        present = dict(zip(*np.unique(kinds, return_counts=True)))
+        missing = [k for k in self.lead_kinds if k not in present]
+        if missing:
+            have = ", ".join(f"{k or '(none)'}: {int(c)}" for k, c in present.items())
+            raise DataError(f"data.lead_kinds: no dialog of {name} has kind {', '.join(map(repr, missing))} "
+                            f"(dialogs per kind: {have})")
+        return np.nonzero(np.isin(kinds, self.lead_kinds))[0]
+
+    def _lead_split(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the lead: dialogs that fill lead_steps batches on every rank, the rest of ``order`` without them)."""
+        rows = self.lead_steps * self.batch_size * self.world_size
+        pool = epoch_rng(self.seed, 0, _STREAM_LEAD).permutation(self._lead_ids)
+        bounds = pack_greedy(self.corpus.lengths[pool], self.seq_len + 1) if self.packing else np.arange(len(pool) + 1)
+        filled = len(bounds) - 1
+        if filled < rows:
+            raise DataError(
+                f"data.lead_steps={self.lead_steps}: the {len(pool)} dialogs of kind {', '.join(self.lead_kinds)} fill "
+                f"{filled} rows, fewer than {rows} ({self.lead_steps} steps x batch_size {self.batch_size} x "
+                f"{self.world_size} rank(s))")
+        lead = pool[: bounds[rows]]
+        return lead, order[~np.isin(order, lead)]
+
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dialog order, row boundaries into the order, this rank's row ids as (num_batches, batch_size))."""
         plan = self._plan  # one read: the prefetch thread and the consumer may both call plan()
         if plan is None or plan[0] != epoch:
             n = len(self.corpus)
-            if self.train and self.shuffle:
-                order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(n)
-                if self.length_grouping:
-                    order = group_by_length(order, self.corpus.lengths, self.batch_size * self.world_size,
-                                            self.length_grouping, epoch_rng(self.seed, epoch, _STREAM_GROUP))
+            if self.train:
+                order = epoch_rng(self.seed, epoch, _STREAM_ORDER).permutation(n) if self.shuffle else np.arange(n)
+                lead = None
+                if epoch == 0 and self.lead_steps:
+                    lead, order = self._lead_split(order)
+                if self.shuffle and self.length_grouping:
+                    group_rng = epoch_rng(self.seed, epoch, _STREAM_GROUP)
+                    window, width = self.length_grouping, self.batch_size * self.world_size
+                    order = group_by_length(order, self.corpus.lengths, width, window, group_rng)
+                    if lead is not None:
+                        lead = group_by_length(lead, self.corpus.lengths, width, window, group_rng)
+                if lead is not None:
+                    order = np.concatenate([lead, order])
             else:
                 order = np.arange(n)
             if self.packing:
@@ -379,6 +450,7 @@ class DialogRows:
             "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
             "rank": self.rank, "world_size": self.world_size,
             **({"length_grouping": self.length_grouping} if self.length_grouping else {}),
+            **({"lead_kinds": list(self.lead_kinds), "lead_steps": self.lead_steps} if self.lead_steps else {}),
         }
 
     def __getstate__(self) -> dict[str, Any]:

@@ -290,7 +290,9 @@ def build_source(
             corpus = _split_dialogs(load(cfg.train_files, "data.train_files"), cfg.val_fraction)[0 if train else 1]
         name = f"the dialog {split} split"
         return DialogRows(corpus, seed=seed, shuffle=cfg.shuffle, pad_id=_pad_id(tokenizer), packing=cfg.packing,
-                          train=train, name=name, length_grouping=getattr(cfg, "length_grouping", 0), **common)
+                          train=train, name=name, length_grouping=getattr(cfg, "length_grouping", 0),
+                          lead_kinds=getattr(cfg, "lead_kinds", ()) if train else (),
+                          lead_steps=getattr(cfg, "lead_steps", 0) if train else 0, **common)
 
     if cfg.kind == "text":
         def load(files: Sequence[str], what: str) -> Any:
