@@ -19,7 +19,7 @@ from lmlab.monitor.metrics import read_metrics
 from lmlab.train import Trainer, TrainingError
 from lmlab.train import checkpoint as ckpt_mod
 from lmlab.train.checkpoint import CheckpointError, CheckpointManager, load_run
-from lmlab.train.optim import build_optimizer, lr_factor, param_groups
+from lmlab.train.optim import build_optimizer, lr_factor, param_groups, set_lr
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 40
@@ -44,7 +44,8 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "data.prefetch=thread"]])
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "data.prefetch=thread"],
+                                   ["optim.lr_scale={'layers.*.attention.w[qk].weight': 3}"]])
 def test_resume_is_bitwise_exact(tmp_path, corpus, extra):
     straight = make_cfg(tmp_path, corpus, *extra, name="straight")
     Trainer(straight).fit()
@@ -295,6 +296,36 @@ def test_no_decay_patterns_leave_the_named_matrices_undecayed(tmp_path, corpus):
 
     with pytest.raises(ConfigError, match=r"optim.no_decay: 'layers.\*.attention_norm.weight' names no weight-dec"):
         Trainer(make_cfg(tmp_path, corpus, "optim.no_decay=[layers.*.attention_norm.weight]", name="typo"))
+
+
+def test_lr_scale_multiplies_the_learning_rate_of_the_parameters_it_names(tmp_path, corpus):
+    """optim.lr_scale: the named parameters (first matching pattern) get a multiple of the scheduled learning rate.
+    Adam's first step moves each weight by lr * sign(grad): 10x, 0.5x or 1x that, as their pattern says; weight decay
+    stays as it was (the embedding and norms undecayed). A pattern that names no parameter is a config error."""
+    tr = Trainer(make_cfg(tmp_path, corpus, "optim.lr_scale={'layers.*.attention.wq.weight': 10, 'layers.1.*': 0.5}"))
+    model = tr.model
+    groups = {(g["weight_decay"] > 0, g["lr_scale"]): len(g["params"]) for g in tr.optimizer.param_groups}
+    n_layers = model.cfg.n_layers
+    assert groups[(True, 10.0)] == n_layers  # wq of every layer: the first pattern wins over the later ones
+    assert groups[(False, 0.5)] >= 2 and groups[(True, 0.5)] >= 5  # layer 1's norms, and its other matrices
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.0, lr_scale=tr.cfg.optim.lr_scale))
+    set_lr(opt, 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    for n, p in model.named_parameters():
+        want = 10.0 if n.endswith("attention.wq.weight") else 0.5 if n.startswith("layers.1.") else 1.0
+        step = (before[n] - p.detach()).abs()
+        torch.testing.assert_close(step, torch.full_like(step, 1e-3 * want), rtol=1e-3, atol=1e-9, msg=n)
+    with pytest.raises(ConfigError, match=r"optim.lr_scale: 'layers.\*.attention.smear.keys' names no trainable"):
+        Trainer(make_cfg(tmp_path, corpus, "optim.lr_scale={'layers.*.attention.smear.keys': 10}", name="typo"))
+    with pytest.raises(ConfigError, match=r"'layers.1.attention.\*' names no .* that an earlier pattern does not"):
+        Trainer(make_cfg(tmp_path, corpus, "optim.lr_scale={'layers.1.*': 2, 'layers.1.attention.*': 3}",
+                         name="shadow"))
+    with pytest.raises(ConfigError, match="lr_scale"):
+        make_cfg(tmp_path, corpus, "optim.lr_scale={'layers.*': 0}", name="zero")
 
 
 def test_bf16_autocast_on_cpu_trains_like_float32(tmp_path, corpus):

@@ -422,6 +422,9 @@ class OptimConfig:
     weight_decay: float = F(0.1, "AdamW weight decay on matrices (never on norms, biases or embeddings)")
     no_decay: list[str] = F([], "matrices left out of weight decay: glob patterns over parameter names (e.g. "
                             "layers.*.attention.w[qk].weight); a pattern that names none is an error")
+    lr_scale: dict[str, float] = F({}, "learning-rate multipliers by glob pattern over parameter names (e.g. "
+                                   "{'layers.*.attention.smear.keys': 10}; the first pattern that matches a parameter "
+                                   "applies); a pattern that names no parameter is an error")
     beta1: float = F(0.9, "AdamW beta1")
     beta2: float = F(0.95, "AdamW beta2")
     eps: float = F(1e-8, "AdamW epsilon")
@@ -439,6 +442,9 @@ class OptimConfig:
             errs.append(("decay_fraction", "must be in [0, 1]"))
         if self.warmup_steps < 0:
             errs.append(("warmup_steps", "must be >= 0"))
+        bad = {k: v for k, v in self.lr_scale.items() if not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            errs.append(("lr_scale", f"multipliers must be positive numbers, got {bad}"))
         return errs
 
 

@@ -496,10 +496,11 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest loadable checkpoint of the run folder, if any; True when resumed. Newer damaged ones
         are renamed ``step_N.damaged`` (``train.ckpt_fallback``; else CheckpointError names them)."""
-        kernels = [{k: g.get(k) for k in ("foreach", "fused")} for g in self.optimizer.param_groups]
+        kernels = [{k: g.get(k) for k in ("foreach", "fused", "lr_scale")} for g in self.optimizer.param_groups]
         loaded = self.ckpt.load_latest(self.model, self.optimizer, fallback=self.cfg.train.ckpt_fallback)
         for group, kernel in zip(self.optimizer.param_groups, kernels):
-            group.update(kernel)  # the kernel choice is this run's (a checkpoint of another mesh may carry another)
+            group.update(kernel)  # the kernel choice is this run's (a checkpoint of another mesh may carry another),
+            # and so is each group's lr_scale (a checkpoint saved before lr_scale existed has none)
         if loaded is None:
             return False
         self.step, self.tokens_seen = int(loaded.meta["step"]), int(loaded.meta.get("tokens_seen", 0))
