@@ -65,8 +65,9 @@ def check_pool_is_whole(engine):
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(n_kv_heads=2), dict(smear_keys=3, smear_channels=True),
-                                     dict(n_kv_heads=2, smear_keys=3, smear_channels=True, smear_queries=True)],
-                         ids=["mha", "gqa", "smear", "smear_queries"])
+                                     dict(n_kv_heads=2, smear_keys=3, smear_channels=True, smear_queries=True),
+                                     dict(smear_keys=3, smear_queries=True, smear_layers=[-1])],
+                         ids=["mha", "gqa", "smear", "smear_queries", "smear_last_layer"])
 def test_greedy_engine_equals_full_recompute_with_continuous_batching(variant):
     model = small_model(**variant)
     prompts = prompts_of(LENGTHS)

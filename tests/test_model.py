@@ -300,6 +300,30 @@ def test_smear_init_sets_the_initial_mixing_logits():
         config_from_dict({"model": {"smear_keys": 3, "smear_init": [0.0, 1.0]}})
 
 
+def test_smear_layers_choose_the_layers_with_smeared_keys():
+    """``model.smear_layers`` (negative from the last) gives smeared keys to those layers alone; the others are plain
+    attention layers, the same computation as a model without smearing; a layer outside the stack, or smear_layers
+    without smear_keys, is refused."""
+    from lmlab.config import ConfigError, config_from_dict
+
+    model = build_model(small_cfg(n_layers=3, smear_keys=2, smear_layers=[-1, 0]), seed=0)
+    assert [layer.attention.smear is not None for layer in model.layers] == [True, False, True]
+    assert [n for n, _ in model.named_parameters() if "smear" in n] == ["layers.0.attention.smear.keys",
+                                                                      "layers.2.attention.smear.keys"]
+    plain = build_model(small_cfg(n_layers=3), seed=0)
+    x = torch.randint(0, plain.cfg.vocab_size, (2, 12))
+    with torch.no_grad():  # layer 1 has no smear: the same output as a plain model's layer 1 on the same input
+        h = torch.randn(2, 12, plain.cfg.dim)
+        plain.layers[1].load_state_dict(model.layers[1].state_dict())
+        cos, sin = model.rotary(torch.arange(12).expand(2, 12), 12)
+        assert torch.equal(model.layers[1](h, cos, sin, None), plain.layers[1](h, cos, sin, None))
+        assert model(x).shape == plain(x).shape
+    with pytest.raises(ConfigError, match=r"model.smear_layers: \[2\] outside the 2 layers"):
+        config_from_dict({"model": {"n_layers": 2, "smear_keys": 3, "smear_layers": [2]}})
+    with pytest.raises(ConfigError, match="model.smear_layers: names the layers with smeared keys: set smear_keys"):
+        config_from_dict({"model": {"smear_layers": [0]}})
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_under_cpu_bf16_autocast_runs_in_float32(masked):
     """Under bf16 autocast on the CPU, ``sdpa`` takes bf16 queries/keys/values but attends in float32 (the CPU's bf16

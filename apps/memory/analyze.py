@@ -50,8 +50,8 @@ MODES = ("weight", "tool")
 MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "alpha", "bits_per_fact", "seed", "data_seed", "dim", "n_layers",
-           "params", "smear_keys", "smear_queries", "practice", "practice_style", "batch_size", "lr", "steps",
-           "status", "recall_train_final", "recall_train_best",
+           "params", "smear_keys", "smear_queries", "smear_layers", "practice", "practice_style", "batch_size", "lr",
+           "steps", "status", "recall_train_final", "recall_train_best",
            "step_recall_95", "exposures_95", "exposures_final", "budget_exposures", "bits_per_param",
            "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train",
            "tool_call_rate_ood", "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
@@ -124,6 +124,8 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "params": params,
             "smear_keys": r.get("model.smear_keys", 0),
             "smear_queries": bool(r.get("model.smear_queries", False)),
+            "smear_layers": (" ".join(str(i) for i in r.get("model.smear_layers") or [])
+                             or ("all" if r.get("model.smear_keys", 0) else "")),
             # the in-tool file's practice people and how they were drawn (lists / pseudo / mixed / varied)
             "practice": (manifest.get("build_args") or {}).get("practice", r.get("tags.practice")),
             "practice_style": (manifest.get("build_args") or {}).get("practice_style", r.get("tags.practice_style")),

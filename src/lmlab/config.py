@@ -227,6 +227,9 @@ class ModelConfig:
     smear_init: list[float] = F([], "with smeared keys: the initial mixing logits of the token's own key and of the "
                                 "smear_keys keys before it (softmax weights; N + 1 values, nearest first); empty: "
                                 "0 for the own key and -1 for each earlier one")
+    smear_layers: list[int] = F([], "with smeared keys: the layers that smear (0-based; negative counts from the "
+                                "last, e.g. [-1]); empty: every layer. In the memory app's 2-layer models, copying "
+                                "stalls when layer 0 takes the previous-key mix (apps/memory/results/README.md)")
     smear_channels: bool = F(False, "smeared keys with one mixing weight per key channel (a causal depthwise "
                              "convolution of the keys) instead of one per head")
     smear_queries: bool = F(False, "with smeared keys: add to each query a learned per-channel mix of the (raw) keys "
@@ -243,6 +246,12 @@ class ModelConfig:
         if not self.layer_mixers:
             return [self.mixer] * self.n_layers
         return [self.layer_mixers[i % len(self.layer_mixers)] for i in range(self.n_layers)]
+
+    def smears(self, layer_id: int) -> bool:
+        """Whether layer ``layer_id`` has smeared keys (``smear_keys`` > 0 and the layer among ``smear_layers``)."""
+        if self.smear_keys <= 0:
+            return False
+        return not self.smear_layers or layer_id in {i % self.n_layers for i in self.smear_layers}
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -268,6 +277,12 @@ class ModelConfig:
         if self.smear_init and len(self.smear_init) != self.smear_keys + 1:
             errs.append(("smear_init", f"has {len(self.smear_init)} logits; smear_keys={self.smear_keys} needs "
                                        f"{self.smear_keys + 1} (the own key's, then one per earlier key), or none"))
+        bad = [i for i in self.smear_layers if not -self.n_layers <= i < self.n_layers]
+        if bad:
+            errs.append(("smear_layers", f"{bad} outside the {self.n_layers} layers (0..{self.n_layers - 1}, or "
+                                         f"-1..-{self.n_layers} from the last)"))
+        elif self.smear_layers and self.smear_keys <= 0:
+            errs.append(("smear_layers", "names the layers with smeared keys: set smear_keys > 0"))
         if self.smear_queries and self.smear_keys <= 0:
             errs.append(("smear_queries", "needs smear_keys > 0 (the number of earlier tokens mixed in)"))
         if self.rope_scaling.kind == "ntk" and self.dim > 0 and self.n_heads > 0 and self.dim // self.n_heads <= 2:

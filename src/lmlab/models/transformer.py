@@ -90,7 +90,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim // cfg.n_heads
         # optional smeared keys/queries (lmlab.models.smear); registered first to keep the parameters' old order
         self.smear = (KeySmear(cfg, self.n_heads, self.n_kv_heads, self.head_dim, layer_id)
-                      if cfg.smear_keys else None)
+                      if cfg.smears(layer_id) else None)
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
