@@ -284,3 +284,33 @@ def test_capacity_figure_in_the_report_and_svg_figures(tmp_path, monkeypatch):
     assert summary["files"]["capacity"].endswith("capacity.svg")
     with pytest.raises(ValueError, match="fmt must be png or svg"):
         analyze.make_report(root, tmp_path / "x", fmt="gif")
+
+
+def test_smear_weights_reads_each_layers_previous_key_weight_from_the_checkpoint(tmp_path, capsys):
+    """apps/memory/smear_weights.py: per layer, the largest weight a head gives the previous token's key, read from
+    the run's checkpoint (None for a layer without smeared keys), and the recall its metrics logged last."""
+    import torch
+    from memory.smear_weights import main as smear_weights
+
+    from lmlab.config import load_config
+    from lmlab.train import Trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"dialog": [{"source": "user", "content": f"q{i}"},
+                                                   {"source": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(64)))
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "name=r", "tokenizer.kind=byte", "data.kind=dialog",
+                             f"data.train_files=[{data}]", "data.val_fraction=0", "data.seq_len=32",
+                             "data.batch_size=4", "model.dim=32", "model.n_layers=2", "model.n_heads=2",
+                             "model.max_seq_len=64", "model.smear_keys=2", "model.smear_layers=[-1]",
+                             "train.steps=3", "logging.progress=false"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    want = torch.softmax(trainer.model.layers[1].attention.smear.keys.detach(), -1)[:, 1].max().item()
+    with open(cfg.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "recall/novel/correct": 0.5}) + "\n")
+    (row,) = smear_weights([str(cfg.run_dir), "--csv", str(tmp_path / "w.csv"), "--heads"])
+    assert row["prev_key_max_layer0"] is None and row["prev_key_max_layer1"] == round(want, 3)
+    assert row["recall_novel"] == 0.5
+    assert "layer 1 head 1:" in capsys.readouterr().out
+    assert (tmp_path / "w.csv").read_text().splitlines()[0].startswith("run,prev_key_max_layer0,prev_key_max_layer1")
