@@ -319,3 +319,18 @@ def test_float32_modules_under_fsdp2_match_one_process_and_refuse_bf16_parameter
     assert "train.float32_modules needs float32 parameters" in p.stderr and "parallel.param_dtype" in p.stderr, \
         p.stderr[-3000:]
     assert not (tmp_path / "runs" / "fsdp_bf16" / "metrics.jsonl").exists() or not losses(tmp_path, "fsdp_bf16")
+
+
+def test_restart_under_fsdp2_starts_over_in_every_process_like_one_process_with_the_next_seed(tmp_path):
+    """train.restart under torchrun: every process sees the deciding evaluation, rank 0 moves the attempt aside, all
+    start over with the shifted seed; the result is the one-process run trained with that seed."""
+    restart = ["train.eval_every=2", "train.eval_batches=1", "train.restart.metric=val_loss", "train.restart.at_step=2",
+               "train.restart.above=0", "train.restart.max_restarts=1"]
+    train(tmp_path, "fsdp_restart", 2, *restart)
+    run = tmp_path / "runs" / "fsdp_restart"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["seed_offset"] == 1000
+    gone = json.loads((run / "attempts" / "0" / "summary.json").read_text())
+    assert gone["status"].startswith("restart: val_loss=") and gone["step"] == 2
+    train(tmp_path, "single_seed1000", 1, "seed=1000", "train.eval_every=2", "train.eval_batches=1")
+    assert close(losses(tmp_path, "fsdp_restart"), losses(tmp_path, "single_seed1000"))

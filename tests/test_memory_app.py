@@ -150,6 +150,12 @@ def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, r
         if cfg.tags["mode"] == "tool":  # in-weight runs answer without the database
             assert cfg.evals.recall.db == f"{args['out']}/people.sqlite"
     assert {c.tags["mode"] for c in configs} == modes
+    if preset == "quickstart.yaml":  # a stalled in-tool run starts over (train.restart); in-weight recall is
+        # low by design at 256 and 1,024 people, so no restart rule may apply there
+        assert {c.tags["mode"]: (c.train.restart.metric, c.train.restart.at_step) for c in configs} == {
+            "tool": ("recall/train/correct", 1650), "weight": ("", 0)}
+        assert sorted(c.name for c in configs) == sorted(f"memory/quick/mode={m}_people={n}" for m in ("tool", "weight")
+                                                         for n in (64, 256, 1024))  # the run names of before
     if preset == "recurrent_hybrid.yaml":  # the grid's mixer in layer 0 (an interpolation), attention in layer 1
         assert {c.model.mixer for c in configs} == {"mingru", "minlstm", "hawk", "mamba2"}
         assert all(c.model.mixers() == [c.model.mixer, "attention"] for c in configs)

@@ -688,3 +688,62 @@ def test_an_early_stop_on_recall_does_not_evaluate_its_step_twice(tmp_path, corp
     CountingRecall.calls = []  # a run that completes is still evaluated at its end
     done = CountingRecall(make_cfg(tmp_path, corpus, *common, "train.steps=5", name="full")).fit()
     assert done["status"] == "completed" and CountingRecall.calls == [2, 4, 5] and done["recall/train/correct"] == 1.0
+
+
+def test_restart_starts_over_with_shifted_seeds_and_resumes_inside_an_attempt_exactly(tmp_path, corpus):
+    """train.restart: the evaluation at at_step sends the run back (here always: val_loss > 0), attempt k trains
+    exactly as a fresh run with seed + k * 1000 would (init, data order, RNG), the abandoned attempts' files move to
+    attempts/K/, the last attempt trains to the end, and a run paused inside an attempt resumes it exactly."""
+    from lmlab.train import train_run
+    from lmlab.train.trainer import read_attempt
+
+    common = ["train.eval_every=2", "train.eval_batches=1"]
+    restart = ["train.restart.metric=val_loss", "train.restart.at_step=4", "train.restart.above=0",
+               "train.restart.max_restarts=2"]
+    straight = train_run(make_cfg(tmp_path, corpus, *common, *restart, name="straight"))
+    run = tmp_path / "runs" / "straight"
+    assert straight["status"] == "completed" and straight["step"] == 12, straight
+    assert straight["restarts"] == 2 and straight["seed_offset"] == 2000
+    for k in (0, 1):
+        gone = run / "attempts" / str(k)
+        summary = json.loads((gone / "summary.json").read_text())
+        assert summary["status"].startswith("restart: val_loss=") and summary["status"].endswith("> 0 at step 4")
+        assert summary["step"] == 4 and (gone / "checkpoints").is_dir() and (gone / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in (run / "attempts").iterdir()) == ["0", "1"]
+    assert read_attempt(run)["attempt"] == 2 and [h["step"] for h in read_attempt(run)["history"]] == [4, 4]
+    # each attempt is the run a fresh seed gives: attempt 0 the config's seed, the last one seed + 2000
+    first = Trainer(make_cfg(tmp_path, corpus, *common, "train.steps=4", name="seed0")).fit()
+    assert first["step"] == 4
+    assert losses(run / "attempts" / "0") == losses(tmp_path / "runs" / "seed0")
+    Trainer(make_cfg(tmp_path, corpus, *common, "seed=2000", name="seed2000")).fit()
+    assert losses(run) == losses(tmp_path / "runs" / "seed2000")
+    assert losses(run / "attempts" / "1")[:4] != losses(run / "attempts" / "0")[:4]
+    # paused inside attempt 1, then resumed by train_run: the same attempts, the same final run
+    split_cfg = make_cfg(tmp_path, corpus, *common, *restart, name="split")
+    t = Trainer(split_cfg)
+    sent_back = t.fit()
+    assert sent_back["status"].startswith("restart: ") and sent_back["step"] == 4
+    t.abandon_attempt(sent_back["status"].removeprefix("restart: "))
+    assert Trainer(split_cfg).fit(stop_after=3)["step"] == 3
+    resumed = train_run(split_cfg)
+    assert resumed["status"] == "completed" and resumed["restarts"] == 2
+    split = tmp_path / "runs" / "split"
+    assert losses(split) == losses(run)
+    assert losses(split / "attempts" / "1") == losses(run / "attempts" / "1")
+    assert train_run(split_cfg)["restarts"] == 2  # a finished run: nothing to do, nothing moves
+    assert sorted(p.name for p in (split / "attempts").iterdir()) == ["0", "1"]
+    # a damaged attempt record is refused (it names the seeds of the checkpoints beside it)
+    (split / "attempt.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="attempt.json: not a readable attempt record"):
+        Trainer(split_cfg)
+
+
+def test_restart_config_errors(tmp_path, corpus):
+    with pytest.raises(ConfigError, match="train.restart.at_step: 3 is not a step of a periodic evaluation"):
+        make_cfg(tmp_path, corpus, "train.eval_every=2", "train.restart.metric=val_loss", "train.restart.at_step=3",
+                 "train.restart.above=1")
+    with pytest.raises(ConfigError, match="train.restart.below: set exactly one of below and above"):
+        make_cfg(tmp_path, corpus, "train.eval_every=2", "train.restart.metric=val_loss", "train.restart.at_step=2")
+    with pytest.raises(ConfigError, match="is not before train.steps=12"):
+        make_cfg(tmp_path, corpus, "train.eval_every=2", "train.restart.metric=val_loss", "train.restart.at_step=12",
+                 "train.restart.above=1")

@@ -51,10 +51,11 @@ MODE_LABEL = {"weight": "in-weight", "tool": "in-tool"}
 RECALL = "recall/train/correct"
 COLUMNS = ["name", "mode", "people", "facts", "alpha", "bits_per_fact", "seed", "data_seed", "dim", "n_layers",
            "params", "smear_keys", "smear_queries", "smear_layers", "practice", "practice_style", "batch_size", "lr",
-           "steps", "status", "recall_train_final", "recall_train_best",
+           "steps", "status", "restarts", "recall_train_final", "recall_train_best",
            "step_recall_95", "exposures_95", "exposures_final", "budget_exposures", "bits_per_param",
            "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "valid_sql_rate_train",
-           "tool_call_rate_ood", "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s"]
+           "tool_call_rate_ood", "valid_sql_rate_ood", *(f"novel_miss_{k}" for k in MISSES), "train_time_s",
+           "restart_time_s"]
 TABLE_COLUMNS = ["name", "mode", "facts", "seed", "params", "steps", "recall_train_final", "recall_train_best",
                  "step_recall_95", "recall_ood_final", "recall_novel_final", "tool_call_rate_train", "status"]
 
@@ -133,6 +134,8 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "lr": r.get("optim.lr"),
             "steps": steps,
             "status": r.summary.get("status", "unfinished"),
+            # attempts that train.restart abandoned (e.g. in-tool copying that never set in) and their training time
+            "restarts": int(r.summary.get("restarts") or 0),
             "recall_train_final": r.final(RECALL),
             "recall_train_best": best,
             "step_recall_95": step95,
@@ -152,8 +155,20 @@ def results_rows(records: Sequence[RunRecord], threshold: float = 0.95) -> list[
             "recall_novel_final": r.final("recall/novel/correct"),
             **{f"novel_miss_{k}": r.final(f"recall/novel/miss/{k}") for k in MISSES},
             "train_time_s": r.summary.get("train_time_s"),
+            "restart_time_s": _abandoned_time(r.path),
         })
     return rows
+
+
+def _abandoned_time(run_dir: Path) -> float:
+    """Training seconds of the attempts ``train.restart`` abandoned (``RUN/attempts/K/summary.json``)."""
+    total = 0.0
+    for summary in sorted(Path(run_dir).glob("attempts/*/summary.json")):
+        try:
+            total += float(json.loads(summary.read_text(encoding="utf-8")).get("train_time_s") or 0.0)
+        except (ValueError, OSError):
+            continue
+    return round(total, 1)
 
 
 def _exposures_per_step(r: RunRecord, manifest: dict, counts: dict, facts: Any) -> float | None:

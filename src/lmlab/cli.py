@@ -102,11 +102,11 @@ def _slurm_failed(run_dir: str | os.PathLike) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lmlab.train import build_trainer
+    from lmlab.train import train_run
 
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = build_trainer(cfg).fit()
+        summary = train_run(cfg)
     finally:
         distributed = _leave_process_group()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -49,6 +49,7 @@ __all__ = [
     "LoggingConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RestartConfig",
     "SampleConfig",
     "SlurmConfig",
     "TrainConfig",
@@ -495,6 +496,42 @@ class EarlyStopConfig:
 
 
 @dataclass
+class RestartConfig:
+    """Start a run over with another seed when an early evaluation says it went nowhere (in-tool copying that never
+    set in: train recall ~0 while nearly every answer is a tool call; apps/memory/results/README.md). The evaluation
+    at ``at_step`` decides; attempt k (0 the first) trains with every seed (run, model init, data order) plus
+    ``k * seed_stride``; the data files are the same. The abandoned attempt's checkpoints, metrics and recall
+    verdicts move to ``RUN/attempts/K/``; ``RUN/attempt.json`` records the attempt a resumed run continues, and the
+    summary's ``restarts`` counts them."""
+
+    metric: str = F("", "metric of the deciding evaluation, as logged (e.g. recall/train/correct with "
+                    "evals.recall.every, or val_loss with train.eval_every); empty: off")
+    at_step: int = F(0, "the step whose evaluation decides (a multiple of that evaluation's every)")
+    below: float | None = F(None, "restart when the metric is below this (a recall or accuracy)")
+    above: float | None = F(None, "restart when the metric is above this (a loss)")
+    max_restarts: int = F(2, "attempts after the first at most; the last one trains to the end whatever the metric")
+    seed_stride: int = F(1000, "seed offset between attempts")
+
+    def check(self) -> list[tuple[str, str]]:
+        errs = []
+        if not self.metric:
+            return errs
+        if self.at_step <= 0:
+            errs.append(("at_step", "must be positive (the step whose evaluation decides)"))
+        if (self.below is None) == (self.above is None):
+            errs.append(("below", "set exactly one of below and above"))
+        if self.max_restarts < 1:
+            errs.append(("max_restarts", "must be >= 1 (or leave metric empty: no restarts)"))
+        if self.seed_stride == 0:
+            errs.append(("seed_stride", "must not be 0 (every attempt would train the same)"))
+        return errs
+
+    def fires(self, value: float) -> bool:
+        """Whether ``value`` of the metric calls for a restart."""
+        return (self.below is not None and value < self.below) or (self.above is not None and value > self.above)
+
+
+@dataclass
 class DistillConfig:
     """Distillation from a frozen teacher on the dialogs of ``data.distill_files``: at their assistant tokens the
     loss is ``weight * KL(p_teacher || p_model)`` of the next-token distributions instead of the cross-entropy of
@@ -539,6 +576,8 @@ class TrainConfig:
     ckpt_fallback: bool = F(True, "when the newest checkpoint is damaged, resume from the newest one that loads "
                             "(with a warning; the damaged one is renamed step_N.damaged); false: refuse")
     early_stop: EarlyStopConfig = F(EarlyStopConfig(), "stop on a metric's target or plateau")
+    restart: RestartConfig = F(RestartConfig(), "start over with another seed when an early evaluation's metric "
+                               "says the run went nowhere")
     init_from: str = F("", "start a new run from pretrained weights: a run folder (RUN: its newest checkpoint; "
                        "RUN@STEP), a Hugging Face Llama folder or a .gguf file (lmlab.pretrained); weights only "
                        "(fresh optimizer, step 0), the model section equal to the source's; a run resumed from its "
@@ -886,6 +925,17 @@ class Config:
         if rc.sets and rc.max_new_tokens >= self.model.max_seq_len:
             errs.append(("evals.recall.max_new_tokens", f"{rc.max_new_tokens} leaves no room for a question in "
                          f"model.max_seq_len={self.model.max_seq_len} tokens: lower it"))
+        rs = self.train.restart
+        if rs.metric and rs.at_step > 0:
+            every = (self.evals.recall.every if self.evals.recall.sets else 0) if rs.metric.startswith("recall/") \
+                else self.train.eval_every
+            what = ("evals.recall.every (with evals.recall.sets)" if rs.metric.startswith("recall/")
+                    else "train.eval_every")
+            if not every or rs.at_step % every:
+                errs.append(("train.restart.at_step", f"{rs.at_step} is not a step of a periodic evaluation logging "
+                             f"{rs.metric}: {what} is {every}"))
+            elif rs.at_step >= self.train.steps:
+                errs.append(("train.restart.at_step", f"{rs.at_step} is not before train.steps={self.train.steps}"))
         es = self.train.early_stop
         if es.metric.startswith("recall/") and not (self.evals.recall.sets and self.evals.recall.every):
             errs.append(("train.early_stop.metric", f"{es.metric} is logged only by periodic recall evaluations: set "

@@ -86,11 +86,11 @@ class TrainTask:
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         from lmlab.config import load_config
-        from lmlab.train import build_trainer
+        from lmlab.train import train_run
 
         cfg = load_config(self.launch_yaml)
         try:
-            summary = build_trainer(cfg).fit()
+            summary = train_run(cfg)
         finally:
             import torch.distributed as dist
 

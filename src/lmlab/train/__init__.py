@@ -7,7 +7,7 @@ Usage::
     python -m lmlab.train CONFIG.yaml [dotted.key=value ...]
 """
 
-from lmlab.train.grpo import GRPOTrainer, build_trainer
+from lmlab.train.grpo import GRPOTrainer, build_trainer, train_run
 from lmlab.train.trainer import Trainer, TrainingError
 
-__all__ = ["GRPOTrainer", "Trainer", "TrainingError", "build_trainer"]
+__all__ = ["GRPOTrainer", "Trainer", "TrainingError", "build_trainer", "train_run"]

@@ -52,7 +52,7 @@ from lmlab.train.optim import set_lr
 from lmlab.train.trainer import Trainer, autocast
 
 __all__ = ["GRPOTrainer", "PromptLoader", "group_advantages", "grpo_token_loss", "rollout_reward", "rollout_seed",
-           "token_logprobs"]
+           "token_logprobs", "train_run"]
 
 
 
@@ -196,7 +196,7 @@ class GRPOTrainer(Trainer):
         questions: list[RecallQuestion] = []
         for path in rl.prompts:
             questions.extend(load_questions(path))
-        seed = rl.seed if rl.seed is not None else self.cfg.seed
+        seed = (rl.seed if rl.seed is not None else self.cfg.seed) + self.seed_offset
         self.train_loader = PromptLoader(questions, rl.prompts_per_step, dp_rank, dp_size, seed, rl.prompts)
 
     def _rollout_engine(self) -> Engine:
@@ -210,7 +210,7 @@ class GRPOTrainer(Trainer):
     def rollout(self, batch: Sequence[tuple[int, RecallQuestion]], step: int) -> list[list[Result]]:
         """``rl.group_size`` sampled answers to each question, through the engine (tool live)."""
         rl = self.cfg.rl
-        seed = rl.seed if rl.seed is not None else self.cfg.seed
+        seed = (rl.seed if rl.seed is not None else self.cfg.seed) + self.seed_offset
         requests = []
         for gi, (index, q) in enumerate(batch):
             try:
@@ -353,3 +353,17 @@ class GRPOTrainer(Trainer):
 def build_trainer(cfg: Config) -> Trainer:
     """The trainer of ``train.objective``: :class:`Trainer` (lm) or :class:`GRPOTrainer` (grpo)."""
     return GRPOTrainer(cfg) if cfg.train.objective == "grpo" else Trainer(cfg)
+
+
+def train_run(cfg: Config) -> dict[str, Any]:
+    """Train the run ``cfg`` names to its end (resuming if it can) and return the summary; a run that
+    ``train.restart``'s deciding evaluation sends back starts over with the next attempt's seeds, in this process,
+    until one trains to the end (or the attempts run out: the last one always does)."""
+    while True:
+        trainer = build_trainer(cfg)
+        summary = trainer.fit()
+        status = str(summary.get("status", ""))
+        if not status.startswith("restart: "):
+            return summary
+        trainer.abandon_attempt(status.removeprefix("restart: "))
+        del trainer

@@ -130,12 +130,15 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = Path(cfg.run_dir)
-        seed_everything(cfg.seed + self.rank)
+        # a run restarted by train.restart trains attempt k with every seed shifted (RUN/attempt.json)
+        self.attempt = read_attempt(self.run_dir)
+        self.seed_offset = int(self.attempt["seed_offset"])
+        seed_everything(cfg.seed + self.seed_offset + self.rank)
 
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.model_cfg = resolve_vocab(cfg.model, self.tokenizer.vocab_size)
-        init_seed = cfg.model.init.seed if cfg.model.init.seed is not None else cfg.seed
+        init_seed = (cfg.model.init.seed if cfg.model.init.seed is not None else cfg.seed) + self.seed_offset
         self.model = materialize(build_model(self.model_cfg, device="meta"), self.device, seed=init_seed)
         if cfg.train.init_from and not (cfg.train.resume and CheckpointManager(self.run_dir).complete()):
             # pretrained weights on every rank before sharding; a run with checkpoints resumes from its own instead
@@ -180,6 +183,7 @@ class Trainer:
         self._last_ckpt: Path | None = None
         self.early = {"best": None, "since": 0}  # early stopping's state (checkpointed with the run)
         self._early_reason: str | None = None
+        self._restart_reason: str | None = None
         self._timed_out = False
         self._stopping = False  # a stop signal, as every process agreed after the last step
         self._recall_at: tuple[int, dict[str, Any]] = (-1, {})  # the step and row of the last periodic recall
@@ -224,7 +228,7 @@ class Trainer:
         if cfg.train.objective != "lm":
             raise ConfigError(f"train.objective={cfg.train.objective!r} is not trained by Trainer: build the trainer "
                               "with lmlab.train.build_trainer(cfg) (lmlab train does)")
-        data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
+        data_seed = (cfg.data.seed if cfg.data.seed is not None else cfg.seed) + self.seed_offset
         # data.batch_size is the global batch: each data-parallel rank reads its share (tensor-parallel ranks of
         # one data-parallel rank read the same rows)
         rank_data = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size // dp_size)
@@ -437,7 +441,13 @@ class Trainer:
 
     def _watch(self, row: dict[str, Any]) -> None:
         """Early stopping: update the watched metric's best value from an evaluation row; set the stop reason
-        (or start the cooldown)."""
+        (or start the cooldown). Restarts (train.restart): set the restart reason when this is the deciding
+        evaluation and its metric says so."""
+        rs = self.cfg.train.restart
+        if (rs.metric and self.step == rs.at_step and row.get(rs.metric) is not None
+                and self.attempt["attempt"] < rs.max_restarts and rs.fires(float(row[rs.metric]))):
+            bound = f"< {rs.below:g}" if rs.below is not None else f"> {rs.above:g}"
+            self._restart_reason = f"{rs.metric}={float(row[rs.metric]):.4g} {bound} at step {self.step}"
         es = self.cfg.train.early_stop
         if not es.metric or es.metric not in row or row[es.metric] is None:
             return
@@ -723,6 +733,9 @@ class Trainer:
                             if self.step < tc.steps and not self._stopping and self._periodic(sink):
                                 window_t = time.time()  # the rate counts training time only
                                 self._agree_to_stop(t_start)  # a signal during an evaluation stops at this step
+                            if self._restart_reason is not None:
+                                status = f"restart: {self._restart_reason}"
+                                break
                             if self._early_reason is not None or self._cooled_down():
                                 status = f"stopped by early stop: {self._early_reason}"
                                 break
@@ -756,6 +769,7 @@ class Trainer:
                            "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
                            "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
                            "peak_mem_mb": peak_memory_mb(self.device),
+                           "restarts": int(self.attempt["attempt"]), "seed_offset": self.seed_offset,
                            **last_eval, **last_recall}
                 if self.rank == 0:  # a grid runner reads it: status "completed" (or "stopped by ...") means done
                     write_json_atomic(self.run_dir / "summary.json", summary)
@@ -768,6 +782,29 @@ class Trainer:
             if self.probes is not None:
                 self.probes.close()
         return summary
+
+    def abandon_attempt(self, reason: str) -> Path:
+        """After a fit that ended in ``restart: ...``: move this attempt's checkpoints, metrics and evaluation
+        outputs to ``RUN/attempts/K/`` and record the next attempt (its seed offset) in ``RUN/attempt.json``; the
+        next Trainer of this run folder trains it from scratch. The run's log and config stay in place."""
+        k = int(self.attempt["attempt"])
+        dest = self.run_dir / "attempts" / str(k)
+        if self.rank == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            # the run folder's own files stay (config, launcher, log); what this attempt wrote moves
+            keep = {"attempts", ATTEMPT_FILE, "config.yaml", "launch.yaml", "slurm_job.json", "train.log"}
+            for item in sorted(self.run_dir.iterdir()):
+                if item.name not in keep:
+                    item.replace(dest / item.name)
+            history = [*self.attempt.get("history", []), {"attempt": k, "seed_offset": self.seed_offset,
+                                                          "reason": reason, "step": self.step}]
+            nxt = {"attempt": k + 1, "seed_offset": (k + 1) * self.cfg.train.restart.seed_stride, "history": history}
+            write_json_atomic(self.run_dir / ATTEMPT_FILE, nxt)
+            log.warning("%s: %s; attempt %d set aside in %s, attempt %d trains from scratch with seeds + %d",
+                        self.run_dir, reason, k, dest, k + 1, nxt["seed_offset"])
+        if self.env.distributed:
+            torch.distributed.barrier()
+        return dest
 
     def _periodic(self, sink: Any) -> bool:
         """The evaluations and checkpoint due after this step; True when any ran. An evaluation cut short by a
@@ -797,6 +834,24 @@ class Trainer:
             with self.timer.phase("ckpt"):
                 self._save_once()
         return due_eval or due_recall or due_ckpt
+
+
+ATTEMPT_FILE = "attempt.json"
+
+
+def read_attempt(run_dir: Path) -> dict[str, Any]:
+    """The attempt a run folder trains (train.restart): ``{"attempt": k, "seed_offset": n, "history": [...]}``;
+    attempt 0, offset 0 when the folder has no ``attempt.json``."""
+    path = Path(run_dir) / ATTEMPT_FILE
+    if not path.is_file():
+        return {"attempt": 0, "seed_offset": 0, "history": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {"attempt": int(data["attempt"]), "seed_offset": int(data["seed_offset"]),
+                "history": list(data.get("history", []))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a readable attempt record ({e}); it names the seed offset of this run's "
+                          "checkpoints: restore it, or delete the run folder to start over") from None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
