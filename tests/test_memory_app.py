@@ -127,6 +127,7 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
 
 @pytest.mark.parametrize("preset, runs, modes", [("quickstart.yaml", 6, {"weight", "tool"}),
                                                  ("reproduce.yaml", 18, {"tool"}), ("capacity.yaml", 19, {"weight"}),
+                                                 ("capacity_large.yaml", 2, {"weight"}),
                                                  ("alpha.yaml", 36, {"weight"}),
                                                  ("observe.yaml", 8, {"weight", "tool"}),
                                                  ("recurrent.yaml", 8, {"weight", "tool"}),
