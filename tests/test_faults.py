@@ -179,6 +179,31 @@ def test_signal_during_periodic_evaluation_saves_and_resumes_exactly(run_cfg):
     assert raw_train_steps(run) == list(range(1, 13))
 
 
+def test_signal_during_the_evaluation_that_decides_a_restart_still_restarts(run_cfg):
+    """train.restart: a signal that cuts the deciding evaluation short leaves a checkpoint at that step and no
+    verdict; the rerun runs that evaluation first and starts the next attempt, ending as an unbroken run does."""
+    cfg, run = run_cfg
+    restart = ["train.eval_every=2", "train.eval_batches=1", "train.restart.metric=val_loss",
+               "train.restart.at_step=4", "train.restart.above=0", "train.restart.max_restarts=1"]
+    ref = run_cli("train", cfg, "name=ref", *restart)
+    assert ref.returncode == 0, ref.stderr
+    res = run_cli("train", cfg, *restart, script=SIGNAL_AT.format(
+        method="evaluate", when="self.step == 4 and self.attempt['attempt'] == 0", sig="SIGTERM"))
+    assert res.returncode == 128 + signal.SIGTERM and "Traceback" not in res.stderr, res.stderr
+    assert step_of(CheckpointManager(run).latest()) == 4 and not (run / "attempts").exists()
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if r["step"] == 4 and "val_loss" in r]
+    rerun = run_cli("train", cfg, *restart)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1, summary
+    decided = [r for r in read_metrics(run / "attempts" / "0" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in decided] == [2, 4]  # the cut evaluation, run on resuming
+    ref_run = run.parent / "ref"
+    assert [r["val_loss"] for r in decided] == [r["val_loss"] for r in read_metrics(
+        ref_run / "attempts" / "0" / "metrics.jsonl") if "val_loss" in r]
+    assert ([(r["step"], r["loss"]) for r in train_rows(run)] == [(r["step"], r["loss"]) for r in train_rows(ref_run)])
+
+
 @pytest.mark.parametrize("finished", [True, False])
 def test_failed_resume_of_another_model_changes_nothing(run_cfg, finished):
     cfg, run = run_cfg

@@ -731,6 +731,12 @@ def test_restart_starts_over_with_shifted_seeds_and_resumes_inside_an_attempt_ex
     assert losses(split) == losses(run)
     assert losses(split / "attempts" / "1") == losses(run / "attempts" / "1")
     assert train_run(split_cfg)["restarts"] == 2  # a finished run: nothing to do, nothing moves
+    # the process ends between the verdict and setting the attempt aside: the next one acts on the logged verdict
+    late_cfg = make_cfg(tmp_path, corpus, *common, *restart, name="late")
+    assert Trainer(late_cfg).fit()["status"].startswith("restart: ")
+    assert train_run(late_cfg)["restarts"] == 2
+    assert losses(tmp_path / "runs" / "late") == losses(run)
+    assert losses(tmp_path / "runs" / "late" / "attempts" / "0") == losses(run / "attempts" / "0")
     assert sorted(p.name for p in (split / "attempts").iterdir()) == ["0", "1"]
     # a damaged attempt record is refused (it names the seeds of the checkpoints beside it)
     (split / "attempt.json").write_text("{not json")

@@ -46,7 +46,7 @@ from lmlab.data import build_loader, check_vocab
 from lmlab.data.loader import reshard_state
 from lmlab.launch.local import read_summary
 from lmlab.models import build_model, materialize, resolve_vocab
-from lmlab.monitor.metrics import MultiSink, build_sinks
+from lmlab.monitor.metrics import MultiSink, build_sinks, read_metrics
 from lmlab.monitor.profiler import StepTimer, TraceWindow, device_peak_flops, peak_memory_mb
 from lmlab.tokenizers import Tokenizer, build_tokenizer
 from lmlab.train.checkpoint import CheckpointManager, read_rank_states, set_rng_state, step_of
@@ -703,8 +703,12 @@ class Trainer:
         try:
             with self._signals():
                 try:
+                    self._decide_restart_on_resume(sink)
+                    self._agree_to_stop(t_start)
+                    if self._restart_reason is not None:  # decided on resuming: nothing more to train
+                        status = f"restart: {self._restart_reason}"
                     with self.train_loader:
-                        while self.step < tc.steps:
+                        while self.step < tc.steps and self._restart_reason is None and not self._stopping:
                             if self.trace is not None:
                                 self.trace.begin(self.step + 1)
                             m = self.train_step()
@@ -805,6 +809,41 @@ class Trainer:
         if self.env.distributed:
             torch.distributed.barrier()
         return dest
+
+    def _decide_restart_on_resume(self, sink: Any) -> None:
+        """train.restart for an attempt resumed at or past its deciding step: the evaluation there decides even when
+        the attempt never acted on it (a signal cut the evaluation short, so the run saved at that step and stopped;
+        or the process ended between deciding and setting the attempt aside). From the value this attempt logged
+        at that step, else, standing at that very step, by running the evaluation now."""
+        rs = self.cfg.train.restart
+        if not rs.metric or self.attempt["attempt"] >= rs.max_restarts or self.step < rs.at_step:
+            return
+        path, value = self.run_dir / "metrics.jsonl", None
+        if path.is_file():  # rows up to the resumed step are this attempt's (rewound; attempts/ holds the others)
+            rows = [r for r in read_metrics(path) if r.get("step") == rs.at_step and r.get(rs.metric) is not None]
+            value = float(rows[-1][rs.metric]) if rows else None
+        if value is None and self.step == rs.at_step:
+            log.info("%s: the evaluation deciding train.restart at step %d did not finish before the run stopped: "
+                     "running it now", self.run_dir, rs.at_step)
+            try:
+                with self._abortable(), self.timer.phase("eval"):
+                    if rs.metric.startswith("recall/"):
+                        row = {"step": self.step, **self.evaluate_recall()}
+                        self._recall_at = (self.step, {k: v for k, v in row.items() if k != "step"})
+                    else:
+                        row = {"step": self.step, **self.evaluate(self.cfg.train.eval_batches)}
+                sink.log(row)
+            except Interrupted:
+                self.model.train()
+                return  # stopped again: the next resume decides
+            self.model.train()
+            value = row.get(rs.metric)
+        if value is None:
+            log.warning("%s: no %s logged at step %d in this attempt (resumed at step %d): train.restart cannot "
+                        "decide, the attempt goes on", self.run_dir, rs.metric, rs.at_step, self.step)
+        elif rs.fires(float(value)):
+            bound = f"< {rs.below:g}" if rs.below is not None else f"> {rs.above:g}"
+            self._restart_reason = f"{rs.metric}={float(value):.4g} {bound} at step {rs.at_step}"
 
     def _periodic(self, sink: Any) -> bool:
         """The evaluations and checkpoint due after this step; True when any ran. An evaluation cut short by a
