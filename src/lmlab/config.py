@@ -526,9 +526,13 @@ class RestartConfig:
             errs.append(("seed_stride", "must not be 0 (every attempt would train the same)"))
         return errs
 
-    def fires(self, value: float) -> bool:
-        """Whether ``value`` of the metric calls for a restart."""
-        return (self.below is not None and value < self.below) or (self.above is not None and value > self.above)
+    def verdict(self, value: float) -> str | None:
+        """Why ``value`` of the metric at ``at_step`` calls for a restart (None: it does not)."""
+        if self.below is not None and value < self.below:
+            return f"{self.metric}={value:.4g} < {self.below:g} at step {self.at_step}"
+        if self.above is not None and value > self.above:
+            return f"{self.metric}={value:.4g} > {self.above:g} at step {self.at_step}"
+        return None
 
 
 @dataclass

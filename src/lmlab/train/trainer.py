@@ -445,9 +445,8 @@ class Trainer:
         evaluation and its metric says so."""
         rs = self.cfg.train.restart
         if (rs.metric and self.step == rs.at_step and row.get(rs.metric) is not None
-                and self.attempt["attempt"] < rs.max_restarts and rs.fires(float(row[rs.metric]))):
-            bound = f"< {rs.below:g}" if rs.below is not None else f"> {rs.above:g}"
-            self._restart_reason = f"{rs.metric}={float(row[rs.metric]):.4g} {bound} at step {self.step}"
+                and self.attempt["attempt"] < rs.max_restarts):
+            self._restart_reason = rs.verdict(float(row[rs.metric]))
         es = self.cfg.train.early_stop
         if not es.metric or es.metric not in row or row[es.metric] is None:
             return
@@ -841,9 +840,8 @@ class Trainer:
         if value is None:
             log.warning("%s: no %s logged at step %d in this attempt (resumed at step %d): train.restart cannot "
                         "decide, the attempt goes on", self.run_dir, rs.metric, rs.at_step, self.step)
-        elif rs.fires(float(value)):
-            bound = f"< {rs.below:g}" if rs.below is not None else f"> {rs.above:g}"
-            self._restart_reason = f"{rs.metric}={float(value):.4g} {bound} at step {rs.at_step}"
+        else:
+            self._restart_reason = rs.verdict(float(value))
 
     def _periodic(self, sink: Any) -> bool:
         """The evaluations and checkpoint due after this step; True when any ran. An evaluation cut short by a
