@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -53,6 +54,12 @@ def test_grid_runs_resumes_skips_and_survives_a_failure(tmp_path, capsys):
     assert main(["grid", str(grid)]) == 0  # listing only: trains nothing
     listing = capsys.readouterr().out
     assert "g/seed=0  partial" in listing and "g/seed=1  new" in listing
+    record = Path(new.run_dir) / "attempt.json"  # train.restart set the first attempt aside: the listing says so
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"attempt": 1, "seed_offset": 1000, "history": []}))
+    assert main(["grid", str(grid)]) == 0
+    assert "g/seed=1  new (attempt 1: restarted 1x)" in capsys.readouterr().out
+    record.unlink()
 
     lines: list[str] = []
     outcomes = run_grid([partial, broken, new], jobs=2, threads=1, log=lines.append)

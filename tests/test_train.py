@@ -694,8 +694,8 @@ def test_restart_starts_over_with_shifted_seeds_and_resumes_inside_an_attempt_ex
     """train.restart: the evaluation at at_step sends the run back (here always: val_loss > 0), attempt k trains
     exactly as a fresh run with seed + k * 1000 would (init, data order, RNG), the abandoned attempts' files move to
     attempts/K/, the last attempt trains to the end, and a run paused inside an attempt resumes it exactly."""
+    from lmlab.launch.local import read_attempt
     from lmlab.train import train_run
-    from lmlab.train.trainer import read_attempt
 
     common = ["train.eval_every=2", "train.eval_batches=1"]
     restart = ["train.restart.metric=val_loss", "train.restart.at_step=4", "train.restart.above=0",

@@ -70,6 +70,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             return 2
         return 0
     if not args.run:
+        from lmlab.launch.local import read_attempt
         from lmlab.launch.slurm import job_log, read_jobs, slurm_states
 
         states = [run_state(cfg.run_dir, cfg.train.steps) for cfg in configs]
@@ -82,7 +83,9 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             if job is not None:
                 slurm = queued.get(job) or ("failed" if _slurm_failed(cfg.run_dir) else "not in the queue")
                 extra = f"  slurm job {job}: {slurm}; log {job_log(cfg.run_dir)}"
-            print(f"{cfg.name:<{width}}  {state}{extra}")
+            attempt = read_attempt(cfg.run_dir)["attempt"]  # train.restart: a run on its k-th start over
+            tried = f" (attempt {attempt}: restarted {attempt}x)" if attempt else ""
+            print(f"{cfg.name:<{width}}  {state}{tried}{extra}")
         counts = ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "new") if states.count(s))
         print(f"{len(configs)} runs: {counts} (--run to train the unfinished ones here, --slurm to submit them)")
         return 0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from lmlab.config import config_diff, config_to_dict, load_config, save_config
+from lmlab.config import ConfigError, config_diff, config_to_dict, load_config, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,24 @@ def changed_since(cfg: Any) -> list[str]:
     except Exception as e:  # noqa: BLE001 - an old or foreign config: report it, never fail the grid over it
         return [f"{saved} unreadable ({e})"]
     return [c for c in config_diff(old, config_to_dict(cfg)) if not c.startswith("train.threads:")]
+
+
+ATTEMPT_FILE = "attempt.json"
+
+
+def read_attempt(run_dir: Path) -> dict[str, Any]:
+    """The attempt a run folder trains (train.restart): ``{"attempt": k, "seed_offset": n, "history": [...]}``;
+    attempt 0, offset 0 when the folder has no ``attempt.json``."""
+    path = Path(run_dir) / ATTEMPT_FILE
+    if not path.is_file():
+        return {"attempt": 0, "seed_offset": 0, "history": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {"attempt": int(data["attempt"]), "seed_offset": int(data["seed_offset"]),
+                "history": list(data.get("history", []))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a readable attempt record ({e}); it names the seed offset of this run's "
+                          "checkpoints: restore it, or delete the run folder to start over") from None
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from lmlab.config import Config, ConfigError, config_diff, config_to_dict, load_config, save_config
 from lmlab.data import build_loader, check_vocab
 from lmlab.data.loader import reshard_state
-from lmlab.launch.local import read_summary
+from lmlab.launch.local import ATTEMPT_FILE, read_attempt, read_summary
 from lmlab.models import build_model, materialize, resolve_vocab
 from lmlab.monitor.metrics import MultiSink, build_sinks, read_metrics
 from lmlab.monitor.profiler import StepTimer, TraceWindow, device_peak_flops, peak_memory_mb
@@ -871,24 +871,6 @@ class Trainer:
             with self.timer.phase("ckpt"):
                 self._save_once()
         return due_eval or due_recall or due_ckpt
-
-
-ATTEMPT_FILE = "attempt.json"
-
-
-def read_attempt(run_dir: Path) -> dict[str, Any]:
-    """The attempt a run folder trains (train.restart): ``{"attempt": k, "seed_offset": n, "history": [...]}``;
-    attempt 0, offset 0 when the folder has no ``attempt.json``."""
-    path = Path(run_dir) / ATTEMPT_FILE
-    if not path.is_file():
-        return {"attempt": 0, "seed_offset": 0, "history": []}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {"attempt": int(data["attempt"]), "seed_offset": int(data["seed_offset"]),
-                "history": list(data.get("history", []))}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a readable attempt record ({e}); it names the seed offset of this run's "
-                          "checkpoints: restore it, or delete the run folder to start over") from None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
