@@ -290,6 +290,59 @@ def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(single, tmp_
     assert close(losses(tmp_path, "r"), losses(straight, "r")), (summary, losses(tmp_path, "r"), losses(straight, "r"))
 
 
+LATE_SIGNAL = """
+import json, os, signal, sys
+from lmlab.config import load_config
+from lmlab.train import train_run
+from lmlab.train.distributed import Parallel
+
+agreements = []
+real = Parallel.any_rank
+
+def any_rank_then_a_late_signal(self, flags):
+    out = real(self, flags)
+    agreements.append(out)
+    if int(os.environ["RANK"]) == 1 and len(agreements) == 4:  # the agreement after step 3 has just been reached
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this function returns
+    return out
+
+Parallel.any_rank = any_rank_then_a_late_signal
+summary = train_run(load_config(sys.argv[1], sys.argv[2:]))
+print("SUMMARY", json.dumps({"rank": int(os.environ["RANK"]), "status": summary["status"], "step": summary["step"]}))
+"""
+
+
+def test_a_signal_landing_just_after_the_agreement_stops_every_process_at_the_next_step(tmp_path):
+    """The stop decision is the all-reduced one: a SIGTERM that reaches one process between the agreement after a
+    step and the loop's check must not stop that process alone (it would save while the others train the next
+    step: a hang in mismatched collectives, seen in CI). Both stop together one step later, saved and resumable."""
+    import signal
+
+    script = tmp_path / "late_signal.py"
+    script.write_text(LATE_SIGNAL)
+    config = tmp_path / "base.yaml"
+    config.write_text("name: base\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(config), *base(tmp_path, "r", "train.steps=20")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # a hang is killed with its workers, not left behind
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the processes hung after a late signal:\n{err[-4000:]}") from None
+    summaries = sorted((json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+                        if line.startswith("SUMMARY ")), key=lambda s: s["rank"])
+    assert [s["rank"] for s in summaries] == [0, 1], f"{proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    assert all(s == {"rank": s["rank"], "status": "interrupted by SIGTERM", "step": 4} for s in summaries), summaries
+    saved = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert saved["status"] == "interrupted by SIGTERM" and saved["checkpoint"].endswith("step_00000004"), saved
+    train(tmp_path, "r", 2, "train.steps=20")  # and the rerun finishes from there
+    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["status"] == "completed"
+
+
 def test_generate_under_torchrun_splits_the_prompts_and_prints_one_process_text(single):
     tmp, _, _ = single
     args = ["generate", str(tmp / "runs" / "single"), "--prompt", "To be", "--prompt", "Whether", "--prompt", "The",

@@ -640,15 +640,24 @@ class Trainer:
             signalled, timed_out = self.par.any_rank([self._stop_signal is not None, timed_out])
             if signalled and self._stop_signal is None:
                 self._stop_signal = signal.SIGTERM  # another process was signalled: stop with it
+            # the agreed value, never this process's flag read again: a signal landing between the all-reduce
+            # and here would stop this process alone while the others enter the next step's collectives
+            self._stopping = signalled
+        else:
+            self._stopping = self._stop_signal is not None
         self._timed_out = timed_out
-        self._stopping = self._stop_signal is not None
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal stops the run: in one process, any signal received so far; with several, only what
+        every process agreed on at the last :meth:`_agree_to_stop` (a later signal counts at the next one)."""
+        return self._stopping if self.env.distributed else self._stop_signal is not None
 
     @contextlib.contextmanager
     def _abortable(self) -> Iterator[None]:
         """A section (an evaluation) that a signal stops at once by raising :class:`Interrupted`. With several
         processes an evaluation is a collective and runs to its end (the loop then stops at the step)."""
-        if self._stop_signal is not None:
-            raise Interrupted(self._stop_signal)
+        if self._stop_requested():
+            raise Interrupted(self._stop_signal or signal.SIGTERM)
         self._in_abortable = not self.env.distributed
         try:
             yield
@@ -754,7 +763,7 @@ class Trainer:
                 except Interrupted:  # a second signal mid-step or mid-save: the last complete checkpoint stands
                     path = self.ckpt.latest()
                 bar.close()
-                if self._stop_signal is None and (status == "completed" or status.startswith("stopped")):
+                if not self._stop_requested() and (status == "completed" or status.startswith("stopped")):
                     try:
                         with self._abortable():
                             last_eval = self.evaluate()  # the final evaluation always covers the whole split
@@ -766,8 +775,8 @@ class Trainer:
                             sink.log({"step": self.step, **last_eval, **(last_recall if done is None else {})})
                     except Interrupted:  # the checkpoint is saved: a rerun only evaluates
                         last_eval, last_recall = {}, {}
-                if self._stop_signal is not None:
-                    status = f"interrupted by {signal.Signals(self._stop_signal).name}"
+                if self._stop_requested():
+                    status = f"interrupted by {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
                 summary = {"status": status, "step": self.step, "resumed": resumed, "checkpoint": str(path),
                            "num_params": self.model.num_params(), "train_time_s": time.time() - t_start,
                            "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
