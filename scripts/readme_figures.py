@@ -1,9 +1,11 @@
 """Redraw the README's analysis figures (docs/figures/) from committed results and real run folders.
 
 Figures whose run folders are missing on this machine are skipped with a message (the committed PNGs stay):
-- ``capacity.png``: the Physics of LMs 3.3 capacity plot from apps/memory/results/capacity.csv (in-weight grid) and
-  apps/memory/results/quickstart.csv (in-tool runs);
+- ``capacity.png``: the Physics of LMs 3.3 capacity plot from apps/memory/results/capacity.csv and
+  capacity_large.csv (in-weight grids) and apps/memory/results/quickstart.csv (in-tool runs);
 - ``recall_vs_step.png``: train recall curves of the capacity grid at 1,280 facts, by width (runs/memory/capacity);
+- ``bits_vs_exposures.png``: bits stored per parameter against exposures per fact (the Physics of LMs 3.3 curve),
+  the memory report's figure for the 5,120-fact grid (runs/memory/capacity_large, ``capacity_large.yaml``);
 - ``final_recall_vs_people.png``: final train / novel recall against people by mode, seeds as error bars
   (runs/memory/observe, ``apps/memory/observe.yaml``);
 - ``attention_entropy.png``: per-head attention entropy over training from the probes of one in-tool and one
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "apps"))
 
 from lmlab.analysis import load_runs  # noqa: E402
 from lmlab.analysis.plot import plot_curves, plot_final, select_runs  # noqa: E402
@@ -35,14 +40,14 @@ from lmlab.analysis.report import plot_capacity  # noqa: E402
 
 def capacity(out: Path) -> None:
     rows = []
-    for name in ("capacity.csv", "quickstart.csv"):
+    for name in ("capacity.csv", "capacity_large.csv", "quickstart.csv"):
         for r in csv.DictReader(open(ROOT / "apps/memory/results" / name)):
             if not r["params"] or (name == "quickstart.csv" and r["mode"] != "tool"):
                 continue  # an unfinished run; the quickstart's in-weight runs are under-trained (2,750 steps)
             rows.append({"params": float(r["params"]), "facts": float(r["facts"]), "mode": r["mode"],
                          "bits_per_fact": float(r["bits_per_fact"]), "recall": float(r["recall_train_best"])})
     drawn = plot_capacity(rows, out / "capacity.png",
-                          title="Knowledge capacity: in-weight grid (capacity.yaml) and the quickstart's in-tool runs")
+                          title="Knowledge capacity: in-weight grids (capacity*.yaml) and the quickstart's in-tool runs")
     print("capacity:", drawn["points"], drawn["contours"], drawn["notes"])
 
 
@@ -54,6 +59,14 @@ def observe_figures(runs_dir: Path, out: Path) -> None:
 
     from lmlab.monitor.probes import read_probes
 
+    large = runs_dir / "memory/capacity_large"
+    if large.is_dir():
+        from memory.analyze import make_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            make_report(large, tmp, runs=sorted(p for p in large.iterdir() if (p / "config.yaml").is_file()))
+            shutil.copy(Path(tmp) / "bits_vs_exposures.png", out / "bits_vs_exposures.png")
+        print("bits_vs_exposures.png")
     cap = runs_dir / "memory/capacity"
     if cap.is_dir():
         plot_curves(select_runs(load_runs(cap), ["tags.people=256"]), "recall/train/correct",
