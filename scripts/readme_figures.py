@@ -47,7 +47,7 @@ def capacity(out: Path) -> None:
             rows.append({"params": float(r["params"]), "facts": float(r["facts"]), "mode": r["mode"],
                          "bits_per_fact": float(r["bits_per_fact"]), "recall": float(r["recall_train_best"])})
     drawn = plot_capacity(rows, out / "capacity.png",
-                          title="Knowledge capacity: in-weight grids (capacity*.yaml) and the quickstart's in-tool runs")
+                          title="Knowledge capacity: in-weight grids (capacity*.yaml), the quickstart's in-tool runs")
     print("capacity:", drawn["points"], drawn["contours"], drawn["notes"])
 
 
