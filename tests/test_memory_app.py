@@ -125,15 +125,22 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
     assert manifest["build_args"]["alpha"] == 0.5 and manifest["build_args"]["seed"] == 1
 
 
-@pytest.mark.parametrize("preset, runs, modes", [("quickstart.yaml", 6, {"weight", "tool"}),
-                                                 ("reproduce.yaml", 18, {"tool"}), ("capacity.yaml", 19, {"weight"}),
-                                                 ("capacity_large.yaml", 2, {"weight"}),
-                                                 ("alpha.yaml", 36, {"weight"}),
-                                                 ("observe.yaml", 8, {"weight", "tool"}),
-                                                 ("recurrent.yaml", 8, {"weight", "tool"}),
-                                                 ("recurrent_sizes.yaml", 16, {"weight", "tool"}),
-                                                 ("recurrent_hybrid.yaml", 4, {"tool"}),
-                                                 ("paper.yaml", 960, {"weight", "tool"})])
+GRID_PRESETS = [("quickstart.yaml", 6, {"weight", "tool"}), ("reproduce.yaml", 18, {"tool"}),
+                ("capacity.yaml", 19, {"weight"}), ("capacity_large.yaml", 2, {"weight"}),
+                ("capacity_large_check.yaml", 1, {"weight"}), ("capacity_schedule.yaml", 10, {"weight"}),
+                ("alpha.yaml", 36, {"weight"}), ("observe.yaml", 8, {"weight", "tool"}),
+                ("recurrent.yaml", 8, {"weight", "tool"}), ("recurrent_sizes.yaml", 16, {"weight", "tool"}),
+                ("recurrent_hybrid.yaml", 4, {"tool"}), ("paper.yaml", 960, {"weight", "tool"})]
+FINETUNE_PRESETS = {"smollm.yaml", "smollm_distill.yaml"}  # apps/memory/finetune.py's: tests/test_finetune_app.py
+
+
+def test_every_shipped_preset_is_checked():
+    """A preset added to apps/memory must join GRID_PRESETS (or the finetune ones), so none ships unvalidated."""
+    shipped = {p.name for p in (ROOT / "apps" / "memory").glob("*.yaml")}
+    assert shipped == {name for name, _, _ in GRID_PRESETS} | FINETUNE_PRESETS
+
+
+@pytest.mark.parametrize("preset, runs, modes", GRID_PRESETS)
 def test_shipped_presets_resolve_to_valid_runs_with_buildable_datasets(preset, runs, modes):
     """`make run` and the reproduce command start from these files: every grid point validates, the datasets its
     runs name parse as build arguments, and runs that share a data folder ask for the same dataset."""
