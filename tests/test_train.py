@@ -45,7 +45,8 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "data.prefetch=thread"],
-                                   ["optim.lr_scale={'layers.*.attention.w[qk].weight': 3}"]])
+                                   ["optim.lr_scale={'layers.*.attention.w[qk].weight': 3}"],
+                                   ["optim.name=muon", "optim.muon_lr=0.05"]])
 def test_resume_is_bitwise_exact(tmp_path, corpus, extra):
     straight = make_cfg(tmp_path, corpus, *extra, name="straight")
     Trainer(straight).fit()
@@ -296,6 +297,74 @@ def test_no_decay_patterns_leave_the_named_matrices_undecayed(tmp_path, corpus):
 
     with pytest.raises(ConfigError, match=r"optim.no_decay: 'layers.\*.attention_norm.weight' names no weight-dec"):
         Trainer(make_cfg(tmp_path, corpus, "optim.no_decay=[layers.*.attention_norm.weight]", name="typo"))
+
+
+def test_muon_updates_equal_torch_muon_on_the_matrices_and_adamw_on_the_rest(tmp_path, corpus):
+    """optim.name=muon: the blocks' 2-D weights (optim.muon_params) take torch.optim.Muon's updates at muon_lr times
+    their lr_scale, everything else (embedding, output head, norms) torch.optim.AdamW's at lr, with the weight decay
+    of param_groups; both through six steps of random gradients and a state_dict round trip halfway, against the
+    reference optimizers run on copies of the same weights. A pattern that names no matrix is a config error."""
+    import copy
+
+    tr = Trainer(make_cfg(tmp_path, corpus, "optim.name=muon", "optim.muon_lr=0.05", "optim.weight_decay=0.1",
+                          "optim.lr_scale={'layers.1.*': 0.5}"))
+    model, cfg = tr.model, tr.cfg.optim
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in tr.optimizer.param_groups if g["muon"] for p in g["params"]}
+    assert muon_names == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
+    ref_model = copy.deepcopy(model)
+    ref_params = dict(ref_model.named_parameters())
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_muon, ref_adam = [], []
+    for g in tr.optimizer.param_groups:
+        params = [ref_params[names[id(p)]] for p in g["params"]]
+        scale = 0.5 if names[id(g["params"][0])].startswith("layers.1.") else 1.0
+        if g["muon"]:
+            ref_muon.append({"params": params, "lr": cfg.muon_lr * scale, "weight_decay": g["weight_decay"]})
+        else:
+            ref_adam.append({"params": params, "lr": cfg.lr * scale, "weight_decay": g["weight_decay"]})
+    muon = torch.optim.Muon(ref_muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True)
+    adam = torch.optim.AdamW(ref_adam, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    assert any(g["weight_decay"] > 0 for g in ref_muon) and any(g["weight_decay"] > 0 for g in ref_adam)
+    opt = tr.optimizer
+    opt.ns_dtype = torch.bfloat16  # torch.optim.Muon's; on CPU MuonAdamW runs it in float32 (checked below)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        set_lr(opt, cfg.lr)
+        for n, p in model.named_parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+            ref_params[n].grad = p.grad.clone()
+        opt.step()
+        muon.step()
+        adam.step()
+        if step == 2:  # a resumed optimizer continues exactly
+            state = copy.deepcopy(opt.state_dict())
+            opt = build_optimizer(model, cfg)
+            opt.ns_dtype = torch.bfloat16
+            opt.load_state_dict(state)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, ref_params[n], rtol=1e-6, atol=1e-7, msg=f"{n} at step {step}")
+    assert all(not torch.equal(p, initial[n]) for n, p in model.named_parameters())  # every weight moved
+
+    # the float32 iteration (the CPU default) is the bfloat16 one to bfloat16's precision, and both orthogonalise:
+    # every singular value of the result within 0.6-1.3, the singular vectors of the input kept
+    from lmlab.train.optim import orthogonalize
+
+    for shape in [(64, 64), (176, 64), (64, 176)]:
+        g = torch.randn(shape, generator=gen)
+        fast, ref = orthogonalize(g, 5, torch.float32), orthogonalize(g, 5, torch.bfloat16).float()
+        assert (fast - ref).norm() / ref.norm() < 0.03
+        u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+        sv = torch.linalg.svdvals(fast.double())
+        assert 0.6 < sv.min() and sv.max() < 1.3
+        polar = u @ vh
+        assert (fast.double() * polar).sum() / (fast.double().norm() * polar.norm()) > 0.95
+    assert build_optimizer(model, cfg).ns_dtype is None  # float32 on CPU parameters, bfloat16 on CUDA ones
+
+    with pytest.raises(ConfigError, match=r"optim.muon_params: 'blocks.\*' names no 2-D weight"):
+        Trainer(make_cfg(tmp_path, corpus, "optim.name=muon", "optim.muon_params=['blocks.*']", name="typo"))
+    with pytest.raises(ConfigError, match="muon_lr"):
+        make_cfg(tmp_path, corpus, "optim.name=muon", "optim.muon_lr=0", name="zero")
 
 
 def test_lr_scale_multiplies_the_learning_rate_of_the_parameters_it_names(tmp_path, corpus):

@@ -426,7 +426,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for the blocks' matrices) and the learning-rate schedule."""
 
     lr: float = F(3e-3, "peak learning rate")
     schedule: Literal["cosine", "wsd", "constant"] = F(
@@ -447,6 +447,17 @@ class OptimConfig:
     grad_clip: float = F(1.0, "clip the global gradient norm to this; 0 disables")
     impl: Literal["auto", "fused", "foreach", "loop"] = F(
         "auto", "AdamW kernel: auto picks fused on CUDA and foreach elsewhere")
+    name: Literal["adamw", "muon"] = F(
+        "adamw", "adamw; muon: the matrices muon_params names take orthogonalised momentum updates (Newton-Schulz), "
+        "everything else (embeddings, output head, norms) AdamW at lr")
+    muon_params: list[str] = F(["layers.*"], "muon: glob patterns over parameter names; the 2-D weights they name "
+                               "take Muon updates (a pattern that names none is an error)")
+    muon_lr: float = F(0.02, "muon: peak learning rate of the Muon matrices (the schedule scales it like lr)")
+    muon_momentum: float = F(0.95, "muon: Nesterov momentum of the Muon matrices")
+    muon_ns_steps: int = F(5, "muon: Newton-Schulz iterations per update")
+    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = F(
+        "auto", "muon: dtype of the Newton-Schulz iteration; auto: bfloat16 on CUDA (torch.optim.Muon's), float32 "
+        "elsewhere (small bfloat16 matmuls are slow on CPU)")
 
     def check(self) -> list[tuple[str, str]]:
         errs = []
@@ -461,6 +472,15 @@ class OptimConfig:
         bad = {k: v for k, v in self.lr_scale.items() if not isinstance(v, (int, float)) or v <= 0}
         if bad:
             errs.append(("lr_scale", f"multipliers must be positive numbers, got {bad}"))
+        if self.name == "muon":
+            if self.muon_lr <= 0:
+                errs.append(("muon_lr", "must be positive"))
+            if not 0.0 <= self.muon_momentum < 1.0:
+                errs.append(("muon_momentum", "must be in [0, 1)"))
+            if self.muon_ns_steps < 1:
+                errs.append(("muon_ns_steps", "must be >= 1"))
+            if not self.muon_params:
+                errs.append(("muon_params", "must name at least one pattern"))
         return errs
 
 

@@ -157,6 +157,9 @@ class Trainer:
             # tensor parallel alone leaves the norms' gains plain tensors beside DTensors, which the multi-tensor
             # (foreach / fused) kernels cannot take in one call
             optim_cfg = dataclasses.replace(optim_cfg, impl="loop")
+        if optim_cfg.name == "muon" and (self.par.fsdp or self.par.sizes.tp > 1):
+            raise ConfigError("optim.name: muon orthogonalises whole matrices, which FSDP2 and tensor parallel shard; "
+                              "use it on one process or with DDP (parallel.dp_shard: 1, dp_replicate: N)")
         try:
             self.optimizer = build_optimizer(self.model, optim_cfg, self.device)
         except ValueError as e:  # optim.no_decay naming no matrix of this model
