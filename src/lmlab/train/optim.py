@@ -26,6 +26,11 @@ from torch import nn
 from lmlab.config import OptimConfig
 
 
+def embedding_ids(model: nn.Module) -> set[int]:
+    """ids of the model's embedding weights (an output head tied to one shares its id): never decayed, never Muon."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str] | tuple[str, ...] = (),
                  lr_scale: dict[str, float] | None = None) -> list[dict]:
     """Two groups: decayed matrices, and everything else (norms, biases, embeddings, and the matrices whose names
@@ -33,7 +38,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: list[str] | tu
     patterns to learning-rate multipliers: the parameters a pattern names (the first that matches) go into groups
     of their own, whose ``lr_scale`` :func:`set_lr` applies. A pattern that names no parameter (for ``no_decay``:
     no decayed matrix) is refused (:class:`ValueError`): a typo would otherwise change nothing without a word."""
-    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embed_ids = embedding_ids(model)
     scales = dict(lr_scale or {})
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     hits = dict.fromkeys(no_decay, 0)
@@ -153,7 +158,7 @@ def muon_groups(model: nn.Module, groups: list[dict], patterns: list[str], lr: f
     """Split :func:`param_groups`' groups: the 2-D weights named by a glob pattern of ``patterns`` (never an
     embedding, nor a weight tied to one) go into Muon groups whose ``lr_scale`` also carries ``muon_lr / lr``, so
     that :func:`set_lr` scales both rates by the schedule. A pattern that names no such weight is refused."""
-    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embed_ids = embedding_ids(model)
     names = {id(p): n for n, p in model.named_parameters()}
     hits = dict.fromkeys(patterns, 0)
     out = []
