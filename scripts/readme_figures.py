@@ -3,6 +3,9 @@
 Figures whose run folders are missing on this machine are skipped with a message (the committed PNGs stay):
 - ``capacity.png``: the Physics of LMs 3.3 capacity plot from apps/memory/results/capacity.csv and
   capacity_large.csv (in-weight grids) and apps/memory/results/quickstart.csv (in-tool runs);
+- ``min_params_vs_facts.png``: the smallest model reaching 95% train recall against the number of facts, one line
+  per recipe (AdamW: capacity.csv / capacity_large.csv; Muon: capacity_muon_grid.csv / capacity_large_muon.csv),
+  lower bounds where no size tried reaches it, beside the paper's fit and the 10-parameters-per-fact line;
 - ``recall_vs_step.png``: train recall curves of the capacity grid at 1,280 facts, by width (runs/memory/capacity);
 - ``bits_vs_exposures.png``: bits stored per parameter against exposures per fact (the Physics of LMs 3.3 curve),
   the memory report's figure for the 5,120-fact grid (runs/memory/capacity_large, ``capacity_large.yaml``);
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import shutil
 import sys
 import tempfile
@@ -49,6 +53,74 @@ def capacity(out: Path) -> None:
     drawn = plot_capacity(rows, out / "capacity.png",
                           title="Knowledge capacity: in-weight grids (capacity*.yaml), the quickstart's in-tool runs")
     print("capacity:", drawn["points"], drawn["contours"], drawn["notes"])
+
+
+# (label, [(results CSV, exposures per fact the runs were given)], matplotlib style) per recipe
+RECIPES = [
+    ("AdamW, WSD 30% (1,200 exposures per fact; 600 at 5,120 facts)",
+     [("capacity.csv", 1200), ("capacity_large.csv", 600)], {"color": "tab:blue", "marker": "o"}),
+    ("Muon, WSD 60% (300 exposures per fact)",
+     [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300)], {"color": "tab:red", "marker": "s"}),
+]
+
+
+def recipe_boundaries(files: list[tuple[str, float]], threshold: float = 0.95) -> tuple[dict, dict]:
+    """For one recipe's committed CSVs: {facts: smallest params whose best train recall >= threshold} and, where no
+    size tried reaches it, {facts: largest params tried} (a lower bound). Only runs at the given budget count."""
+    reached: dict[float, float] = {}
+    tried: dict[float, float] = {}
+    for name, budget in files:
+        path = ROOT / "apps/memory/results" / name
+        if not path.is_file():
+            continue
+        for r in csv.DictReader(open(path)):
+            if not r["params"] or not r["recall_train_best"] or float(r["budget_exposures"]) != budget:
+                continue
+            facts, params = float(r["facts"]), float(r["params"])
+            tried[facts] = max(tried.get(facts, 0.0), params)
+            if float(r["recall_train_best"]) >= threshold:
+                reached[facts] = min(reached.get(facts, params), params)
+    return reached, {f: p for f, p in tried.items() if f not in reached}
+
+
+def min_params_vs_facts(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmlab.analysis.report import log_ticks, save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs_all = []
+    for label, files, style in RECIPES:
+        reached, lower = recipe_boundaries(files)
+        xs = sorted(reached)
+        xs_all += xs + list(lower)
+        ax.plot(xs, [reached[x] for x in xs], label=label, **style)
+        if lower:
+            ax.plot(list(lower), list(lower.values()), linestyle="none", marker="^", markerfacecolor="none",
+                    color=style["color"], label="  no size tried reaches 95% (largest tried: a lower bound)")
+    lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
+    grid = [lo, hi]
+    # the paper's fitted line (~27k parameters at 1k facts, ~569k at 65k) and the issue's target of 10 per fact
+    slope = math.log(569e3 / 27e3) / math.log(65e3 / 1e3)
+    ax.plot(grid, [27e3 * (x / 1e3) ** slope for x in grid], "k--", linewidth=1,
+            label=f"the paper's fit (27k at 1k facts, 569k at 65k; facts^{slope:.2f})")
+    ax.plot(grid, [10 * x for x in grid], "k:", linewidth=1, label="10 parameters per fact (the target)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    log_ticks(ax.xaxis)
+    log_ticks(ax.yaxis)
+    ax.set_xlabel("facts (5 per person)")
+    ax.set_ylabel("smallest model reaching 95% train recall (params)")
+    ax.set_title("In-weight capacity: plain Llama, 2 layers, byte tokens")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, out / "min_params_vs_facts.png")
+    plt.close(fig)
+    print("min_params_vs_facts.png")
 
 
 def observe_figures(runs_dir: Path, out: Path) -> None:
@@ -189,6 +261,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     capacity(out)
+    min_params_vs_facts(out)
     smollm_recipes(out)
     observe_figures(Path(args.runs), out)
     return 0

@@ -4,8 +4,10 @@ subprocesses, recall with the live SQL tool, results CSV, plots and report; a re
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,28 @@ def test_runs_that_share_a_data_dir_but_need_different_datasets_are_refused(tmp_
     assert not (tmp_path / "runs" / "toy").exists()  # nothing trained
 
 
+def test_sigterm_stops_the_app_with_saved_runs_and_no_traceback(tmp_path):
+    """SIGTERM to apps/memory/run.py while a run trains: the run saves a checkpoint, and the app ends with one line
+    saying how to resume and exit status 143, not a GridInterrupted traceback."""
+    grid = tmp_path / "grid.yaml"
+    text = GRID.format(runs=tmp_path / "runs").replace("steps: 6,", "steps: 100000,")
+    text = text.replace("every: 3,", "every: 1000,")
+    grid.write_text(text.replace("tags.people: [8, 12]\n  tags.mode: [weight, tool]", "tags.people: [8]"))
+    cmd = [sys.executable, str(ROOT / "apps" / "memory" / "run.py"), "--grid", str(grid), "--jobs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    metrics = tmp_path / "runs" / "toy" / "people=8" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the run has logged a training step
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "the same command resumes the grid" in err, err[-3000:]
+    summary = json.loads((metrics.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted by SIGTERM" and 0 < summary["step"] < 100000, summary
+    assert list((metrics.parent / "checkpoints").iterdir())
+
+
 def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
     from memory.run import ensure_dataset
 
@@ -128,7 +152,8 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
 GRID_PRESETS = [("quickstart.yaml", 6, {"weight", "tool"}), ("reproduce.yaml", 18, {"tool"}),
                 ("capacity.yaml", 19, {"weight"}), ("capacity_large.yaml", 2, {"weight"}),
                 ("capacity_large_check.yaml", 1, {"weight"}), ("capacity_schedule.yaml", 10, {"weight"}),
-                ("capacity_muon.yaml", 8, {"weight"}), ("capacity_large_muon.yaml", 2, {"weight"}),
+                ("capacity_muon.yaml", 8, {"weight"}), ("capacity_muon_grid.yaml", 11, {"weight"}),
+                ("capacity_large_muon.yaml", 2, {"weight"}),
                 ("alpha.yaml", 36, {"weight"}), ("observe.yaml", 8, {"weight", "tool"}),
                 ("recurrent.yaml", 8, {"weight", "tool"}), ("recurrent_sizes.yaml", 16, {"weight", "tool"}),
                 ("recurrent_hybrid.yaml", 4, {"tool"}), ("paper.yaml", 960, {"weight", "tool"})]

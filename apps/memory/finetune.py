@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
 
 from lmlab.config import ConfigError, exit_on_config_error  # noqa: E402
+from lmlab.launch import exit_on_grid_interrupt  # noqa: E402
 from memory.run import dataset_args, ensure_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -245,6 +246,7 @@ def write_report(root: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @exit_on_config_error
+@exit_on_grid_interrupt
 def main(argv: list[str] | None = None) -> int:
     from lmlab.launch import grid_app_arguments, parse_grid_app
 

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any cwd: import `memory`
 
 from lmlab.config import ConfigError, exit_on_config_error  # noqa: E402
-from lmlab.launch import run_grid  # noqa: E402
+from lmlab.launch import exit_on_grid_interrupt, run_grid  # noqa: E402
 from lmlab.launch.local import usable_cpus  # noqa: E402
 from memory.analyze import format_table, make_report  # noqa: E402
 from memory.build_data import FORMAT_VERSION, build_args, build_dataset  # noqa: E402
@@ -83,6 +83,7 @@ def default_jobs() -> int:
 
 
 @exit_on_config_error
+@exit_on_grid_interrupt
 def main(argv: list[str] | None = None) -> int:
     from lmlab.launch import grid_app_arguments, parse_grid_app
 

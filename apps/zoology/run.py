@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config import Config, ConfigError, config_to_dict, exit_on_config_error
+from lmlab.launch import exit_on_grid_interrupt
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("zoology")
@@ -168,6 +169,7 @@ def make_report(configs: list[Config], out_dir: Path, threads: int = 1) -> list[
 
 
 @exit_on_config_error
+@exit_on_grid_interrupt
 def main(argv: list[str] | None = None) -> int:
     from lmlab.launch import grid_app_arguments, parse_grid_app
 

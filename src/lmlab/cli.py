@@ -92,7 +92,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     try:
         outcomes = run_grid(configs, jobs=args.jobs, threads=args.threads)
     except GridInterrupted as e:
-        return 128 + e.signum
+        return e.report()
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 

@@ -24,6 +24,7 @@ The executor is pluggable: anything with ``start(cmd, log_path, env) -> handle``
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,25 @@ class GridInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(f"grid interrupted by {signal.Signals(signum).name}")
         self.signum = signum
+
+    def report(self) -> int:
+        """Say on stderr that the grid stopped and how to resume it; returns the exit status (128 + signal)."""
+        print(f"{self}: the running runs saved checkpoints; the same command resumes the grid", file=sys.stderr)
+        return 128 + self.signum
+
+
+def exit_on_grid_interrupt(fn: Callable[..., int]) -> Callable[..., int]:
+    """Decorator for grid apps' entry points: a :class:`GridInterrupted` (the runs have saved their checkpoints)
+    ends the command with one line on stderr and exit status 128 + the signal, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except GridInterrupted as e:
+            return e.report()
+
+    return wrapper
 
 
 @dataclass
