@@ -58,9 +58,11 @@ def capacity(out: Path) -> None:
 # (label, [(results CSV, exposures per fact the runs were given)], matplotlib style) per recipe
 RECIPES = [
     ("AdamW, WSD 30% (1,200 exposures per fact; 600 at 5,120 facts)",
-     [("capacity.csv", 1200), ("capacity_large.csv", 600)], {"color": "tab:blue", "marker": "o"}),
+     [("capacity.csv", 1200), ("capacity_large.csv", 600)],
+     {"color": "tab:blue", "marker": "o", "markersize": 10, "markerfacecolor": "none", "linewidth": 3, "alpha": 0.5}),
     ("Muon, WSD 60% (300 exposures per fact)",
-     [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300)], {"color": "tab:red", "marker": "s"}),
+     [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300)],
+     {"color": "tab:red", "marker": "s", "markersize": 4}),
 ]
 
 
@@ -99,8 +101,8 @@ def min_params_vs_facts(out: Path) -> None:
         xs_all += xs + list(lower)
         ax.plot(xs, [reached[x] for x in xs], label=label, **style)
         if lower:
-            ax.plot(list(lower), list(lower.values()), linestyle="none", marker="^", markerfacecolor="none",
-                    color=style["color"], label="  no size tried reaches 95% (largest tried: a lower bound)")
+            ax.plot(list(lower), list(lower.values()), linestyle="none", marker="^", markersize=8,
+                    markerfacecolor="none", color=style["color"], label="  no size tried reaches 95%: a lower bound")
     lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
     grid = [lo, hi]
     # the paper's fitted line (~27k parameters at 1k facts, ~569k at 65k) and the target of 10 per fact
@@ -116,7 +118,7 @@ def min_params_vs_facts(out: Path) -> None:
     ax.set_ylabel("smallest model reaching 95% train recall (params)")
     ax.set_title("In-weight capacity: plain Llama, 2 layers, byte tokens")
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_figure(fig, out / "min_params_vs_facts.png")
     plt.close(fig)
