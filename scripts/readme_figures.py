@@ -67,21 +67,26 @@ RECIPES = [
 
 
 def recipe_boundaries(files: list[tuple[str, float]], threshold: float = 0.95) -> tuple[dict, dict]:
-    """For one recipe's committed CSVs: {facts: smallest params whose best train recall >= threshold} and, where no
-    size tried reaches it, {facts: largest params tried} (a lower bound). Only runs at the given budget count."""
+    """For one recipe's committed CSVs: {facts: smallest params reaching threshold} (the memory report's rule,
+    ``min_params_for``, at each file's budget) and, where no size tried reaches it, {facts: largest params tried}
+    (a lower bound)."""
+    from memory.analyze import min_params_for
+
     reached: dict[float, float] = {}
     tried: dict[float, float] = {}
     for name, budget in files:
         path = ROOT / "apps/memory/results" / name
         if not path.is_file():
             continue
-        for r in csv.DictReader(open(path)):
-            if not r["params"] or not r["recall_train_best"] or float(r["budget_exposures"]) != budget:
-                continue
-            facts, params = float(r["facts"]), float(r["params"])
-            tried[facts] = max(tried.get(facts, 0.0), params)
-            if float(r["recall_train_best"]) >= threshold:
-                reached[facts] = min(reached.get(facts, params), params)
+        rows = [{"mode": r["mode"], "facts": float(r["facts"]), "alpha": float(r["alpha"] or 0), "params":
+                 float(r["params"]), "recall_train_best": float(r["recall_train_best"]), "budget_exposures":
+                 float(r["budget_exposures"]), "bits_per_fact": r["bits_per_fact"]}
+                for r in csv.DictReader(open(path)) if r["params"] and r["recall_train_best"]]
+        for m in min_params_for(rows, threshold, budget=budget):
+            reached[m["facts"]] = min(reached.get(m["facts"], m["params"]), m["params"])
+        for r in rows:
+            if float(f"{r['budget_exposures']:.2g}") == float(f"{budget:.2g}"):
+                tried[r["facts"]] = max(tried.get(r["facts"], 0.0), r["params"])
     return reached, {f: p for f, p in tried.items() if f not in reached}
 
 
