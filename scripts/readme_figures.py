@@ -63,6 +63,11 @@ RECIPES = [
     ("Muon, WSD 60% (300 exposures per fact)",
      [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300)],
      {"color": "tab:red", "marker": "s", "markersize": 4}),
+    # the convergence check: twice the budget for the sizes just below the 300-exposure boundaries (not a full grid,
+    # so the points are not joined)
+    ("Muon, 600 exposures per fact (the sizes below those boundaries)",
+     [("capacity_muon_grid.csv", 600), ("capacity_large_muon_check.csv", 600)],
+     {"color": "tab:green", "marker": "D", "markersize": 6, "linestyle": "none"}),
 ]
 
 
