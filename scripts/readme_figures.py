@@ -60,8 +60,8 @@ RECIPES = [
     ("AdamW, WSD 30% (1,200 exposures per fact; 600 at 5,120 facts)",
      [("capacity.csv", 1200), ("capacity_large.csv", 600)],
      {"color": "tab:blue", "marker": "o", "markersize": 10, "markerfacecolor": "none", "linewidth": 3, "alpha": 0.5}),
-    ("Muon, WSD 60% (300 exposures per fact)",
-     [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300)],
+    ("Muon, WSD 60% (300 exposures per fact; in steps of 32 at 10,240 facts)",
+     [("capacity_muon_grid.csv", 300), ("capacity_large_muon.csv", 300), ("capacity_xl_muon.csv", 300)],
      {"color": "tab:red", "marker": "s", "markersize": 4}),
     # the convergence check: twice the budget for the sizes just below the 300-exposure boundaries (not a full grid,
     # so the points are not joined)

@@ -152,7 +152,7 @@ def test_a_dataset_is_reused_only_when_built_with_the_same_arguments(tmp_path):
 GRID_PRESETS = [("quickstart.yaml", 6, {"weight", "tool"}), ("reproduce.yaml", 18, {"tool"}),
                 ("capacity.yaml", 19, {"weight"}), ("capacity_large.yaml", 2, {"weight"}),
                 ("capacity_schedule.yaml", 10, {"weight"}),
-                ("capacity_muon.yaml", 12, {"weight"}), ("capacity_muon_grid.yaml", 15, {"weight"}),
+                ("capacity_muon.yaml", 12, {"weight"}), ("capacity_muon_grid.yaml", 18, {"weight"}),
                 ("capacity_large_muon.yaml", 2, {"weight"}), ("capacity_large_muon_check.yaml", 2, {"weight"}),
                 ("capacity_xl_muon.yaml", 1, {"weight"}),
                 ("alpha.yaml", 36, {"weight"}), ("observe.yaml", 8, {"weight", "tool"}),
