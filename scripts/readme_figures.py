@@ -4,7 +4,8 @@ Figures whose run folders are missing on this machine are skipped with a message
 - ``capacity.png``: the Physics of LMs 3.3 capacity plot from apps/memory/results/capacity.csv and
   capacity_large.csv (in-weight grids) and apps/memory/results/quickstart.csv (in-tool runs);
 - ``min_params_vs_facts.png``: the smallest model reaching 95% train recall against the number of facts, one line
-  per recipe (AdamW: capacity.csv / capacity_large.csv; Muon: capacity_muon_grid.csv / capacity_large_muon.csv),
+  per recipe (AdamW: capacity.csv / capacity_large.csv; Muon: capacity_muon_grid.csv / capacity_large_muon.csv /
+  capacity_xl_muon.csv, and its 600-exposure checks: capacity_muon_grid.csv / capacity_large_muon_check.csv),
   lower bounds where no size tried reaches it, beside the paper's fit and the 10-parameters-per-fact line;
 - ``recall_vs_step.png``: train recall curves of the capacity grid at 1,280 facts, by width (runs/memory/capacity);
 - ``bits_vs_exposures.png``: bits stored per parameter against exposures per fact (the Physics of LMs 3.3 curve),
