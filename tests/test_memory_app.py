@@ -153,7 +153,7 @@ GRID_PRESETS = [("quickstart.yaml", 6, {"weight", "tool"}), ("reproduce.yaml", 1
                 ("capacity.yaml", 19, {"weight"}), ("capacity_large.yaml", 2, {"weight"}),
                 ("capacity_schedule.yaml", 10, {"weight"}),
                 ("capacity_muon.yaml", 12, {"weight"}), ("capacity_muon_grid.yaml", 18, {"weight"}),
-                ("capacity_large_muon.yaml", 2, {"weight"}), ("capacity_large_muon_check.yaml", 2, {"weight"}),
+                ("capacity_large_muon.yaml", 2, {"weight"}), ("capacity_large_muon_check.yaml", 3, {"weight"}),
                 ("capacity_xl_muon.yaml", 1, {"weight"}),
                 ("alpha.yaml", 36, {"weight"}), ("observe.yaml", 8, {"weight", "tool"}),
                 ("recurrent.yaml", 8, {"weight", "tool"}), ("recurrent_sizes.yaml", 16, {"weight", "tool"}),
